@@ -1,0 +1,259 @@
+//! Typed errors. All are `Copy`, carry no strings and need no allocator, so they
+//! can be matched on, logged over semihosting or turned into a JavaScript
+//! exception alike.
+
+use core::fmt;
+
+/// Why a model blob was rejected by [`crate::Model::from_bytes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Fewer bytes than the fixed-size parts of the format need.
+    Truncated {
+        /// Bytes present.
+        len: u32,
+        /// Bytes the format needs at least (given what was read so far).
+        needed: u32,
+    },
+    /// The first four bytes are not [`crate::format::MAGIC`].
+    BadMagic,
+    /// The file was written by a format version this runtime does not read.
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u16,
+        /// Version this runtime reads.
+        supported: u16,
+    },
+    /// The CRC32 trailer does not match the contents: the file is corrupt.
+    ChecksumMismatch {
+        /// CRC stored in the file.
+        stored: u32,
+        /// CRC of the bytes as read.
+        computed: u32,
+    },
+    /// The postcard header could not be decoded (or has more stages/layers than
+    /// this runtime's fixed capacities allow).
+    MalformedHeader,
+    /// A header field is out of its valid range.
+    InvalidField(Field),
+    /// The last layer of a CNF block must map back to the data dimension.
+    ShapeMismatch {
+        /// Stage index in the chain.
+        stage: u8,
+        /// Layer index inside that stage.
+        layer: u8,
+        /// Width the layer must have.
+        expected: u32,
+        /// Width the header declares.
+        found: u32,
+    },
+    /// The weight section is not the length the header's shapes imply.
+    WeightCount {
+        /// Number of `f32` weights the header implies.
+        expected: u32,
+        /// Number of whole `f32` weights present.
+        found: u32,
+    },
+    /// A weight (or normalization constant) is NaN or infinite.
+    NonFiniteWeight {
+        /// Index into the weight section.
+        index: u32,
+    },
+    /// A scale (standard deviation or affine scale) is zero, so the map is not
+    /// invertible and its log-determinant is undefined.
+    ZeroScale {
+        /// Index into the weight section.
+        index: u32,
+    },
+    /// The padding between header and weights is not zero.
+    BadPadding,
+}
+
+/// Header fields that [`LoadError::InvalidField`] can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Field {
+    /// `dim` is zero.
+    Dim,
+    /// The chain has no CNF stage.
+    Stages,
+    /// A CNF stage has no layers, or a layer of width zero.
+    Layers,
+    /// `end_time` is not finite and positive.
+    EndTime,
+    /// A solver parameter is out of range (steps 0, tolerances not positive, …).
+    Solver,
+    /// The anomaly threshold or its quantile is not finite / not in (0, 1).
+    Threshold,
+    /// An activation parameter (swish β) is not finite.
+    Activation,
+    /// The model needs more working memory than `u32` can count.
+    Size,
+}
+
+/// Why one evaluation (log-density, sample, score) did not finish.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum SolveError {
+    /// The input row has the wrong number of values.
+    InputDimension {
+        /// The model's data dimension.
+        expected: u32,
+        /// Values given.
+        found: u32,
+    },
+    /// The input contains NaN or an infinity.
+    NonFiniteInput {
+        /// Index of the first offending value.
+        index: u32,
+    },
+    /// The caller's scratch buffer is smaller than [`crate::Model::scratch_len`].
+    ScratchTooSmall {
+        /// Floats needed.
+        needed: u32,
+        /// Floats given.
+        capacity: u32,
+    },
+    /// An output buffer has the wrong length.
+    OutputLength {
+        /// Length needed.
+        expected: u32,
+        /// Length given.
+        found: u32,
+    },
+    /// The adaptive solver used up its step budget before reaching the end time.
+    MaxStepsReached {
+        /// Time reached.
+        t: f32,
+        /// Steps attempted.
+        steps: u32,
+    },
+    /// The adaptive step size fell below the minimum (or below float resolution).
+    StepSizeUnderflow {
+        /// Time reached.
+        t: f32,
+        /// Step size proposed.
+        h: f32,
+    },
+    /// The state became NaN or infinite during integration.
+    NonFiniteState {
+        /// Time at which it was detected.
+        t: f32,
+    },
+    /// The solver settings are invalid (zero steps, non-positive tolerance, …).
+    InvalidSolver,
+}
+
+/// Any runtime error.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// Loading the model failed.
+    Load(LoadError),
+    /// An evaluation failed.
+    Solve(SolveError),
+}
+
+impl From<LoadError> for Error {
+    fn from(e: LoadError) -> Self {
+        Error::Load(e)
+    }
+}
+
+impl From<SolveError> for Error {
+    fn from(e: SolveError) -> Self {
+        Error::Solve(e)
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::Dim => "dim must be at least 1",
+            Field::Stages => "the chain must contain at least one CNF stage",
+            Field::Layers => "every CNF stage needs at least one layer and every width must be positive",
+            Field::EndTime => "end_time must be finite and positive",
+            Field::Solver => "solver settings out of range",
+            Field::Threshold => "threshold must be finite and its quantile in (0, 1)",
+            Field::Activation => "activation parameter must be finite",
+            Field::Size => "model too large to address",
+        })
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            LoadError::Truncated { len, needed } => {
+                write!(f, "model truncated: {len} bytes, at least {needed} needed")
+            }
+            LoadError::BadMagic => f.write_str("not an FFJORD model file (bad magic bytes)"),
+            LoadError::UnsupportedVersion { found, supported } => write!(
+                f,
+                "model format version {found} is not supported (this runtime reads version {supported})"
+            ),
+            LoadError::ChecksumMismatch { stored, computed } => write!(
+                f,
+                "model checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): file is corrupt"
+            ),
+            LoadError::MalformedHeader => {
+                f.write_str("model header is malformed or exceeds the runtime's capacities")
+            }
+            LoadError::InvalidField(field) => write!(f, "invalid model header: {field}"),
+            LoadError::ShapeMismatch { stage, layer, expected, found } => write!(
+                f,
+                "stage {stage} layer {layer}: width {found}, expected {expected} (the data dimension)"
+            ),
+            LoadError::WeightCount { expected, found } => {
+                write!(f, "weight section holds {found} floats, the header's shapes need {expected}")
+            }
+            LoadError::NonFiniteWeight { index } => {
+                write!(f, "weight {index} is NaN or infinite")
+            }
+            LoadError::ZeroScale { index } => {
+                write!(f, "scale at weight {index} is zero: the map is not invertible")
+            }
+            LoadError::BadPadding => f.write_str("non-zero padding between header and weights"),
+        }
+    }
+}
+
+impl fmt::Display for SolveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            SolveError::InputDimension { expected, found } => {
+                write!(f, "input has {found} values, the model's dimension is {expected}")
+            }
+            SolveError::NonFiniteInput { index } => {
+                write!(f, "input value {index} is NaN or infinite")
+            }
+            SolveError::ScratchTooSmall { needed, capacity } => {
+                write!(f, "scratch holds {capacity} floats, {needed} needed")
+            }
+            SolveError::OutputLength { expected, found } => {
+                write!(f, "output buffer holds {found} values, {expected} needed")
+            }
+            SolveError::MaxStepsReached { t, steps } => {
+                write!(f, "solver gave up after {steps} steps at t = {t}")
+            }
+            SolveError::StepSizeUnderflow { t, h } => {
+                write!(f, "step size {h} below the minimum at t = {t}")
+            }
+            SolveError::NonFiniteState { t } => write!(f, "state became NaN or infinite at t = {t}"),
+            SolveError::InvalidSolver => f.write_str("invalid solver settings"),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Load(e) => e.fmt(f),
+            Error::Solve(e) => e.fmt(f),
+        }
+    }
+}
+
+impl core::error::Error for LoadError {}
+impl core::error::Error for SolveError {}
+impl core::error::Error for Error {}

@@ -1,0 +1,372 @@
+//! The model file format, defined once: the trainer writes files with these
+//! types and [`encode`], the runtime reads them with [`crate::Model::from_bytes`].
+//! `runtime/FORMAT.md` specifies the bytes for readers in other languages.
+//!
+//! ```text
+//! MAGIC "FFJD" | FORMAT_VERSION u16 LE | postcard(Header) | zero padding to a
+//! multiple of 4 | weights: f32 LE | CRC-32/ISO-HDLC (u32 LE) of all bytes before it
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Field, LoadError};
+use crate::solver::Solver;
+
+/// The first four bytes of every model file.
+pub const MAGIC: [u8; 4] = *b"FFJD";
+/// The format version this runtime writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Most stages (CNF blocks and affine layers) in one chain.
+pub const MAX_STAGES: usize = 16;
+/// Most layers in one CNF's ODE net (so at most `MAX_LAYERS - 1` hidden layers).
+pub const MAX_LAYERS: usize = 8;
+/// Bytes before the postcard header.
+pub const PREAMBLE_LEN: usize = 6;
+/// Bytes of the CRC trailer.
+pub const CRC_LEN: usize = 4;
+
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+/// CRC-32/ISO-HDLC (the zlib/PNG CRC) of `bytes`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    CRC32.checksum(bytes)
+}
+
+/// How a layer of the ODE net sees time `t` (FFJORD's "diffeq layers").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `W x + b`; `t` unused. Weights: `W[out×in]`, `b[out]`.
+    Ignore,
+    /// `W [t; x] + b` with `t` prepended as input 0. Weights: `W[out×(in+1)]`, `b[out]`.
+    Concat,
+    /// `(W x + b) ⊙ σ(w_g t + b_g) + w_b t`. Weights: `W[out×in]`, `b[out]`,
+    /// `w_g[out]`, `b_g[out]`, `w_b[out]`.
+    ConcatSquash,
+}
+
+impl LayerKind {
+    /// Number of `f32` weights of a layer mapping `d_in` to `d_out` values.
+    pub fn weight_count(self, d_in: usize, d_out: usize) -> Option<usize> {
+        let matrix = match self {
+            LayerKind::Concat => d_out.checked_mul(d_in.checked_add(1)?)?,
+            LayerKind::Ignore | LayerKind::ConcatSquash => d_out.checked_mul(d_in)?,
+        };
+        let vectors = match self {
+            LayerKind::ConcatSquash => 4,
+            LayerKind::Ignore | LayerKind::Concat => 1,
+        };
+        matrix.checked_add(d_out.checked_mul(vectors)?)
+    }
+}
+
+/// Activation applied after every layer of the ODE net except the last.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `x`.
+    Identity,
+    /// `tanh x`.
+    Tanh,
+    /// `log(1 + eˣ)` (PyTorch's β = 1, threshold 20).
+    Softplus,
+    /// `x` for `x > 0`, `eˣ − 1` otherwise.
+    Elu,
+    /// `x σ(β x)`.
+    Swish {
+        /// The (trained) β.
+        beta: f32,
+    },
+}
+
+/// One layer of an ODE net: how it conditions on time and its output width.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// Time conditioning.
+    pub kind: LayerKind,
+    /// Output width; the last layer's must equal the data dimension.
+    pub out_dim: u16,
+}
+
+/// One CNF block: `dz/dt = f(t, z)` integrated over `[0, end_time]`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CnfSpec {
+    /// The ODE net's layers, input to output.
+    pub layers: heapless::Vec<LayerSpec, MAX_LAYERS>,
+    /// Activation between layers.
+    pub activation: Activation,
+    /// End time `T` (`sqrt_end_time²` in the reference code).
+    pub end_time: f32,
+}
+
+/// One stage of the chain, applied in order from data to latent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Stage {
+    /// A continuous normalizing flow block.
+    Cnf(CnfSpec),
+    /// `y = x ⊙ scale + shift`: the inference form of moving batch norm.
+    /// Weights: `scale[dim]`, `shift[dim]`.
+    Affine,
+}
+
+/// An anomaly threshold on the score `−log p(x)`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct Threshold {
+    /// Rows scoring above this are anomalies.
+    pub score: f32,
+    /// The quantile of validation scores the threshold was set at (e.g. 0.99).
+    pub quantile: f32,
+}
+
+/// Free-form, human-readable provenance. Borrowed from the file (zero-copy).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Metadata<'a> {
+    /// Short model name.
+    pub name: &'a str,
+    /// What the data is (source, columns, units).
+    pub description: &'a str,
+    /// The command that trained and exported the model.
+    pub command: &'a str,
+}
+
+/// Everything about a model except its weights.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Header<'a> {
+    /// Data dimension `D`.
+    pub dim: u16,
+    /// Whether the weight section starts with `mean[D]`, `std[D]` for input
+    /// standardization `(x − mean) / std`, whose log-determinant is part of log p.
+    pub standardize: bool,
+    /// The chain, data side first.
+    pub stages: heapless::Vec<Stage, MAX_STAGES>,
+    /// The solver a model is evaluated with unless the caller picks another.
+    pub solver: Solver,
+    /// Anomaly threshold, if the model was calibrated.
+    pub threshold: Option<Threshold>,
+    /// Provenance.
+    #[serde(borrow)]
+    pub metadata: Metadata<'a>,
+}
+
+/// Where things are in the weight section, derived from a validated [`Header`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Total number of `f32` weights.
+    pub weight_count: usize,
+    /// Offset (in floats) of each stage's weights.
+    pub stage_offsets: heapless::Vec<usize, MAX_STAGES>,
+    /// Widest layer input or output (at least `dim`).
+    pub max_width: usize,
+}
+
+impl Header<'_> {
+    /// Checks every field and derives the weight layout.
+    pub fn layout(&self) -> Result<Layout, LoadError> {
+        let dim = usize::from(self.dim);
+        if dim == 0 {
+            return Err(LoadError::InvalidField(Field::Dim));
+        }
+        self.solver.validate().map_err(|_| LoadError::InvalidField(Field::Solver))?;
+        if let Some(t) = self.threshold {
+            if !t.score.is_finite() || !(t.quantile > 0.0 && t.quantile < 1.0) {
+                return Err(LoadError::InvalidField(Field::Threshold));
+            }
+        }
+        let mut count: usize = if self.standardize { 2 * dim } else { 0 };
+        let mut max_width = dim;
+        let mut stage_offsets = heapless::Vec::new();
+        let mut any_cnf = false;
+        for (s, stage) in self.stages.iter().enumerate() {
+            // Capacity equals MAX_STAGES, which bounds `stages` too.
+            stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
+            let stage_count = match stage {
+                Stage::Affine => 2 * dim,
+                Stage::Cnf(cnf) => {
+                    any_cnf = true;
+                    validate_cnf(cnf, s, dim, &mut max_width)?
+                }
+            };
+            count = count.checked_add(stage_count).ok_or(LoadError::InvalidField(Field::Size))?;
+        }
+        if !any_cnf {
+            return Err(LoadError::InvalidField(Field::Stages));
+        }
+        if count > u32::MAX as usize / 4 {
+            return Err(LoadError::InvalidField(Field::Size));
+        }
+        Ok(Layout { weight_count: count, stage_offsets, max_width })
+    }
+}
+
+fn validate_cnf(cnf: &CnfSpec, stage: usize, dim: usize, max_width: &mut usize) -> Result<usize, LoadError> {
+    if !(cnf.end_time.is_finite() && cnf.end_time > 0.0) {
+        return Err(LoadError::InvalidField(Field::EndTime));
+    }
+    if let Activation::Swish { beta } = cnf.activation {
+        if !beta.is_finite() {
+            return Err(LoadError::InvalidField(Field::Activation));
+        }
+    }
+    let n = cnf.layers.len();
+    if n == 0 {
+        return Err(LoadError::InvalidField(Field::Layers));
+    }
+    let mut d_in = dim;
+    let mut count = 0usize;
+    for (l, layer) in cnf.layers.iter().enumerate() {
+        let d_out = usize::from(layer.out_dim);
+        if d_out == 0 {
+            return Err(LoadError::InvalidField(Field::Layers));
+        }
+        if l + 1 == n && d_out != dim {
+            return Err(LoadError::ShapeMismatch {
+                stage: stage as u8,
+                layer: l as u8,
+                expected: dim as u32,
+                found: d_out as u32,
+            });
+        }
+        *max_width = (*max_width).max(d_out);
+        let c = layer.kind.weight_count(d_in, d_out).ok_or(LoadError::InvalidField(Field::Size))?;
+        count = count.checked_add(c).ok_or(LoadError::InvalidField(Field::Size))?;
+        d_in = d_out;
+    }
+    Ok(count)
+}
+
+/// Why [`encode`] could not write a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The header is invalid (the same checks the loader makes).
+    Invalid(LoadError),
+    /// `weights.len()` is not what the header's shapes need.
+    WeightCount {
+        /// Floats the header needs.
+        expected: usize,
+        /// Floats given.
+        found: usize,
+    },
+    /// A weight is NaN or infinite.
+    NonFiniteWeight {
+        /// Its index.
+        index: usize,
+    },
+    /// The output buffer is smaller than [`encoded_len`].
+    BufferTooSmall {
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// postcard refused the header.
+    Serialize,
+}
+
+impl core::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            EncodeError::Invalid(e) => write!(f, "invalid header: {e}"),
+            EncodeError::WeightCount { expected, found } => {
+                write!(f, "{found} weights given, the header's shapes need {expected}")
+            }
+            EncodeError::NonFiniteWeight { index } => write!(f, "weight {index} is NaN or infinite"),
+            EncodeError::BufferTooSmall { needed } => {
+                write!(f, "output buffer too small: {needed} bytes needed")
+            }
+            EncodeError::Serialize => f.write_str("header could not be serialized"),
+        }
+    }
+}
+
+impl core::error::Error for EncodeError {}
+
+fn padding(header_end: usize) -> usize {
+    (4 - header_end % 4) % 4
+}
+
+/// Size in bytes of the file [`encode`] writes for `header`.
+pub fn encoded_len(header: &Header<'_>) -> Result<usize, EncodeError> {
+    let layout = header.layout().map_err(EncodeError::Invalid)?;
+    let header_len = postcard::serialize_with_flavor(header, postcard::ser_flavors::Size::default())
+        .map_err(|_| EncodeError::Serialize)?;
+    let header_end = PREAMBLE_LEN + header_len;
+    Ok(header_end + padding(header_end) + 4 * layout.weight_count + CRC_LEN)
+}
+
+/// Writes a model file into `out`; returns the number of bytes written.
+/// `weights` are in the order [`Header::layout`] and `FORMAT.md` describe.
+pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<usize, EncodeError> {
+    let layout = header.layout().map_err(EncodeError::Invalid)?;
+    if weights.len() != layout.weight_count {
+        return Err(EncodeError::WeightCount { expected: layout.weight_count, found: weights.len() });
+    }
+    if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(EncodeError::NonFiniteWeight { index });
+    }
+    let needed = encoded_len(header)?;
+    let out = out.get_mut(..needed).ok_or(EncodeError::BufferTooSmall { needed })?;
+    let (preamble, rest) = out.split_at_mut(PREAMBLE_LEN);
+    let (magic, version) = preamble.split_at_mut(4);
+    magic.copy_from_slice(&MAGIC);
+    version.copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let header_len = postcard::to_slice(header, rest).map_err(|_| EncodeError::Serialize)?.len();
+    let (_, rest) = rest.split_at_mut(header_len);
+    let pad = padding(PREAMBLE_LEN + header_len);
+    let (pad_bytes, rest) = rest.split_at_mut(pad);
+    pad_bytes.fill(0);
+    let (weight_bytes, _) = rest.split_at_mut(4 * weights.len());
+    for (chunk, w) in weight_bytes.chunks_exact_mut(4).zip(weights) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    let (body, trailer) = out.split_at_mut(needed - CRC_LEN);
+    trailer.copy_from_slice(&crc32(body).to_le_bytes());
+    Ok(needed)
+}
+
+/// A view of little-endian `f32` values inside borrowed bytes. Reads go through
+/// `f32::from_le_bytes`, so any alignment is fine and nothing is copied to RAM.
+#[derive(Clone, Copy, Debug)]
+pub struct Weights<'a> {
+    words: &'a [[u8; 4]],
+}
+
+impl<'a> Weights<'a> {
+    /// Wraps bytes; a trailing partial value (fewer than 4 bytes) is ignored.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Weights { words: bytes.as_chunks::<4>().0 }
+    }
+
+    /// Number of floats.
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Whether there are no floats.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Float `i`, if in range.
+    pub fn get(&self, i: usize) -> Option<f32> {
+        self.words.get(i).map(|w| f32::from_le_bytes(*w))
+    }
+
+    /// The `count` floats starting at `start`; empty if out of range.
+    pub fn slice(&self, start: usize, count: usize) -> Weights<'a> {
+        let words = start.checked_add(count).and_then(|end| self.words.get(start..end)).unwrap_or(&[]);
+        Weights { words }
+    }
+
+    /// Splits after `count` floats (clamped to the length).
+    pub fn split_at(&self, count: usize) -> (Weights<'a>, Weights<'a>) {
+        let (a, b) = self.words.split_at(count.min(self.words.len()));
+        (Weights { words: a }, Weights { words: b })
+    }
+
+    /// Consecutive runs of `n` floats (rows of a row-major matrix).
+    pub fn rows(&self, n: usize) -> impl Iterator<Item = Weights<'a>> + 'a {
+        self.words.chunks_exact(n.max(1)).map(|words| Weights { words })
+    }
+
+    /// The floats in order.
+    pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
+        self.words.iter().map(|w| f32::from_le_bytes(*w))
+    }
+}

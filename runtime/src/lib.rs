@@ -1,0 +1,33 @@
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+#![doc = include_str!("../README.md")]
+
+mod base;
+pub mod error;
+mod flow;
+pub mod format;
+pub mod math;
+mod model;
+mod net;
+pub mod solver;
+
+pub use base::fill_standard_normal;
+pub use error::{Error, Field, LoadError, SolveError};
+pub use flow::{BatchError, Flow, LogDensity, Sample, Score, Verdict};
+pub use format::{Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Stage, Threshold};
+pub use model::Model;
+pub use net::CnfBlock;
+pub use solver::{Dopri5, Dynamics, Solver, Stats};

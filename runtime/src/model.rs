@@ -1,0 +1,204 @@
+//! A validated, zero-copy view of a model file.
+
+use crate::error::{LoadError, SolveError};
+use crate::format::{
+    CRC_LEN, FORMAT_VERSION, Header, Layout, MAGIC, MAX_STAGES, Metadata, PREAMBLE_LEN, Stage, Threshold,
+    Weights, crc32,
+};
+use crate::net::CnfBlock;
+use crate::solver::Solver;
+
+/// A model borrowed from its bytes (flash, `include_bytes!`, a browser upload).
+///
+/// Loading checks magic, version, CRC, every header field, the shapes against
+/// the weight count, that every weight is finite and every scale non-zero —
+/// so evaluation never meets malformed data.
+#[derive(Clone, Debug)]
+pub struct Model<'a> {
+    header: Header<'a>,
+    layout: Layout,
+    weights: Weights<'a>,
+    /// log|det| of input standardization (`−Σ ln std`), 0 without it.
+    standardize_log_det: f32,
+    /// log|det| of each affine stage (`Σ ln |scale|`), 0 for CNF stages.
+    affine_log_dets: heapless::Vec<f32, MAX_STAGES>,
+}
+
+fn truncated(len: usize, needed: usize) -> LoadError {
+    LoadError::Truncated {
+        len: len.min(u32::MAX as usize) as u32,
+        needed: needed.min(u32::MAX as usize) as u32,
+    }
+}
+
+impl<'a> Model<'a> {
+    /// Decodes and validates a model file without copying its weights.
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, LoadError> {
+        let len = bytes.len();
+        let (magic, rest) = bytes.split_first_chunk::<4>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
+        if *magic != MAGIC {
+            return Err(LoadError::BadMagic);
+        }
+        let (version, _) = rest.split_first_chunk::<2>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
+        let version = u16::from_le_bytes(*version);
+        if version != FORMAT_VERSION {
+            return Err(LoadError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let (body, trailer) =
+            bytes.split_last_chunk::<CRC_LEN>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
+        let payload = body.get(PREAMBLE_LEN..).ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
+        let stored = u32::from_le_bytes(*trailer);
+        let computed = crc32(body);
+        if stored != computed {
+            return Err(LoadError::ChecksumMismatch { stored, computed });
+        }
+        let (header, after_header) =
+            postcard::take_from_bytes::<Header<'a>>(payload).map_err(|_| LoadError::MalformedHeader)?;
+        let header_end = body.len() - after_header.len();
+        let pad = (4 - header_end % 4) % 4;
+        let (padding, weight_bytes) =
+            after_header.split_at_checked(pad).ok_or(truncated(len, header_end + pad + CRC_LEN))?;
+        if padding.iter().any(|&b| b != 0) {
+            return Err(LoadError::BadPadding);
+        }
+        let layout = header.layout()?;
+        if weight_bytes.len() != 4 * layout.weight_count {
+            return Err(LoadError::WeightCount {
+                expected: layout.weight_count as u32,
+                found: (weight_bytes.len() / 4).min(u32::MAX as usize) as u32,
+            });
+        }
+        let weights = Weights::new(weight_bytes);
+        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
+            return Err(LoadError::NonFiniteWeight { index: index as u32 });
+        }
+        let dim = usize::from(header.dim);
+        let scale_log_det = |start: usize| -> Result<f32, LoadError> {
+            let mut sum = 0.0f32;
+            for (i, s) in weights.slice(start, dim).iter().enumerate() {
+                if s == 0.0 {
+                    return Err(LoadError::ZeroScale { index: (start + i) as u32 });
+                }
+                sum += libm::logf(libm::fabsf(s));
+            }
+            Ok(sum)
+        };
+        let standardize_log_det = if header.standardize { -scale_log_det(dim)? } else { 0.0 };
+        let mut affine_log_dets = heapless::Vec::new();
+        for (stage, &offset) in header.stages.iter().zip(layout.stage_offsets.iter()) {
+            let ld = match stage {
+                Stage::Affine => scale_log_det(offset)?,
+                Stage::Cnf(_) => 0.0,
+            };
+            affine_log_dets.push(ld).map_err(|_| LoadError::MalformedHeader)?;
+        }
+        Ok(Model { header, layout, weights, standardize_log_det, affine_log_dets })
+    }
+
+    /// Data dimension `D`.
+    pub fn dim(&self) -> usize {
+        usize::from(self.header.dim)
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header<'a> {
+        &self.header
+    }
+
+    /// Provenance strings (borrowed from the file).
+    pub fn metadata(&self) -> &Metadata<'a> {
+        &self.header.metadata
+    }
+
+    /// The calibrated anomaly threshold, if any.
+    pub fn threshold(&self) -> Option<Threshold> {
+        self.header.threshold
+    }
+
+    /// The solver the model was exported with.
+    pub fn default_solver(&self) -> Solver {
+        self.header.solver
+    }
+
+    /// Number of `f32` parameters (network weights and normalization constants).
+    pub fn weight_count(&self) -> usize {
+        self.layout.weight_count
+    }
+
+    /// Number of stages in the chain.
+    pub fn stage_count(&self) -> usize {
+        self.header.stages.len()
+    }
+
+    /// Floats of scratch that evaluating this model with `solver` needs.
+    pub fn scratch_len(&self, solver: &Solver) -> usize {
+        let n = self.dim() + 1;
+        let dynamics = 2 * self.layout.max_width * n;
+        n.saturating_add(solver.work_len(n)).saturating_add(dynamics)
+    }
+
+    /// Network evaluations ("FLOPs" as multiply-adds counted as 2) of one
+    /// function evaluation with the exact divergence (`D + 1` lanes), summed
+    /// over all CNF stages. Activations and gates are not counted.
+    pub fn flops_per_evaluation(&self) -> u64 {
+        let lanes = self.dim() as u64 + 1;
+        let mut flops = 0u64;
+        for stage in &self.header.stages {
+            if let Stage::Cnf(cnf) = stage {
+                let mut d_in = self.dim() as u64;
+                for layer in &cnf.layers {
+                    let d_out = u64::from(layer.out_dim);
+                    flops += 2 * d_in * d_out * lanes;
+                    d_in = d_out;
+                }
+            }
+        }
+        flops
+    }
+
+    /// The `i`-th stage as CNF dynamics, if it is a CNF stage.
+    pub fn cnf_block(&self, i: usize) -> Option<CnfBlock<'_, 'a>> {
+        match self.header.stages.get(i)? {
+            Stage::Cnf(spec) => {
+                let offset = *self.layout.stage_offsets.get(i)?;
+                let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.weight_count);
+                let w = self.weights.slice(offset, next - offset);
+                Some(CnfBlock::new(spec, w, self.dim(), self.layout.max_width))
+            }
+            Stage::Affine => None,
+        }
+    }
+
+    pub(crate) fn stages(&self) -> impl DoubleEndedIterator<Item = (usize, &Stage)> {
+        self.header.stages.iter().enumerate()
+    }
+
+    /// `(mean, std)` of input standardization.
+    pub(crate) fn standardization(&self) -> Option<(Weights<'a>, Weights<'a>)> {
+        let d = self.dim();
+        self.header.standardize.then(|| (self.weights.slice(0, d), self.weights.slice(d, d)))
+    }
+
+    pub(crate) fn standardize_log_det(&self) -> f32 {
+        self.standardize_log_det
+    }
+
+    /// `(scale, shift, log|det|)` of affine stage `i`.
+    pub(crate) fn affine(&self, i: usize) -> Option<(Weights<'a>, Weights<'a>, f32)> {
+        let d = self.dim();
+        let offset = *self.layout.stage_offsets.get(i)?;
+        Some((
+            self.weights.slice(offset, d),
+            self.weights.slice(offset + d, d),
+            *self.affine_log_dets.get(i)?,
+        ))
+    }
+
+    /// Checks an input row's length and values.
+    pub(crate) fn check_input(&self, x: &[f32]) -> Result<(), SolveError> {
+        if x.len() != self.dim() {
+            return Err(SolveError::InputDimension { expected: self.dim() as u32, found: x.len() as u32 });
+        }
+        crate::math::check_finite(x).map_err(|i| SolveError::NonFiniteInput { index: i as u32 })
+    }
+}

@@ -1,0 +1,219 @@
+//! Dormand–Prince 5(4) with Shampine's embedded weights, torchdiffeq's
+//! "mixed" RMS error norm and its step-size controller (spec §4).
+
+use serde::{Deserialize, Serialize};
+
+use super::rk::{Tableau, axpy_stages, combine, stages};
+use super::{Dynamics, Stats, take};
+use crate::error::SolveError;
+
+pub(crate) const STAGES: usize = 7;
+/// Vectors of length n the solver keeps: 7 stages, the trial state, the error.
+pub(crate) const WORK_VECTORS: usize = STAGES + 2;
+
+const TABLEAU: Tableau<STAGES> = Tableau {
+    c: [0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0],
+    a: [
+        [0.0; 7],
+        [1.0 / 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [3.0 / 40.0, 9.0 / 40.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0, 0.0, 0.0, 0.0, 0.0],
+        [19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0, 0.0, 0.0, 0.0],
+        [9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0, 0.0, 0.0],
+        [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
+    ],
+    // FSAL: the 5th-order weights equal the last row, so stage 7's input is y₁.
+    b: [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
+};
+
+/// `b − b*` with Shampine's b* = (1951/21600, 0, 22642/50085, 451/720,
+/// −12231/42400, 649/6300, 1/60): the error estimate is `h Σ ERR_i k_i`.
+/// Computed in f64 and rounded once, so the small differences keep their digits.
+const ERR: [f32; STAGES] = [
+    (35.0 / 384.0 - 1951.0 / 21600.0) as f32,
+    0.0,
+    (500.0 / 1113.0 - 22642.0 / 50085.0) as f32,
+    (125.0 / 192.0 - 451.0 / 720.0) as f32,
+    (-2187.0 / 6784.0 + 12231.0 / 42400.0) as f32,
+    (11.0 / 84.0 - 649.0 / 6300.0) as f32,
+    (-1.0 / 60.0) as f32,
+];
+
+const SAFETY: f64 = 0.9;
+const MAX_GROWTH: f64 = 10.0;
+const MAX_SHRINK: f64 = 0.2;
+
+/// Adaptive Dormand–Prince 5(4) settings.
+///
+/// | name | default | purpose | range |
+/// |---|---|---|---|
+/// | `rtol` | 1e-5 | relative tolerance per element | > 0 |
+/// | `atol` | 1e-5 | absolute tolerance per element | > 0 |
+/// | `max_steps` | 10 000 | attempted steps before [`SolveError::MaxStepsReached`] | ≥ 1 |
+/// | `min_step` | 0 | smallest step before [`SolveError::StepSizeUnderflow`] (float resolution always applies) | ≥ 0 |
+/// | `first_step` | `None` | initial step; `None` selects it (Hairer–Nørsett–Wanner, 2 NFE) | > 0 |
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dopri5 {
+    /// Relative tolerance.
+    pub rtol: f32,
+    /// Absolute tolerance.
+    pub atol: f32,
+    /// Most attempted steps (accepted + rejected).
+    pub max_steps: u32,
+    /// Smallest allowed |step|.
+    pub min_step: f32,
+    /// Initial |step|, or `None` to select it automatically.
+    pub first_step: Option<f32>,
+}
+
+impl Default for Dopri5 {
+    fn default() -> Self {
+        Dopri5 { rtol: 1e-5, atol: 1e-5, max_steps: 10_000, min_step: 0.0, first_step: None }
+    }
+}
+
+impl Dopri5 {
+    /// Default settings with both tolerances set to `tol`.
+    pub fn with_tolerance(tol: f32) -> Self {
+        Dopri5 { rtol: tol, atol: tol, ..Dopri5::default() }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), SolveError> {
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        let ok = positive(self.rtol)
+            && positive(self.atol)
+            && self.max_steps > 0
+            && self.min_step.is_finite()
+            && self.min_step >= 0.0
+            && self.first_step.is_none_or(positive);
+        if ok { Ok(()) } else { Err(SolveError::InvalidSolver) }
+    }
+
+    /// The error ratio ‖v / (atol + rtol · max(|a|, |b|))‖ with the mixed norm.
+    fn ratio(&self, v: &[f32], a: &[f32], b: &[f32], split: usize) -> f64 {
+        let (mut s0, mut s1) = (0.0f64, 0.0f64);
+        for (i, ((&vi, &ai), &bi)) in v.iter().zip(a).zip(b).enumerate() {
+            let sc = self.atol + self.rtol * ai.abs().max(bi.abs());
+            let r = f64::from(vi / sc);
+            if i < split { s0 += r * r } else { s1 += r * r }
+        }
+        let n = v.len();
+        let rms0 = if split > 0 { libm::sqrt(s0 / split as f64) } else { 0.0 };
+        let rms1 = if n > split { libm::sqrt(s1 / (n - split) as f64) } else { 0.0 };
+        rms0.max(rms1)
+    }
+
+    /// Initial step (spec §4.3, order 4). `f0` holds f(t0, y0); uses `y1` and
+    /// `f1` as scratch. Returns |h| and spends one NFE.
+    #[allow(clippy::too_many_arguments)]
+    fn initial_step<D: Dynamics>(
+        &self,
+        f: &D,
+        t0: f64,
+        dir: f64,
+        y0: &[f32],
+        f0: &[f32],
+        y1: &mut [f32],
+        f1: &mut [f32],
+        fwork: &mut [f32],
+    ) -> f64 {
+        let split = f.error_split();
+        let d0 = self.ratio(y0, y0, y0, split);
+        let d1 = self.ratio(f0, y0, y0, split);
+        let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
+        combine(y1, y0, (dir * h0) as f32, &[1.0], f0);
+        f.eval((t0 + dir * h0) as f32, y1, f1, fwork);
+        for (a, &b) in f1.iter_mut().zip(f0) {
+            *a -= b;
+        }
+        let d2 = self.ratio(f1, y0, y0, split) / h0;
+        let h1 = if d1 <= 1e-15 && d2 <= 1e-15 {
+            (h0 * 1e-3).max(1e-6)
+        } else {
+            libm::pow(0.01 / d1.max(d2), 1.0 / 5.0)
+        };
+        (100.0 * h0).min(h1)
+    }
+
+    pub(crate) fn integrate<D: Dynamics>(
+        &self,
+        f: &D,
+        t0: f64,
+        t1: f64,
+        y: &mut [f32],
+        work: &mut [f32],
+    ) -> Result<Stats, SolveError> {
+        let n = y.len();
+        let split = f.error_split();
+        let (ks, rest) = take(work, STAGES * n)?;
+        let (ytmp, rest) = take(rest, n)?;
+        let (err, fwork) = take(rest, n)?;
+        let mut stats = Stats::default();
+        if t1 == t0 {
+            return Ok(stats);
+        }
+        let dir = if t1 > t0 { 1.0 } else { -1.0 };
+        let span = (t1 - t0).abs();
+
+        let mut h = {
+            let (k1, rest) = take(ks, n)?;
+            f.eval(t0 as f32, y, k1, fwork);
+            stats.nfe += 1;
+            match self.first_step {
+                Some(h) => f64::from(h),
+                None => {
+                    let (k2, _) = take(rest, n)?;
+                    stats.nfe += 1;
+                    self.initial_step(f, t0, dir, y, k1, ytmp, k2, fwork)
+                }
+            }
+        };
+        let mut t = t0;
+        loop {
+            let remaining = (t1 - t).abs();
+            if remaining == 0.0 {
+                return Ok(stats);
+            }
+            let attempted = stats.accepted + stats.rejected;
+            if attempted >= self.max_steps {
+                return Err(SolveError::MaxStepsReached { t: t as f32, steps: attempted });
+            }
+            // Clip the last step onto t1 (torchdiffeq overshoots and interpolates).
+            let last = h >= remaining;
+            let step = if last { remaining } else { h };
+            if !(step >= f64::from(self.min_step)) || t + dir * step == t || step <= span * 1e-12 {
+                return Err(SolveError::StepSizeUnderflow { t: t as f32, h: (dir * step) as f32 });
+            }
+            let hs = dir * step;
+            stats.nfe += stages(&TABLEAU, f, t, hs, y, ks, ytmp, fwork, 1)?;
+            // ytmp holds y₁, the input of stage 7 (FSAL); the error is h Σ ERR_i k_i.
+            err.fill(0.0);
+            axpy_stages(err, hs as f32, &ERR, ks);
+            let r = self.ratio(err, y, ytmp, split);
+            if r <= 1.0 {
+                if crate::math::check_finite(ytmp).is_err() {
+                    return Err(SolveError::NonFiniteState { t: (t + hs) as f32 });
+                }
+                y.copy_from_slice(ytmp);
+                let (k1, rest) = take(ks, n)?;
+                let (_, k7) = take(rest, (STAGES - 2) * n)?;
+                k1.copy_from_slice(k7);
+                t = if last { t1 } else { t + hs };
+                stats.accepted += 1;
+            } else {
+                stats.rejected += 1;
+            }
+            let factor = if r == 0.0 {
+                MAX_GROWTH
+            } else if !r.is_finite() {
+                // Overflow inside the trial step: shrink as hard as allowed.
+                MAX_SHRINK
+            } else {
+                // Accepted steps never shrink; rejected ones shrink at most 5×.
+                let floor = if r < 1.0 { 1.0 } else { MAX_SHRINK };
+                (SAFETY * libm::pow(r, -1.0 / 5.0)).clamp(floor, MAX_GROWTH)
+            };
+            h = step * factor;
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! ODE solvers over caller-provided working memory.
+//!
+//! | solver | order | NFE | use it when |
+//! |---|---|---|---|
+//! | [`Solver::Euler`] | 1 | `steps` | tests, the cheapest possible bound |
+//! | [`Solver::Midpoint`] | 2 | `2·steps` | very small budgets |
+//! | [`Solver::Rk4`] | 4 | `4·steps` | fixed, predictable time on a microcontroller |
+//! | [`Solver::Rk38`] | 4 | `4·steps` | parity with torchdiffeq's `rk4` (Kutta's 3/8 rule) |
+//! | [`Solver::Dopri5`] | 5(4) | `2 + 6·(accepted + rejected)` | accuracy to a tolerance (the reference) |
+//!
+//! Time and step size are kept in `f64` and stage times cast to `f32` before
+//! each evaluation, as torchdiffeq does; the state is `f32`.
+
+mod dopri5;
+mod rk;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::SolveError;
+
+pub use dopri5::Dopri5;
+
+/// A right-hand side `dy/dt = f(t, y)` that needs some scratch to evaluate.
+///
+/// Implementations are infallible and allocation-free: solvers check buffer
+/// lengths once before integrating.
+pub trait Dynamics {
+    /// Length of the state `y`.
+    fn dim(&self) -> usize;
+    /// Floats of scratch one evaluation needs.
+    fn work_len(&self) -> usize;
+    /// The adaptive error norm is the maximum of the RMS over `y[..split]` and
+    /// over `y[split..]` (torchdiffeq's norm over the tuple `(z, Δ)`); equal to
+    /// [`Dynamics::dim`] for one plain vector.
+    fn error_split(&self) -> usize {
+        self.dim()
+    }
+    /// Writes `f(t, y)` into `dy`.
+    fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]);
+}
+
+/// Work counters of one integration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Function (dynamics) evaluations.
+    pub nfe: u32,
+    /// Accepted steps (every step, for fixed-step solvers).
+    pub accepted: u32,
+    /// Rejected steps (adaptive solvers only).
+    pub rejected: u32,
+}
+
+impl Stats {
+    /// Field-wise sum, saturating.
+    pub fn merge(self, other: Stats) -> Stats {
+        Stats {
+            nfe: self.nfe.saturating_add(other.nfe),
+            accepted: self.accepted.saturating_add(other.accepted),
+            rejected: self.rejected.saturating_add(other.rejected),
+        }
+    }
+}
+
+/// An ODE solver and its settings. Stored in model files as the default.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Solver {
+    /// Forward Euler, fixed steps.
+    Euler {
+        /// Number of equal steps over the interval.
+        steps: u32,
+    },
+    /// Explicit midpoint, fixed steps.
+    Midpoint {
+        /// Number of equal steps over the interval.
+        steps: u32,
+    },
+    /// Classic Runge–Kutta 4, fixed steps.
+    Rk4 {
+        /// Number of equal steps over the interval.
+        steps: u32,
+    },
+    /// Kutta's 3/8 rule (what torchdiffeq calls `rk4`), fixed steps.
+    Rk38 {
+        /// Number of equal steps over the interval.
+        steps: u32,
+    },
+    /// Dormand–Prince 5(4), adaptive.
+    Dopri5(Dopri5),
+}
+
+impl Default for Solver {
+    fn default() -> Self {
+        Solver::Dopri5(Dopri5::default())
+    }
+}
+
+impl Solver {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), SolveError> {
+        match *self {
+            Solver::Euler { steps }
+            | Solver::Midpoint { steps }
+            | Solver::Rk4 { steps }
+            | Solver::Rk38 { steps } => {
+                if steps == 0 {
+                    return Err(SolveError::InvalidSolver);
+                }
+                Ok(())
+            }
+            Solver::Dopri5(d) => d.validate(),
+        }
+    }
+
+    /// Floats of solver scratch for a state of length `n` (not counting the
+    /// dynamics' own [`Dynamics::work_len`]).
+    pub fn work_len(&self, n: usize) -> usize {
+        let vectors = match self {
+            Solver::Euler { .. } => rk::EULER.work_vectors(),
+            Solver::Midpoint { .. } => rk::MIDPOINT.work_vectors(),
+            Solver::Rk4 { .. } | Solver::Rk38 { .. } => rk::RK4.work_vectors(),
+            Solver::Dopri5(_) => dopri5::WORK_VECTORS,
+        };
+        n.saturating_mul(vectors)
+    }
+
+    /// Integrates `y` from `t0` to `t1` (either direction) in place.
+    ///
+    /// `work` must hold at least `self.work_len(f.dim()) + f.work_len()` floats.
+    pub fn integrate<D: Dynamics>(
+        &self,
+        f: &D,
+        t0: f32,
+        t1: f32,
+        y: &mut [f32],
+        work: &mut [f32],
+    ) -> Result<Stats, SolveError> {
+        self.validate()?;
+        let n = f.dim();
+        if y.len() != n {
+            return Err(SolveError::OutputLength { expected: n as u32, found: y.len() as u32 });
+        }
+        let needed = self.work_len(n).saturating_add(f.work_len());
+        if work.len() < needed {
+            return Err(SolveError::ScratchTooSmall {
+                needed: needed.min(u32::MAX as usize) as u32,
+                capacity: work.len().min(u32::MAX as usize) as u32,
+            });
+        }
+        let (t0, t1) = (f64::from(t0), f64::from(t1));
+        match *self {
+            Solver::Euler { steps } => rk::integrate_fixed(&rk::EULER, f, t0, t1, steps, y, work),
+            Solver::Midpoint { steps } => rk::integrate_fixed(&rk::MIDPOINT, f, t0, t1, steps, y, work),
+            Solver::Rk4 { steps } => rk::integrate_fixed(&rk::RK4, f, t0, t1, steps, y, work),
+            Solver::Rk38 { steps } => rk::integrate_fixed(&rk::RK38, f, t0, t1, steps, y, work),
+            Solver::Dopri5(d) => d.integrate(f, t0, t1, y, work),
+        }
+    }
+}
+
+/// The error returned when a split of scratch that was checked up front fails.
+pub(crate) fn scratch_error(needed: usize, capacity: usize) -> SolveError {
+    SolveError::ScratchTooSmall {
+        needed: needed.min(u32::MAX as usize) as u32,
+        capacity: capacity.min(u32::MAX as usize) as u32,
+    }
+}
+
+/// Splits `n` floats off the front of `buf`.
+pub(crate) fn take(buf: &mut [f32], n: usize) -> Result<(&mut [f32], &mut [f32]), SolveError> {
+    let cap = buf.len();
+    buf.split_at_mut_checked(n).ok_or(scratch_error(n, cap))
+}
