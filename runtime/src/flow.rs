@@ -261,7 +261,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         value: impl Fn(&LogDensity) -> f32,
     ) -> Result<Stats, BatchError> {
         let d = self.model.dim();
-        if xs.len() % d != 0 {
+        if !xs.len().is_multiple_of(d) {
             return Err(BatchError {
                 row: xs.len() / d,
                 error: SolveError::InputDimension { expected: d as u32, found: (xs.len() % d) as u32 },

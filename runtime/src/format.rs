@@ -165,10 +165,10 @@ impl Header<'_> {
             return Err(LoadError::InvalidField(Field::Dim));
         }
         self.solver.validate().map_err(|_| LoadError::InvalidField(Field::Solver))?;
-        if let Some(t) = self.threshold {
-            if !t.score.is_finite() || !(t.quantile > 0.0 && t.quantile < 1.0) {
-                return Err(LoadError::InvalidField(Field::Threshold));
-            }
+        if let Some(t) = self.threshold
+            && !(t.score.is_finite() && t.quantile > 0.0 && t.quantile < 1.0)
+        {
+            return Err(LoadError::InvalidField(Field::Threshold));
         }
         let mut count: usize = if self.standardize { 2 * dim } else { 0 };
         let mut max_width = dim;
@@ -200,10 +200,10 @@ fn validate_cnf(cnf: &CnfSpec, stage: usize, dim: usize, max_width: &mut usize) 
     if !(cnf.end_time.is_finite() && cnf.end_time > 0.0) {
         return Err(LoadError::InvalidField(Field::EndTime));
     }
-    if let Activation::Swish { beta } = cnf.activation {
-        if !beta.is_finite() {
-            return Err(LoadError::InvalidField(Field::Activation));
-        }
+    if let Activation::Swish { beta } = cnf.activation
+        && !beta.is_finite()
+    {
+        return Err(LoadError::InvalidField(Field::Activation));
     }
     let n = cnf.layers.len();
     if n == 0 {
@@ -363,6 +363,35 @@ impl<'a> Weights<'a> {
     /// Consecutive runs of `n` floats (rows of a row-major matrix).
     pub fn rows(&self, n: usize) -> impl Iterator<Item = Weights<'a>> + 'a {
         self.words.chunks_exact(n.max(1)).map(|words| Weights { words })
+    }
+
+    /// `Σ_i self[i] · x[i]` over the shorter of the two, with eight
+    /// independent accumulators (a fixed summation order, the same on every
+    /// target, that the compiler can vectorise).
+    #[inline]
+    pub fn dot(&self, x: &[f32]) -> f32 {
+        let (w8, w_tail) = self.words.as_chunks::<8>();
+        let (x8, x_tail) = x.as_chunks::<8>();
+        let mut acc = [0.0f32; 8];
+        for (w, x) in w8.iter().zip(x8) {
+            for ((a, w), x) in acc.iter_mut().zip(w).zip(x) {
+                *a += f32::from_le_bytes(*w) * x;
+            }
+        }
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+        let mut sum = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7));
+        if w8.len() <= x8.len() {
+            let x_rest = x.get(8 * w8.len()..).unwrap_or(&[]);
+            for (w, x) in w_tail.iter().zip(x_rest) {
+                sum += f32::from_le_bytes(*w) * x;
+            }
+        } else {
+            let w_rest = self.words.get(8 * x8.len()..).unwrap_or(&[]);
+            for (w, x) in w_rest.iter().zip(x_tail) {
+                sum += f32::from_le_bytes(*w) * x;
+            }
+        }
+        sum
     }
 
     /// The floats in order.

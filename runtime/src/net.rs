@@ -1,12 +1,13 @@
 //! The ODE net `f(t, z)` of one CNF block and its exact divergence.
 //!
-//! The divergence uses forward-mode tangents: the net is run once on `D + 1`
-//! "lanes" at the same time — lane 0 carries the value, lane `1 + j` the
-//! derivative along input direction `e_j`. Each weight is read once and applied
-//! to all lanes, so the cost is `(D + 1)` mat-vecs per layer with a single pass
-//! over the weights, and `Tr(∂f/∂z) = Σ_j (lane 1 + j of output j)` is exact.
-//! Activations are stored lane-innermost (`unit × lanes`), which makes the inner
-//! loop a contiguous multiply-add the compiler can vectorise.
+//! The divergence uses forward-mode tangents: the net is run on `D + 1`
+//! "lanes" — lane 0 carries the value, lane `1 + j` the derivative along input
+//! direction `e_j` — so the cost is `(D + 1)` mat-vecs per layer and
+//! `Tr(∂f/∂z) = Σ_j (lane 1 + j)_j` is exact. Lanes are stored lane-major so
+//! every mat-vec row is a contiguous dot product ([`Weights::dot`], eight
+//! independent accumulators, which the compiler vectorises); the gate and
+//! activation of each unit are computed once, on lane 0, and applied to the
+//! tangent lanes as one scale factor per unit.
 
 use crate::format::{Activation, CnfSpec, LayerKind, Weights};
 use crate::math::{sigmoid, softplus};
@@ -35,56 +36,57 @@ impl<'m, 'a> CnfBlock<'m, 'a> {
 
     /// Scratch floats [`CnfBlock::velocity`] needs.
     pub fn velocity_work_len(&self) -> usize {
-        2 * self.max_width
+        self.work_len_for(1)
+    }
+
+    fn work_len_for(&self, lanes: usize) -> usize {
+        net_work_len(self.max_width, lanes)
     }
 
     /// `f(t, z)` alone (no divergence): one lane.
     pub fn velocity(&self, t: f32, z: &[f32], out: &mut [f32], work: &mut [f32]) {
-        let mut done = false;
-        self.run(t, z, 1, work, |result| {
-            for (o, unit) in out.iter_mut().zip(result) {
-                *o = *unit;
-            }
-            done = true;
-        });
-        if !done {
-            out.fill(f32::NAN);
-        }
+        out.fill(f32::NAN);
+        self.run(t, z, 1, work, |result| copy(out, result));
     }
 
     /// `f(t, z)` into `out` and the exact `Tr(∂f/∂z)` as return value.
     pub fn velocity_and_divergence(&self, t: f32, z: &[f32], out: &mut [f32], work: &mut [f32]) -> f32 {
-        let lanes = self.dim + 1;
+        let d = self.dim;
         let mut div = f32::NAN;
-        self.run(t, z, lanes, work, |result| {
-            let mut trace = 0.0;
-            for (j, (o, unit)) in out.iter_mut().zip(result.chunks_exact(lanes)).enumerate() {
-                *o = unit.first().copied().unwrap_or(f32::NAN);
-                trace += unit.get(1 + j).copied().unwrap_or(f32::NAN);
+        out.fill(f32::NAN);
+        self.run(t, z, d + 1, work, |result| {
+            let mut lanes = result.chunks_exact(d);
+            if let Some(value) = lanes.next() {
+                copy(out, value);
             }
-            div = trace;
+            // Lane 1 + j holds J e_j; its j-th entry is ∂f_j/∂z_j.
+            div = lanes.enumerate().map(|(j, lane)| lane.get(j).copied().unwrap_or(f32::NAN)).sum();
         });
         div
     }
 
-    /// Runs the net on `lanes` lanes and hands the output (`D × lanes`) to `finish`.
-    /// Does nothing if `work` is too short (callers check lengths up front).
+    /// Runs the net on `lanes` lanes and hands the output (`lanes × D`,
+    /// lane-major) to `finish`. Does nothing if `work` is too short (callers
+    /// check lengths up front).
     fn run(&self, t: f32, z: &[f32], lanes: usize, work: &mut [f32], finish: impl FnOnce(&[f32])) {
         let width = self.max_width * lanes;
         let Some((a, rest)) = work.split_at_mut_checked(width) else { return };
-        let Some((b, _)) = rest.split_at_mut_checked(width) else { return };
-        // Seed: value z_i in lane 0, unit tangent e_i in lane 1 + i.
-        for (i, (unit, &zi)) in a.chunks_exact_mut(lanes).zip(z).enumerate() {
-            unit.fill(0.0);
-            if let Some((v, tangents)) = unit.split_first_mut() {
-                *v = zi;
-                if let Some(e) = tangents.get_mut(i) {
+        let Some((b, rest)) = rest.split_at_mut_checked(width) else { return };
+        let Some((scale, _)) = rest.split_at_mut_checked(self.max_width) else { return };
+        let d = self.dim;
+        // Seed: lane 0 is z, lane 1 + j is the unit vector e_j.
+        for (l, lane) in a.chunks_exact_mut(d).take(lanes).enumerate() {
+            if l == 0 {
+                copy(lane, z);
+            } else {
+                lane.fill(0.0);
+                if let Some(e) = lane.get_mut(l - 1) {
                     *e = 1.0;
                 }
             }
         }
         let (mut input, mut output) = (a, b);
-        let mut d_in = self.dim;
+        let mut d_in = d;
         let mut offset = 0;
         let n_layers = self.spec.layers.len();
         for (l, layer) in self.spec.layers.iter().enumerate() {
@@ -92,12 +94,13 @@ impl<'m, 'a> CnfBlock<'m, 'a> {
             let count = layer.kind.weight_count(d_in, d_out).unwrap_or(0);
             let w = self.weights.slice(offset, count);
             let act = if l + 1 < n_layers { Some(self.spec.activation) } else { None };
-            apply_layer(layer.kind, act, w, d_in, d_out, t, lanes, input, output);
+            let dims = LayerDims { d_in, d_out, lanes };
+            apply_layer(layer.kind, act, w, dims, t, input, output, scale);
             offset += count;
             d_in = d_out;
             core::mem::swap(&mut input, &mut output);
         }
-        finish(input.get(..self.dim * lanes).unwrap_or(&[]));
+        finish(input.get(..d * lanes).unwrap_or(&[]));
     }
 }
 
@@ -107,7 +110,7 @@ impl Dynamics for CnfBlock<'_, '_> {
     }
 
     fn work_len(&self) -> usize {
-        2 * self.max_width * (self.dim + 1)
+        self.work_len_for(self.dim + 1)
     }
 
     fn error_split(&self) -> usize {
@@ -124,63 +127,86 @@ impl Dynamics for CnfBlock<'_, '_> {
     }
 }
 
-/// One diffeq layer on `lanes` lanes: `input` is `d_in × lanes`, `output` gets `d_out × lanes`.
+/// Scratch of one net evaluation on `lanes` lanes: two activation buffers
+/// and one per-unit scale vector.
+pub(crate) fn net_work_len(max_width: usize, lanes: usize) -> usize {
+    (2 * lanes + 1) * max_width
+}
+
+/// Copies the common prefix (lengths are checked by the callers; this never panics).
+fn copy(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LayerDims {
+    d_in: usize,
+    d_out: usize,
+    lanes: usize,
+}
+
+/// One diffeq layer on `lanes` lanes: `input` is `lanes × d_in` (lane-major),
+/// `output` gets `lanes × d_out`; `scale` (`d_out`) is scratch for the factor
+/// that carries tangents through gate and activation.
 #[allow(clippy::too_many_arguments)]
 fn apply_layer(
     kind: LayerKind,
     act: Option<Activation>,
     w: Weights<'_>,
-    d_in: usize,
-    d_out: usize,
+    dims: LayerDims,
     t: f32,
-    lanes: usize,
     input: &[f32],
     output: &mut [f32],
+    scale: &mut [f32],
 ) {
-    let cols = if kind == LayerKind::Concat { d_in + 1 } else { d_in };
+    let LayerDims { d_in, d_out, lanes } = dims;
+    let concat = kind == LayerKind::Concat;
+    let cols = if concat { d_in + 1 } else { d_in };
     let (matrix, rest) = w.split_at(d_out * cols);
     let (bias, rest) = rest.split_at(d_out);
-    let (gate_w, rest) = rest.split_at(if kind == LayerKind::ConcatSquash { d_out } else { 0 });
+    let squash = kind == LayerKind::ConcatSquash;
+    let (gate_w, rest) = rest.split_at(if squash { d_out } else { 0 });
     let (gate_b, hyper_b) = rest.split_at(gate_w.len());
-    let mut gate_w = gate_w.iter();
-    let mut gate_b = gate_b.iter();
-    let mut hyper_b = hyper_b.iter();
-    let units = output.chunks_exact_mut(lanes).zip(matrix.rows(cols)).zip(bias.iter());
-    for ((unit, row), b) in units {
-        unit.fill(0.0);
-        let mut row = row.iter();
-        let mut value_offset = b;
-        if kind == LayerKind::Concat {
-            // t is input 0 of a concat layer; it has no tangent.
-            value_offset += row.next().unwrap_or(0.0) * t;
+
+    // 1. Every lane: y_l = W x_l (the t column of a concat layer skipped).
+    let in_lanes = input.chunks_exact(d_in.max(1)).take(lanes);
+    for (x, y) in in_lanes.zip(output.chunks_exact_mut(d_out.max(1))) {
+        for (yo, row) in y.iter_mut().zip(matrix.rows(cols)) {
+            let (_, row_x) = row.split_at(usize::from(concat));
+            *yo = row_x.dot(x);
         }
-        for (wv, x) in row.zip(input.chunks_exact(lanes)) {
-            for (acc, &xv) in unit.iter_mut().zip(x) {
-                *acc += wv * xv;
-            }
-        }
-        if let Some(v) = unit.first_mut() {
-            *v += value_offset;
-        }
-        if kind == LayerKind::ConcatSquash {
-            let gw = gate_w.next().unwrap_or(0.0);
-            let gb = gate_b.next().unwrap_or(0.0);
-            let hb = hyper_b.next().unwrap_or(0.0);
+    }
+    // 2. The value lane: bias, time terms, gate, activation. `scale` keeps
+    //    d(output)/d(W x) per unit for the tangent lanes.
+    let (value, tangents) = output.split_at_mut(d_out.min(output.len()));
+    let mut t_weights = matrix.rows(cols).map(|row| if concat { row.get(0).unwrap_or(0.0) } else { 0.0 });
+    let mut gates = gate_w.iter().zip(gate_b.iter()).zip(hyper_b.iter());
+    let mut any_scale = false;
+    for ((v, s), b) in value.iter_mut().zip(scale.iter_mut()).zip(bias.iter()) {
+        let mut pre = *v + b + t_weights.next().unwrap_or(0.0) * t;
+        let mut ds = 1.0;
+        if squash {
+            let ((gw, gb), hb) = gates.next().unwrap_or(((0.0, 0.0), 0.0));
             let gate = sigmoid(gw * t + gb);
-            for acc in unit.iter_mut() {
-                *acc *= gate;
-            }
-            if let Some(v) = unit.first_mut() {
-                *v += hb * t;
-            }
+            pre = pre * gate + hb * t;
+            ds = gate;
         }
         if let Some(act) = act {
-            if let Some((v, tangents)) = unit.split_first_mut() {
-                let (y, dy) = activate(act, *v);
-                *v = y;
-                for tan in tangents {
-                    *tan *= dy;
-                }
+            let (y, dy) = activate(act, pre);
+            pre = y;
+            ds *= dy;
+        }
+        *v = pre;
+        *s = ds;
+        any_scale |= ds != 1.0;
+    }
+    // 3. Tangent lanes: chain rule through gate and activation.
+    if any_scale {
+        for lane in tangents.chunks_exact_mut(d_out.max(1)).take(lanes.saturating_sub(1)) {
+            for (y, &s) in lane.iter_mut().zip(scale.iter()) {
+                *y *= s;
             }
         }
     }

@@ -181,7 +181,8 @@ impl Dopri5 {
             // Clip the last step onto t1 (torchdiffeq overshoots and interpolates).
             let last = h >= remaining;
             let step = if last { remaining } else { h };
-            if !(step >= f64::from(self.min_step)) || t + dir * step == t || step <= span * 1e-12 {
+            // `step` is finite here (h starts finite and factors are clamped).
+            if step < f64::from(self.min_step) || t + dir * step == t || step <= span * 1e-12 {
                 return Err(SolveError::StepSizeUnderflow { t: t as f32, h: (dir * step) as f32 });
             }
             let hs = dir * step;

@@ -111,8 +111,11 @@ impl RefNet {
             for o in 0..*d_out {
                 let row = &w[o * cols..(o + 1) * cols];
                 let mut acc = w[d_out * cols + o];
-                let inputs: Vec<f64> =
-                    if *kind == LayerKind::Concat { std::iter::once(t).chain(x.iter().copied()).collect() } else { x.clone() };
+                let inputs: Vec<f64> = if *kind == LayerKind::Concat {
+                    std::iter::once(t).chain(x.iter().copied()).collect()
+                } else {
+                    x.clone()
+                };
                 for (a, b) in row.iter().zip(&inputs) {
                     acc += a * b;
                 }
