@@ -215,3 +215,20 @@ fn reseal_if_possible(b: &mut [u8]) {
         reseal(b);
     }
 }
+
+#[test]
+fn misaligned_bytes_load_and_evaluate_identically() {
+    let bytes = realistic();
+    let model = Model::from_bytes(&bytes).unwrap();
+    let flow = ffjord_runtime::Flow::new(&model, Solver::Rk4 { steps: 4 }).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let x = [0.1f32, -0.2, 0.3, 0.4, -0.5, 0.6];
+    let expected = flow.log_density(&x, &mut scratch).unwrap();
+    for shift in 1..4 {
+        let mut buf = vec![0u8; bytes.len() + shift];
+        buf[shift..].copy_from_slice(&bytes);
+        let m = Model::from_bytes(&buf[shift..]).unwrap();
+        let f = ffjord_runtime::Flow::new(&m, Solver::Rk4 { steps: 4 }).unwrap();
+        assert_eq!(f.log_density(&x, &mut scratch).unwrap(), expected, "offset {shift}");
+    }
+}
