@@ -1,0 +1,160 @@
+//! Training configuration: a TOML file that CLI flags override, saved with the run.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::TraceMode;
+
+/// Layer kinds as written in configs and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerArg {
+    Concatsquash,
+    Concat,
+    Ignore,
+}
+
+impl From<LayerArg> for ffjord_runtime::LayerKind {
+    fn from(l: LayerArg) -> Self {
+        match l {
+            LayerArg::Concatsquash => ffjord_runtime::LayerKind::ConcatSquash,
+            LayerArg::Concat => ffjord_runtime::LayerKind::Concat,
+            LayerArg::Ignore => ffjord_runtime::LayerKind::Ignore,
+        }
+    }
+}
+
+/// Activations as written in configs and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationArg {
+    Tanh,
+    Softplus,
+    Elu,
+    Swish,
+    Identity,
+}
+
+impl From<ActivationArg> for ffjord_runtime::Activation {
+    fn from(a: ActivationArg) -> Self {
+        use ffjord_runtime::Activation as A;
+        match a {
+            ActivationArg::Tanh => A::Tanh,
+            ActivationArg::Softplus => A::Softplus,
+            ActivationArg::Elu => A::Elu,
+            ActivationArg::Swish => A::Swish { beta: 1.0 },
+            ActivationArg::Identity => A::Identity,
+        }
+    }
+}
+
+/// Solvers as written in configs and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SolverArg {
+    Dopri5,
+    Rk4,
+    Midpoint,
+    Euler,
+}
+
+/// Everything `trainer fit` needs. Defaults follow the reference toy recipe
+/// (spec §6.1) except where noted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Built-in toy data set (fresh batches every iteration).
+    pub toy: Option<String>,
+    /// CSV or NPY training file.
+    pub data: Option<PathBuf>,
+    /// Columns to use (names or 0-based indices); all by default.
+    pub columns: Option<Vec<String>>,
+    /// Fractions of the file held out for validation and test.
+    pub valid_fraction: f64,
+    pub test_fraction: f64,
+    pub hidden: Vec<i64>,
+    pub layer: LayerArg,
+    pub activation: ActivationArg,
+    pub blocks: usize,
+    pub end_time: f64,
+    pub train_end_time: bool,
+    pub trace: TraceMode,
+    pub solver: SolverArg,
+    pub rtol: f64,
+    pub atol: f64,
+    pub steps: u32,
+    pub max_steps: u32,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub batch: i64,
+    pub iterations: u64,
+    pub valid_every: u64,
+    /// Stop after this many validations without improvement (0: never).
+    pub patience: u64,
+    pub seed: i64,
+    /// Evaluation tolerance (Dopri5) for validation and test NLL.
+    pub eval_tol: f64,
+    /// Rows drawn for the toy validation and test sets.
+    pub toy_eval_rows: i64,
+    /// Anomaly threshold quantile of validation scores written at export.
+    pub threshold_quantile: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            toy: None,
+            data: None,
+            columns: None,
+            valid_fraction: 0.1,
+            test_fraction: 0.1,
+            hidden: vec![64, 64, 64],
+            layer: LayerArg::Concatsquash,
+            activation: ActivationArg::Tanh,
+            blocks: 1,
+            end_time: 0.5,
+            train_end_time: true,
+            trace: TraceMode::Exact,
+            solver: SolverArg::Dopri5,
+            rtol: 1e-5,
+            atol: 1e-5,
+            steps: 8,
+            max_steps: 10_000,
+            lr: 1e-3,
+            weight_decay: 1e-5,
+            batch: 512,
+            iterations: 2000,
+            valid_every: 100,
+            patience: 0,
+            seed: 0,
+            eval_tol: 1e-5,
+            toy_eval_rows: 2000,
+            threshold_quantile: Some(0.99),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The training solver.
+    pub fn method(&self) -> crate::ode::Method {
+        use crate::ode::Method;
+        match self.solver {
+            SolverArg::Dopri5 => {
+                Method::Dopri5 { rtol: self.rtol, atol: self.atol, max_steps: self.max_steps }
+            }
+            SolverArg::Rk4 => Method::Rk4 { steps: self.steps },
+            SolverArg::Midpoint => Method::Midpoint { steps: self.steps },
+            SolverArg::Euler => Method::Euler { steps: self.steps },
+        }
+    }
+
+    /// The evaluation solver (Dopri5 at `eval_tol`).
+    pub fn eval_method(&self) -> crate::ode::Method {
+        crate::ode::Method::Dopri5 {
+            rtol: self.eval_tol,
+            atol: self.eval_tol,
+            max_steps: self.max_steps.max(100_000),
+        }
+    }
+}

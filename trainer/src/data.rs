@@ -1,0 +1,282 @@
+//! Data: CSV and NPY files, the toy 2-D generators (spec §6.1), splits and
+//! standardization. Errors name the file, line and column.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tch::{Kind, Tensor};
+
+/// A table of rows (f64, row-major) with its column names.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: usize,
+    pub values: Vec<f64>,
+}
+
+impl Table {
+    pub fn dim(&self) -> usize {
+        self.columns.len()
+    }
+
+    pub fn to_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.values).reshape([self.rows as i64, self.dim() as i64])
+    }
+
+    pub fn from_tensor(t: &Tensor, columns: Vec<String>) -> Result<Self> {
+        let t = t.to_kind(Kind::Double).contiguous();
+        let rows = t.size()[0] as usize;
+        let values = Vec::<f64>::try_from(&t.view(-1))?;
+        Ok(Table { columns, rows, values })
+    }
+
+    pub fn row(&self, i: usize) -> &[f64] {
+        let d = self.dim();
+        &self.values[i * d..(i + 1) * d]
+    }
+}
+
+/// Reads a CSV or NPY file (by extension). `columns` selects columns by name
+/// (CSV with header) or 0-based index.
+pub fn load(path: &Path, columns: Option<&[String]>) -> Result<Table> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => load_npy(path, columns),
+        _ => load_csv(path, columns),
+    }
+}
+
+fn load_npy(path: &Path, columns: Option<&[String]>) -> Result<Table> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a valid NPY file", path.display()))?;
+    let shape = npy.shape().to_vec();
+    let (rows, dim) = match shape.as_slice() {
+        [r, d] => (*r as usize, *d as usize),
+        [r] => (*r as usize, 1),
+        _ => bail!("{}: expected a 1-D or 2-D array, found shape {shape:?}", path.display()),
+    };
+    if npy.order() == npyz::Order::Fortran {
+        bail!("{}: Fortran-ordered arrays are not supported; save with C order", path.display());
+    }
+    let values: Vec<f64> = match npy.dtype() {
+        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4 => {
+            npy.into_vec::<f32>()?.into_iter().map(f64::from).collect()
+        }
+        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 8 => {
+            npy.into_vec::<f64>()?
+        }
+        other => bail!("{}: unsupported dtype {other:?} (use float32 or float64)", path.display()),
+    };
+    let all: Vec<String> = (0..dim).map(|i| format!("x{i}")).collect();
+    let table = Table { columns: all, rows, values };
+    check_finite(&table, path)?;
+    select(table, columns, path)
+}
+
+fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .from_path(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut header: Option<Vec<String>> = None;
+    let mut width = None;
+    let mut values = Vec::new();
+    let mut rows = 0usize;
+    for (i, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{}: malformed CSV", path.display()))?;
+        let line = record.position().map_or(i as u64 + 1, |p| p.line());
+        let fields: Vec<&str> = record.iter().map(str::trim).collect();
+        if i == 0 && fields.iter().any(|f| f.parse::<f64>().is_err()) {
+            header = Some(fields.iter().map(|s| s.to_string()).collect());
+            width = Some(fields.len());
+            continue;
+        }
+        let w = *width.get_or_insert(fields.len());
+        if fields.len() != w {
+            bail!("{}:{line}: {} fields, expected {w} (as in the first row)", path.display(), fields.len());
+        }
+        for (c, f) in fields.iter().enumerate() {
+            let v: f64 = f
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{}:{line}:{}: '{f}' is not a number", path.display(), c + 1))?;
+            if !v.is_finite() {
+                bail!("{}:{line}:{}: value '{f}' is not finite", path.display(), c + 1);
+            }
+            values.push(v);
+        }
+        rows += 1;
+    }
+    let w = width.unwrap_or(0);
+    if rows == 0 {
+        bail!("{}: no data rows", path.display());
+    }
+    let names = header.unwrap_or_else(|| (0..w).map(|i| format!("x{i}")).collect());
+    select(Table { columns: names, rows, values }, columns, path)
+}
+
+fn check_finite(t: &Table, path: &Path) -> Result<()> {
+    if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+        bail!("{}: row {}, column {}: value is not finite", path.display(), i / t.dim() + 1, i % t.dim() + 1);
+    }
+    Ok(())
+}
+
+fn select(t: Table, columns: Option<&[String]>, path: &Path) -> Result<Table> {
+    let Some(columns) = columns else { return Ok(t) };
+    let mut idx = Vec::new();
+    for c in columns {
+        let i = match t.columns.iter().position(|n| n == c) {
+            Some(i) => i,
+            None => c.parse::<usize>().ok().filter(|&i| i < t.dim()).with_context(|| {
+                format!("{}: no column '{c}' (columns: {})", path.display(), t.columns.join(", "))
+            })?,
+        };
+        idx.push(i);
+    }
+    let d = t.dim();
+    let mut values = Vec::with_capacity(t.rows * idx.len());
+    for r in 0..t.rows {
+        for &i in &idx {
+            values.push(t.values[r * d + i]);
+        }
+    }
+    Ok(Table { columns: idx.iter().map(|&i| t.columns[i].clone()).collect(), rows: t.rows, values })
+}
+
+/// Train/validation/test tensors and the standardization fitted on train.
+pub struct Splits {
+    pub train: Tensor,
+    pub valid: Tensor,
+    pub test: Tensor,
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+impl Splits {
+    /// Shuffles (seeded) and splits `table` by fractions.
+    pub fn from_table(table: &Table, valid_fraction: f64, test_fraction: f64) -> Result<Self> {
+        let x = table.to_tensor();
+        let n = table.rows as i64;
+        let perm = Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu));
+        let x = x.index_select(0, &perm);
+        let n_test = ((n as f64) * test_fraction).round() as i64;
+        let n_valid = ((n as f64) * valid_fraction).round() as i64;
+        let n_train = n - n_test - n_valid;
+        if n_train < 2 || n_valid < 1 {
+            bail!("{n} rows are too few to split into train/validation/test");
+        }
+        let train = x.narrow(0, 0, n_train);
+        let valid = x.narrow(0, n_train, n_valid);
+        let test = x.narrow(0, n_train + n_valid, n_test);
+        Ok(Self::standardized(train, valid, test))
+    }
+
+    /// Standardizes with train statistics (std floored at 1e-8 of the mean magnitude).
+    pub fn standardized(train: Tensor, valid: Tensor, test: Tensor) -> Self {
+        let mean = train.mean_dim(0, false, Kind::Double);
+        let std = train.std_dim(0, true, false).clamp_min(1e-12);
+        let f = |x: &Tensor| (x - &mean) / &std;
+        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std }
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.mean.size()[0]
+    }
+}
+
+/// The toy 2-D data sets of spec §6.1.
+pub const TOYS: [&str; 8] =
+    ["8gaussians", "pinwheel", "checkerboard", "2spirals", "moons", "circles", "rings", "swissroll"];
+
+/// Draws `n` points of a toy set (f64, CPU) from tch's seeded generator.
+pub fn toy(name: &str, n: i64) -> Result<Tensor> {
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let pi = std::f64::consts::PI;
+    let x = match name {
+        "8gaussians" => {
+            let s = 1.0 / 2f64.sqrt();
+            let centers =
+                Tensor::from_slice(&[1.0, 0.0, -1.0, 0.0, 0.0, 1.0, 0.0, -1.0, s, s, s, -s, -s, s, -s, -s])
+                    .reshape([8, 2])
+                    * 4.0;
+            let idx = Tensor::randint(8, [n], (Kind::Int64, tch::Device::Cpu));
+            (Tensor::randn([n, 2], opts) * 0.5 + centers.index_select(0, &idx)) / 1.414
+        }
+        "pinwheel" => {
+            let per = n / 5;
+            let m = per * 5;
+            let feats = Tensor::randn([m, 2], opts) * Tensor::from_slice(&[0.3, 0.1]);
+            let f0 = feats.select(1, 0) + 1.0;
+            let f1 = feats.select(1, 1);
+            let labels = Tensor::arange(5, opts).repeat_interleave_self_int(per, 0, None::<i64>);
+            let angle = labels * (2.0 * pi / 5.0) + f0.exp() * 0.25;
+            let xo = &f0 * angle.cos() + &f1 * angle.sin();
+            let yo = -(&f0 * angle.sin()) + &f1 * angle.cos();
+            let out = Tensor::stack(&[xo, yo], 1) * 2.0;
+            out.index_select(0, &Tensor::randperm(m, (Kind::Int64, tch::Device::Cpu)))
+        }
+        "checkerboard" => {
+            let x1 = Tensor::rand([n], opts) * 4.0 - 2.0;
+            let x2 = Tensor::rand([n], opts) - Tensor::randint(2, [n], opts) * 2.0;
+            let x2 = x2 + x1.floor().remainder(2.0);
+            Tensor::stack(&[x1, x2], 1) * 2.0
+        }
+        "2spirals" => {
+            let h = n / 2;
+            let r = Tensor::rand([h], opts).sqrt() * (540.0 * 2.0 * pi / 360.0);
+            let dx = -(r.cos() * &r) + Tensor::rand([h], opts) * 0.5;
+            let dy = r.sin() * &r + Tensor::rand([h], opts) * 0.5;
+            let arm = Tensor::stack(&[dx, dy], 1);
+            let x = Tensor::cat(&[arm.shallow_clone(), -arm], 0) / 3.0;
+            &x + x.randn_like() * 0.1
+        }
+        "moons" => {
+            let outer = n / 2;
+            let inner = n - outer;
+            let to = Tensor::linspace(0.0, pi, outer, opts);
+            let ti = Tensor::linspace(0.0, pi, inner, opts);
+            let a = Tensor::stack(&[to.cos(), to.sin()], 1);
+            let b = Tensor::stack(&[-ti.cos() + 1.0, -ti.sin() + 0.5], 1);
+            let x = Tensor::cat(&[a, b], 0);
+            let x = x.index_select(0, &Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu)));
+            let x = &x + x.randn_like() * 0.1;
+            x * 2.0 + Tensor::from_slice(&[-1.0, -0.2])
+        }
+        "circles" => {
+            let outer = n / 2;
+            let inner = n - outer;
+            let ring = |k: i64, r: f64| {
+                let t = Tensor::arange(k, opts) * (2.0 * pi / k as f64);
+                Tensor::stack(&[t.cos() * r, t.sin() * r], 1)
+            };
+            let x = Tensor::cat(&[ring(outer, 1.0), ring(inner, 0.5)], 0);
+            let x = x.index_select(0, &Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu)));
+            (&x + x.randn_like() * 0.08) * 3.0
+        }
+        "rings" => {
+            let q = n / 4;
+            let counts = [q, q, q, n - 3 * q];
+            let radii = [1.0, 0.75, 0.5, 0.25];
+            let parts: Vec<Tensor> = counts
+                .iter()
+                .zip(radii)
+                .map(|(&k, r)| {
+                    let t = Tensor::arange(k, opts) * (2.0 * pi / k.max(1) as f64);
+                    Tensor::stack(&[t.cos() * r, t.sin() * r], 1)
+                })
+                .collect();
+            let x = Tensor::cat(&parts, 0) * 3.0;
+            let x = x.index_select(0, &Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu)));
+            &x + x.randn_like() * 0.08
+        }
+        "swissroll" => {
+            let t = (Tensor::rand([n], opts) * 2.0 + 1.0) * (1.5 * pi);
+            let x = Tensor::stack(&[t.cos() * &t, t.sin() * &t], 1);
+            (&x + x.randn_like()) / 5.0
+        }
+        other => bail!("unknown toy data set '{other}' (choose one of {})", TOYS.join(", ")),
+    };
+    Ok(x)
+}

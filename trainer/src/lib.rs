@@ -1,0 +1,9 @@
+//! The FFJORD trainer as a library: data, models on tch, solvers, training
+//! and model files. The `trainer` binary is a thin CLI over it.
+
+pub mod config;
+pub mod data;
+pub mod model;
+pub mod modelfile;
+pub mod ode;
+pub mod train;

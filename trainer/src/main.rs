@@ -1,0 +1,468 @@
+//! `trainer`: train FFJORD models on tch and export them for ffjord-runtime.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use ffjord_runtime::{Flow, Model, Solver, Verdict};
+use tch::{Device, Kind};
+
+use ffjord_trainer::config::{ActivationArg, LayerArg, SolverArg, TrainConfig};
+use ffjord_trainer::model::{self, TraceMode};
+use ffjord_trainer::{data, modelfile, ode, train};
+
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Train FFJORD continuous normalizing flows and export them for ffjord-runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl DeviceArg {
+    fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda => bail!(
+                "--device cuda: no CUDA device is available (build with --features cuda on a GPU machine)"
+            ),
+            DeviceArg::Auto => Ok(Device::cuda_if_available()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model and export the best checkpoint as a model file.
+    Fit(Box<FitArgs>),
+    /// Test NLL of a model file with tch in float64, exact trace, Dopri5 at a tight tolerance.
+    Eval(EvalArgs),
+    /// Per-row log p, anomaly score and verdict, computed by the runtime crate.
+    Score(ScoreArgs),
+    /// Draw samples with the runtime (seeded).
+    Sample(SampleArgs),
+    /// Write a toy data set as CSV.
+    Toy(ToyArgs),
+    /// Describe a model file.
+    Inspect(InspectArgs),
+}
+
+/// Flags override the `--config` file; the merged config is saved in the run folder.
+#[derive(clap::Args)]
+struct FitArgs {
+    /// TOML config file (keys as the long flags, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the exported model goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Run folder for checkpoints and metrics (default: OUT with extension `.run`).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue from the run folder's last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Built-in toy data set: 8gaussians, pinwheel, checkerboard, 2spirals, moons, circles, rings, swissroll.
+    #[arg(long)]
+    toy: Option<String>,
+    /// CSV or NPY training data.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Columns to use (names or 0-based indices), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    columns: Option<Vec<String>>,
+    /// Hidden widths, e.g. 64,64,64.
+    #[arg(long, value_delimiter = ',')]
+    hidden: Option<Vec<i64>>,
+    #[arg(long, value_enum)]
+    layer: Option<LayerArg>,
+    #[arg(long, value_enum)]
+    activation: Option<ActivationArg>,
+    /// Stacked CNF blocks.
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// Initial end time T.
+    #[arg(long)]
+    end_time: Option<f64>,
+    /// Learn T = s² (true/false).
+    #[arg(long)]
+    train_end_time: Option<bool>,
+    #[arg(long, value_enum)]
+    trace: Option<TraceMode>,
+    #[arg(long, value_enum)]
+    solver: Option<SolverArg>,
+    #[arg(long)]
+    rtol: Option<f64>,
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Steps of a fixed-step solver.
+    #[arg(long)]
+    steps: Option<u32>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    batch: Option<i64>,
+    #[arg(long)]
+    iterations: Option<u64>,
+    #[arg(long)]
+    valid_every: Option<u64>,
+    /// Early stopping after this many validations without improvement (0 = off).
+    #[arg(long)]
+    patience: Option<u64>,
+    #[arg(long)]
+    seed: Option<i64>,
+    /// Dopri5 tolerance for validation, test and the exported default solver.
+    #[arg(long)]
+    eval_tol: Option<f64>,
+    /// Anomaly threshold at this quantile of validation scores (0 < q < 1).
+    #[arg(long)]
+    threshold_quantile: Option<f64>,
+}
+
+macro_rules! override_fields {
+    ($cfg:ident, $args:ident, $($f:ident),*) => { $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )* };
+}
+
+impl FitArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => {
+                let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&s).with_context(|| format!("{}: invalid config", p.display()))?
+            }
+            None => TrainConfig::default(),
+        };
+        if self.toy.is_some() {
+            cfg.toy = self.toy.clone();
+            cfg.data = None;
+        }
+        if self.data.is_some() {
+            cfg.data = self.data.clone();
+            cfg.toy = None;
+        }
+        if self.columns.is_some() {
+            cfg.columns = self.columns.clone();
+        }
+        if self.threshold_quantile.is_some() {
+            cfg.threshold_quantile = self.threshold_quantile;
+        }
+        override_fields!(
+            cfg,
+            self,
+            hidden,
+            layer,
+            activation,
+            blocks,
+            end_time,
+            train_end_time,
+            trace,
+            solver,
+            rtol,
+            atol,
+            steps,
+            lr,
+            weight_decay,
+            batch,
+            iterations,
+            valid_every,
+            patience,
+            seed,
+            eval_tol
+        );
+        if let Some(name) = &cfg.toy
+            && !data::TOYS.contains(&name.as_str())
+        {
+            bail!("unknown toy data set '{name}' (choose one of {})", data::TOYS.join(", "));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// CSV or NPY rows.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Or draw rows from a toy set.
+    #[arg(long)]
+    toy: Option<String>,
+    /// Rows to draw from the toy set.
+    #[arg(long, default_value_t = 2000)]
+    n: i64,
+    #[arg(long, value_delimiter = ',')]
+    columns: Option<Vec<String>>,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+impl DataArgs {
+    fn load(&self) -> Result<data::Table> {
+        tch::manual_seed(self.seed);
+        match (&self.data, &self.toy) {
+            (Some(p), None) => data::load(p, self.columns.as_deref()),
+            (None, Some(name)) => {
+                data::Table::from_tensor(&data::toy(name, self.n)?, vec!["x".into(), "y".into()])
+            }
+            _ => bail!("give exactly one of --data FILE or --toy NAME"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Dopri5 tolerance (rtol = atol).
+    #[arg(long, default_value_t = 1e-8)]
+    tol: f64,
+    /// Write per-row log p (float64) to this CSV.
+    #[arg(long)]
+    rows_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Runtime solver: the model's default unless given.
+    #[arg(long, value_enum)]
+    solver: Option<SolverArg>,
+    #[arg(long)]
+    tol: Option<f32>,
+    #[arg(long, default_value_t = 8)]
+    steps: u32,
+    /// Output CSV (stdout if omitted).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ToyArgs {
+    /// Toy set name.
+    name: String,
+    #[arg(long, default_value_t = 10_000)]
+    n: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    model: PathBuf,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fit(args) => {
+            let cfg = args.config()?;
+            let run_dir = args.run_dir.clone().unwrap_or_else(|| args.out.with_extension("run"));
+            let device = args.device.resolve()?;
+            train::fit(&cfg, &args.out, &train::RunDir { dir: run_dir }, args.resume, device, &command_line())
+        }
+        Command::Eval(args) => eval(&args),
+        Command::Score(args) => score(&args),
+        Command::Sample(args) => sample(&args),
+        Command::Toy(args) => {
+            tch::manual_seed(args.seed);
+            let x = data::toy(&args.name, args.n)?;
+            let t = data::Table::from_tensor(&x, vec!["x".into(), "y".into()])?;
+            write_table(&args.out, &t.columns, (0..t.rows).map(|i| t.row(i).to_vec()))
+        }
+        Command::Inspect(args) => inspect(&args),
+    }
+}
+
+fn write_table(path: &std::path::Path, header: &[String], rows: impl Iterator<Item = Vec<f64>>) -> Result<()> {
+    let mut s = header.join(",") + "\n";
+    for r in rows {
+        s += &r.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",");
+        s.push('\n');
+    }
+    modelfile::write_atomic(path, s.as_bytes())
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = args.data.load()?;
+    if table.dim() != model.dim() {
+        bail!("data has {} columns, the model {} expects {}", table.dim(), args.model.display(), model.dim());
+    }
+    let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
+    let x = table.to_tensor();
+    let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
+    let opts = model::SolveOptions { method, trace: TraceMode::Exact, create_graph: false };
+    let out = tch::no_grad(|| chain.log_prob(&x, &opts))?;
+    let log_p = Vec::<f64>::try_from(&out.log_p)?;
+    let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
+    let d = model.dim() as f64;
+    println!(
+        "rows {}  NLL {nll:.6} nats  ({:.6} bits/dim)  NFE {}",
+        log_p.len(),
+        nll / d / 2f64.ln(),
+        out.stats.solve.nfe
+    );
+    if let Some(p) = &args.rows_out {
+        write_table(p, &["log_p".into()], log_p.iter().map(|&v| vec![v]))?;
+    }
+    Ok(())
+}
+
+fn runtime_solver(model: &Model<'_>, solver: Option<SolverArg>, tol: Option<f32>, steps: u32) -> Solver {
+    match solver {
+        None => {
+            let mut s = model.default_solver();
+            if let (Solver::Dopri5(d), Some(t)) = (&mut s, tol) {
+                d.rtol = t;
+                d.atol = t;
+            }
+            s
+        }
+        Some(SolverArg::Dopri5) => Solver::Dopri5(ffjord_runtime::Dopri5 {
+            max_steps: 100_000,
+            ..ffjord_runtime::Dopri5::with_tolerance(tol.unwrap_or(1e-5))
+        }),
+        Some(SolverArg::Rk4) => Solver::Rk4 { steps },
+        Some(SolverArg::Midpoint) => Solver::Midpoint { steps },
+        Some(SolverArg::Euler) => Solver::Euler { steps },
+    }
+}
+
+fn score(args: &ScoreArgs) -> Result<()> {
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = args.data.load()?;
+    if table.dim() != model.dim() {
+        bail!("data has {} columns, the model {} expects {}", table.dim(), args.model.display(), model.dim());
+    }
+    let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut scratch = vec![0.0f32; flow.scratch_len()];
+    let mut out = String::from("row,log_p,score,verdict,nfe\n");
+    let (mut anomalies, mut n) = (0, 0);
+    for i in 0..table.rows {
+        let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
+        let s = flow.score(&x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let verdict = match s.verdict {
+            Verdict::Normal => "normal",
+            Verdict::Anomaly => {
+                anomalies += 1;
+                "anomaly"
+            }
+            Verdict::Uncalibrated => "uncalibrated",
+        };
+        n += 1;
+        out += &format!("{i},{},{},{verdict},{}\n", s.log_density.log_p, s.score, s.log_density.stats.nfe);
+    }
+    match &args.out {
+        Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
+        None => std::io::stdout().write_all(out.as_bytes())?,
+    }
+    eprintln!("{n} rows scored, {anomalies} anomalies");
+    Ok(())
+}
+
+fn sample(args: &SampleArgs) -> Result<()> {
+    use rand_xoshiro::rand_core::SeedableRng;
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let flow = Flow::new(&model, model.default_solver()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut scratch = vec![0.0f32; flow.scratch_len()];
+    // Xoshiro128++ is what the firmware examples use, so seeds reproduce across devices.
+    let mut rng = rand_xoshiro::Xoshiro128PlusPlus::seed_from_u64(args.seed);
+    let mut rows = Vec::new();
+    for _ in 0..args.n {
+        let mut x = vec![0.0f32; model.dim()];
+        let s = flow.sample(&mut rng, &mut x, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut r: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        r.push(f64::from(s.log_p));
+        rows.push(r);
+    }
+    let mut header: Vec<String> = (0..model.dim()).map(|i| format!("x{i}")).collect();
+    header.push("log_p".into());
+    match &args.out {
+        Some(p) => write_table(p, &header, rows.into_iter()),
+        None => {
+            for r in rows {
+                println!("{}", r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let h = model.header();
+    println!("file        {} ({} bytes)", args.model.display(), bytes.len());
+    println!("name        {}", h.metadata.name);
+    println!("data        {}", h.metadata.description);
+    println!("command     {}", h.metadata.command);
+    println!("dimension   {}", model.dim());
+    println!("parameters  {}", model.weight_count());
+    for (i, s) in h.stages.iter().enumerate() {
+        match s {
+            ffjord_runtime::Stage::Cnf(c) => {
+                let widths: Vec<String> =
+                    c.layers.iter().map(|l| format!("{:?}→{}", l.kind, l.out_dim)).collect();
+                println!("stage {i}     CNF T={} {:?} [{}]", c.end_time, c.activation, widths.join(", "));
+            }
+            ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
+        }
+    }
+    println!("solver      {:?}", model.default_solver());
+    match model.threshold() {
+        Some(t) => println!("threshold   score > {} (quantile {})", t.score, t.quantile),
+        None => println!("threshold   none"),
+    }
+    println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());
+    println!("scratch     {} floats with the default solver", model.scratch_len(&model.default_solver()));
+    Ok(())
+}

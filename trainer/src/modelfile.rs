@@ -1,0 +1,123 @@
+//! Model files: export a trained chain through the runtime's own format types,
+//! load a model file back into tch (for float64 evaluation), atomic writes.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use ffjord_runtime::format::{encode, encoded_len};
+use ffjord_runtime::{Header, Metadata, Model, Stage, Threshold};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::model::{Affine, Chain, Cnf, OdeNet, push};
+use crate::ode::Method;
+
+/// What goes into the header besides the chain.
+pub struct ExportInfo<'a> {
+    pub mean: &'a Tensor,
+    pub std: &'a Tensor,
+    pub solver: Method,
+    pub threshold: Option<Threshold>,
+    pub name: &'a str,
+    pub description: &'a str,
+    pub command: &'a str,
+}
+
+/// Encodes `chain` (trained on standardized data) as a model file.
+pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
+    let mut weights = Vec::new();
+    push(&mut weights, info.mean)?;
+    push(&mut weights, info.std)?;
+    let mut stages = heapless::Vec::new();
+    for layer in &chain.layers {
+        let (stage, w) = layer.export()?;
+        stages
+            .push(stage)
+            .map_err(|_| anyhow::anyhow!("more than {} stages", ffjord_runtime::format::MAX_STAGES))?;
+        weights.extend(w);
+    }
+    let header = Header {
+        dim: u16::try_from(chain.dim).context("dimension too large")?,
+        standardize: true,
+        stages,
+        solver: info.solver.to_runtime(),
+        threshold: info.threshold,
+        metadata: Metadata { name: info.name, description: info.description, command: info.command },
+    };
+    let mut out = vec![0u8; encoded_len(&header).map_err(|e| anyhow::anyhow!("{e}"))?];
+    encode(&header, &weights, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Round trip through the loader: a file we write must load.
+    Model::from_bytes(&out).map_err(|e| anyhow::anyhow!("exported model does not load: {e}"))?;
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().context("output path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Reads and validates a model file, naming the file in every error.
+pub fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
+    Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(bytes)
+}
+
+/// Rebuilds a model file as a tch chain in `kind` (standardization included as
+/// the first layer, so `log_prob` is in the data's units).
+pub fn chain_from_model(
+    model: &Model<'_>,
+    bytes: &[u8],
+    kind: Kind,
+    device: Device,
+) -> Result<(nn::VarStore, Chain)> {
+    let n = model.weight_count();
+    let weights: Vec<f32> = bytes[bytes.len() - 4 - 4 * n..bytes.len() - 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let d = model.dim();
+    let dim = d as i64;
+    let vs = nn::VarStore::new(device);
+    let mut layers: Vec<Box<dyn crate::model::FlowLayer>> = Vec::new();
+    let mut off = 0;
+    let t = |w: &[f32]| Tensor::from_slice(w).to_kind(kind).to_device(device);
+    if model.header().standardize {
+        let (mean, std) = (t(&weights[..d]), t(&weights[d..2 * d]));
+        layers.push(Box::new(Affine { scale: std.reciprocal(), shift: -(mean / &std) }));
+        off = 2 * d;
+    }
+    for (i, stage) in model.header().stages.iter().enumerate() {
+        match stage {
+            Stage::Affine => {
+                layers.push(Box::new(Affine {
+                    scale: t(&weights[off..off + d]),
+                    shift: t(&weights[off + d..off + 2 * d]),
+                }));
+                off += 2 * d;
+            }
+            Stage::Cnf(spec) => {
+                let p = vs.root() / "chain" / i;
+                let specs: Vec<_> = spec.layers.iter().map(|l| (l.kind, i64::from(l.out_dim))).collect();
+                let mut net = OdeNet::from_layers(&(&p / "odefunc"), dim, &specs, spec.activation);
+                off += net.load_weights(&weights[off..])?;
+                let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
+                layers.push(Box::new(cnf));
+            }
+        }
+    }
+    if off != n {
+        bail!("model weights: used {off} of {n}");
+    }
+    let mut vs = vs;
+    if kind == Kind::Double {
+        vs.double();
+    }
+    Ok((vs, Chain { layers, dim }))
+}

@@ -1,0 +1,251 @@
+//! ODE solvers on tensors, for training and evaluation.
+//!
+//! The state is a tuple of tensors (e.g. `[z, ℓ]`); the batch shares one step
+//! sequence. Dopri5 follows spec §4 exactly as the runtime does (same tableau,
+//! Shampine error weights, max-over-components RMS norm, controller, initial
+//! step, last step clipped onto the end time), so the two agree step for step
+//! up to float rounding. Gradients flow through the steps when the inputs
+//! require them (backprop through the solver); the adjoint lives in `adjoint.rs`.
+
+use anyhow::{Result, bail};
+use tch::Tensor;
+
+/// An ODE right-hand side on a tuple state.
+pub type Rhs<'a> = dyn FnMut(f64, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
+
+/// Solver settings on tensors (mirrors `ffjord_runtime::Solver`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Method {
+    /// Forward Euler with fixed steps.
+    Euler { steps: u32 },
+    /// Explicit midpoint with fixed steps.
+    Midpoint { steps: u32 },
+    /// Classic RK4 with fixed steps.
+    Rk4 { steps: u32 },
+    /// Dormand–Prince 5(4), adaptive.
+    Dopri5 { rtol: f64, atol: f64, max_steps: u32 },
+}
+
+impl Method {
+    /// The runtime's solver with the same settings.
+    pub fn to_runtime(self) -> ffjord_runtime::Solver {
+        use ffjord_runtime::Solver;
+        match self {
+            Method::Euler { steps } => Solver::Euler { steps },
+            Method::Midpoint { steps } => Solver::Midpoint { steps },
+            Method::Rk4 { steps } => Solver::Rk4 { steps },
+            Method::Dopri5 { rtol, atol, max_steps } => Solver::Dopri5(ffjord_runtime::Dopri5 {
+                rtol: rtol as f32,
+                atol: atol as f32,
+                max_steps,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// Work counters of one solve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SolveStats {
+    pub nfe: u32,
+    pub accepted: u32,
+    pub rejected: u32,
+}
+
+/// Which state components take part in adaptive error control (regulariser
+/// channels do not, as in RNODE).
+pub fn all_controlled(n: usize) -> Vec<bool> {
+    vec![true; n]
+}
+
+fn axpy(y: &[Tensor], h: f64, coeffs: &[f64], ks: &[Vec<Tensor>]) -> Vec<Tensor> {
+    y.iter()
+        .enumerate()
+        .map(|(c, yc)| {
+            let mut acc = yc.shallow_clone();
+            for (a, k) in coeffs.iter().zip(ks) {
+                if *a != 0.0 {
+                    // Not `+=`: that would add in place into the state tensor `acc` aliases.
+                    acc = &acc + &k[c] * (h * a);
+                }
+            }
+            acc
+        })
+        .collect()
+}
+
+struct Tableau {
+    c: &'static [f64],
+    a: &'static [&'static [f64]],
+    b: &'static [f64],
+}
+
+const EULER: Tableau = Tableau { c: &[0.0], a: &[&[]], b: &[1.0] };
+const MIDPOINT: Tableau = Tableau { c: &[0.0, 0.5], a: &[&[], &[0.5]], b: &[0.0, 1.0] };
+const RK4: Tableau = Tableau {
+    c: &[0.0, 0.5, 0.5, 1.0],
+    a: &[&[], &[0.5], &[0.0, 0.5], &[0.0, 0.0, 1.0]],
+    b: &[1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
+};
+
+const DOPRI_C: [f64; 6] = [1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0];
+const DOPRI_A: [&[f64]; 6] = [
+    &[1.0 / 5.0],
+    &[3.0 / 40.0, 9.0 / 40.0],
+    &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
+    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
+    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+    &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
+];
+const DOPRI_ERR: [f64; 7] = [
+    35.0 / 384.0 - 1951.0 / 21600.0,
+    0.0,
+    500.0 / 1113.0 - 22642.0 / 50085.0,
+    125.0 / 192.0 - 451.0 / 720.0,
+    -2187.0 / 6784.0 + 12231.0 / 42400.0,
+    11.0 / 84.0 - 649.0 / 6300.0,
+    -1.0 / 60.0,
+];
+
+/// Integrates `y` from `t0` to `t1` with `method`. `controlled[c]` says whether
+/// component `c` enters the adaptive error norm.
+pub fn odeint(
+    f: &mut Rhs<'_>,
+    y0: Vec<Tensor>,
+    t0: f64,
+    t1: f64,
+    method: Method,
+    controlled: &[bool],
+) -> Result<(Vec<Tensor>, SolveStats)> {
+    match method {
+        Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER),
+        Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT),
+        Method::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4),
+        Method::Dopri5 { rtol, atol, max_steps } => dopri5(f, y0, t0, t1, rtol, atol, max_steps, controlled),
+    }
+}
+
+fn fixed(
+    f: &mut Rhs<'_>,
+    mut y: Vec<Tensor>,
+    t0: f64,
+    t1: f64,
+    steps: u32,
+    tab: &Tableau,
+) -> Result<(Vec<Tensor>, SolveStats)> {
+    if steps == 0 {
+        bail!("a fixed-step solver needs at least one step");
+    }
+    let h = (t1 - t0) / f64::from(steps);
+    let mut stats = SolveStats::default();
+    for s in 0..steps {
+        let t = t0 + f64::from(s) * h;
+        let mut ks: Vec<Vec<Tensor>> = Vec::with_capacity(tab.c.len());
+        for (c, a) in tab.c.iter().zip(tab.a) {
+            let yi = axpy(&y, h, a, &ks);
+            ks.push(f(t + c * h, &yi)?);
+            stats.nfe += 1;
+        }
+        y = axpy(&y, h, tab.b, &ks);
+        stats.accepted += 1;
+    }
+    Ok((y, stats))
+}
+
+/// max over controlled components of RMS(v / (atol + rtol·max(|a|, |b|))).
+fn ratio(v: &[Tensor], a: &[Tensor], b: &[Tensor], rtol: f64, atol: f64, controlled: &[bool]) -> f64 {
+    let mut r = 0.0f64;
+    for (((v, a), b), &on) in v.iter().zip(a).zip(b).zip(controlled) {
+        if !on || v.numel() == 0 {
+            continue;
+        }
+        let sc = a.detach().abs().maximum(&b.detach().abs()) * rtol + atol;
+        let rms = (v.detach() / sc).square().mean(tch::Kind::Double).sqrt().double_value(&[]);
+        r = r.max(if rms.is_nan() { f64::INFINITY } else { rms });
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dopri5(
+    f: &mut Rhs<'_>,
+    mut y: Vec<Tensor>,
+    t0: f64,
+    t1: f64,
+    rtol: f64,
+    atol: f64,
+    max_steps: u32,
+    controlled: &[bool],
+) -> Result<(Vec<Tensor>, SolveStats)> {
+    let mut stats = SolveStats::default();
+    if t0 == t1 {
+        return Ok((y, stats));
+    }
+    let dir = if t1 > t0 { 1.0 } else { -1.0 };
+    let span = (t1 - t0).abs();
+    let mut k1 = f(t0, &y)?;
+    stats.nfe += 1;
+    // Initial step (Hairer–Nørsett–Wanner II.4, order 4), as in the runtime.
+    let mut h = {
+        let d0 = ratio(&y, &y, &y, rtol, atol, controlled);
+        let d1 = ratio(&k1, &y, &y, rtol, atol, controlled);
+        let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
+        let y1: Vec<Tensor> = y.iter().zip(&k1).map(|(a, k)| a.detach() + k.detach() * (dir * h0)).collect();
+        let f1 = f(t0 + dir * h0, &y1)?;
+        stats.nfe += 1;
+        let diff: Vec<Tensor> = f1.iter().zip(&k1).map(|(a, b)| a.detach() - b.detach()).collect();
+        let d2 = ratio(&diff, &y, &y, rtol, atol, controlled) / h0;
+        let h1 =
+            if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { (0.01 / d1.max(d2)).powf(0.2) };
+        (100.0 * h0).min(h1)
+    };
+    let mut t = t0;
+    loop {
+        let remaining = (t1 - t).abs();
+        if remaining == 0.0 {
+            return Ok((y, stats));
+        }
+        if stats.accepted + stats.rejected >= max_steps {
+            bail!(
+                "Dopri5 gave up after {max_steps} steps at t = {t:.6} (raise max_steps or loosen tolerances)"
+            );
+        }
+        let last = h >= remaining;
+        let step = if last { remaining } else { h };
+        if t + dir * step == t || step <= span * 1e-12 {
+            bail!(
+                "Dopri5 step size underflow ({step:e}) at t = {t:.6}: the dynamics are too stiff or non-finite"
+            );
+        }
+        let hs = dir * step;
+        let mut ks: Vec<Vec<Tensor>> = vec![k1.iter().map(|k| k.shallow_clone()).collect()];
+        let mut y_new = Vec::new();
+        for (c, a) in DOPRI_C.iter().zip(DOPRI_A) {
+            let yi = axpy(&y, hs, a, &ks);
+            ks.push(f(t + c * hs, &yi)?);
+            stats.nfe += 1;
+            y_new = yi;
+        }
+        let zeros: Vec<Tensor> = y.iter().map(|c| c.zeros_like()).collect();
+        let err = axpy(&zeros, hs, &DOPRI_ERR, &ks);
+        let r = ratio(&err, &y, &y_new, rtol, atol, controlled);
+        if r <= 1.0 {
+            y = y_new;
+            k1 = ks.pop().unwrap_or_default();
+            t = if last { t1 } else { t + hs };
+            stats.accepted += 1;
+        } else {
+            stats.rejected += 1;
+        }
+        let factor = if r == 0.0 {
+            10.0
+        } else if !r.is_finite() {
+            0.2
+        } else {
+            let floor = if r < 1.0 { 1.0 } else { 0.2 };
+            (0.9 * r.powf(-0.2)).clamp(floor, 10.0)
+        };
+        h = step * factor;
+    }
+}

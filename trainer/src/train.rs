@@ -1,0 +1,240 @@
+//! `trainer fit`: the training loop (Adam, validation with the exact trace,
+//! best-checkpoint keeping, early stopping, resume, metrics log, export).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+use crate::config::TrainConfig;
+use crate::data::{self, Splits};
+use crate::model::{Chain, Cnf, FlowLayer, OdeNet, SolveOptions, TraceMode};
+use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
+
+/// Builds the chain the config describes under `vs`.
+pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64) -> Chain {
+    let mut layers: Vec<Box<dyn FlowLayer>> = Vec::new();
+    for b in 0..cfg.blocks {
+        let p = vs.root() / "chain" / b;
+        let net = OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
+        layers.push(Box::new(Cnf::new(&p, Box::new(net), cfg.end_time, cfg.train_end_time)));
+    }
+    Chain { layers, dim }
+}
+
+/// Where a run keeps its files.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct RunState {
+    iteration: u64,
+    best_valid: Option<f64>,
+    best_iteration: u64,
+    stale_validations: u64,
+}
+
+fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp.ot");
+    vs.save(&tmp).with_context(|| format!("saving {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Mean NLL (nats, standardized data) with the exact trace, in batches.
+pub fn mean_nll(chain: &Chain, x: &Tensor, method: crate::ode::Method, batch: i64) -> Result<(f64, u32)> {
+    let opts = SolveOptions { method, trace: TraceMode::Exact, create_graph: false };
+    let n = x.size()[0];
+    let mut total = 0.0;
+    let mut nfe = 0;
+    let mut start = 0;
+    while start < n {
+        let len = batch.min(n - start);
+        let out = chain.log_prob(&x.narrow(0, start, len), &opts)?;
+        total += out.log_p.sum(Kind::Double).double_value(&[]);
+        nfe += out.stats.solve.nfe;
+        start += len;
+    }
+    Ok((-total / n as f64, nfe))
+}
+
+/// Trains, keeps the best checkpoint, and exports the best model to `out`.
+pub fn fit(
+    cfg: &TrainConfig,
+    out: &Path,
+    run: &RunDir,
+    resume: bool,
+    device: Device,
+    command: &str,
+) -> Result<()> {
+    tch::manual_seed(cfg.seed);
+    tch::set_num_threads(tch::get_num_threads().max(1));
+    std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+
+    let (splits, description) = match (&cfg.toy, &cfg.data) {
+        (Some(name), None) => {
+            let train = data::toy(name, 20_000)?;
+            let valid = data::toy(name, cfg.toy_eval_rows)?;
+            let test = data::toy(name, cfg.toy_eval_rows)?;
+            (Splits::standardized(train, valid, test), format!("toy data set '{name}'"))
+        }
+        (None, Some(path)) => {
+            let table = data::load(path, cfg.columns.as_deref())?;
+            let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
+            (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
+        }
+        _ => bail!("give exactly one of --toy NAME or --data FILE"),
+    };
+    let dim = splits.dim();
+    let to_dev = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
+    let (train, valid, test) = (to_dev(&splits.train), to_dev(&splits.valid), to_dev(&splits.test));
+
+    let mut vs = nn::VarStore::new(device);
+    let chain = build_chain(&vs, cfg, dim);
+    let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }.build(&vs, cfg.lr)?;
+    let mut state = RunState::default();
+    if resume {
+        let last = run.path("last.ot");
+        vs.load(&last).with_context(|| format!("resuming from {}", last.display()))?;
+        let s = std::fs::read_to_string(run.path("state.json")).context("reading state.json to resume")?;
+        state = serde_json::from_str(&s)?;
+        eprintln!("resumed at iteration {} (Adam moments restart from zero)", state.iteration);
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.path("metrics.jsonl"))
+        .context("opening metrics.jsonl")?;
+    let train_opts = SolveOptions { method: cfg.method(), trace: cfg.trace, create_graph: true };
+    let bar = indicatif::ProgressBar::new(cfg.iterations);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.iteration);
+    let n_train = train.size()[0];
+    let t_start = Instant::now();
+    let start_iteration = state.iteration;
+    while state.iteration < cfg.iterations {
+        let batch = if let Some(name) = &cfg.toy {
+            to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
+        } else {
+            let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
+            train.index_select(0, &idx)
+        };
+        let t0 = Instant::now();
+        let out = chain.log_prob(&batch, &train_opts)?;
+        let loss = -out.log_p.mean(Kind::Float);
+        let loss_value = loss.double_value(&[]);
+        if !loss_value.is_finite() {
+            bail!(
+                "loss became {loss_value} at iteration {}; stopped. The last good checkpoint is {} (try a lower --lr or tighter tolerances)",
+                state.iteration,
+                run.path("last.ot").display()
+            );
+        }
+        let nfe_forward = out.stats.solve.nfe;
+        opt.backward_step(&loss);
+        state.iteration += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        let its = (state.iteration - start_iteration) as f64 / t_start.elapsed().as_secs_f64();
+        bar.set_position(state.iteration);
+        bar.set_message(format!("loss {loss_value:.4} nfe {nfe_forward} {its:.2} it/s"));
+        let mut record = serde_json::json!({
+            "iteration": state.iteration, "loss": loss_value, "nfe_forward": nfe_forward,
+            "seconds": dt,
+        });
+        if state.iteration % cfg.valid_every == 0 || state.iteration == cfg.iterations {
+            let (nll, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, cfg.eval_method(), 1000))?;
+            record["valid_nll"] = nll.into();
+            record["valid_nfe"] = nfe.into();
+            if state.best_valid.is_none_or(|b| nll < b) {
+                state.best_valid = Some(nll);
+                state.best_iteration = state.iteration;
+                state.stale_validations = 0;
+                save_checkpoint(&vs, &run.path("best.ot"))?;
+            } else {
+                state.stale_validations += 1;
+            }
+            save_checkpoint(&vs, &run.path("last.ot"))?;
+            write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+            bar.println(format!(
+                "iteration {}: validation NLL {nll:.4} nats (best {:.4})",
+                state.iteration,
+                state.best_valid.unwrap_or(nll)
+            ));
+            if cfg.patience > 0 && state.stale_validations >= cfg.patience {
+                bar.println(format!("early stop: {} validations without improvement", cfg.patience));
+                writeln!(metrics, "{record}")?;
+                break;
+            }
+        }
+        writeln!(metrics, "{record}")?;
+    }
+    bar.finish_and_clear();
+
+    vs.load(run.path("best.ot")).context("loading the best checkpoint")?;
+    let (test_nll, test_nfe) = tch::no_grad(|| mean_nll(&chain, &test, cfg.eval_method(), 1000))?;
+    let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
+    println!(
+        "best iteration {}: test NLL {test_nll:.4} nats on standardized data ({:.4} nats in data units), NFE {test_nfe}",
+        state.best_iteration,
+        test_nll + log_std
+    );
+    let threshold = match cfg.threshold_quantile {
+        Some(q) => Some(calibrate(&chain, &valid, cfg, q, log_std)?),
+        None => None,
+    };
+    let name = out.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
+    let info = ExportInfo {
+        mean: &splits.mean,
+        std: &splits.std,
+        solver: cfg.eval_method(),
+        threshold,
+        name: &name,
+        description: &description,
+        command,
+    };
+    let bytes = export_bytes(&chain, &info)?;
+    write_atomic(out, &bytes)?;
+    let summary = serde_json::json!({
+        "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
+        "test_nll": test_nll, "test_nll_data_units": test_nll + log_std, "test_nfe": test_nfe,
+        "model": out, "bytes": bytes.len(),
+    });
+    write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}
+
+/// Threshold on the anomaly score −log p (data units) at quantile `q` of validation rows.
+fn calibrate(
+    chain: &Chain,
+    valid: &Tensor,
+    cfg: &TrainConfig,
+    q: f64,
+    log_std: f64,
+) -> Result<ffjord_runtime::Threshold> {
+    if !(q > 0.0 && q < 1.0) {
+        bail!("--threshold-quantile must be in (0, 1), got {q}");
+    }
+    let opts = SolveOptions { method: cfg.eval_method(), trace: TraceMode::Exact, create_graph: false };
+    let out = tch::no_grad(|| chain.log_prob(valid, &opts))?;
+    let scores = (-out.log_p.to_kind(Kind::Double) + log_std).to_device(Device::Cpu);
+    let mut v = Vec::<f64>::try_from(&scores)?;
+    v.sort_by(f64::total_cmp);
+    let idx = ((v.len() - 1) as f64 * q).round() as usize;
+    Ok(ffjord_runtime::Threshold { score: v[idx] as f32, quantile: q as f32 })
+}
