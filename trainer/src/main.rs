@@ -318,7 +318,11 @@ fn run() -> Result<()> {
     }
 }
 
-fn write_table(path: &std::path::Path, header: &[String], rows: impl Iterator<Item = Vec<f64>>) -> Result<()> {
+fn write_table(
+    path: &std::path::Path,
+    header: &[String],
+    rows: impl Iterator<Item = Vec<f64>>,
+) -> Result<()> {
     let mut s = header.join(",") + "\n";
     for r in rows {
         s += &r.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",");

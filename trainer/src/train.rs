@@ -176,7 +176,7 @@ pub fn fit(
                 state.best_valid.unwrap_or(nll)
             ));
             if cfg.patience > 0 && state.stale_validations >= cfg.patience {
-                bar.println(format!("early stop: {} validations without improvement", cfg.patience));
+                say(&bar, format!("early stop: {} validations without improvement", cfg.patience));
                 writeln!(metrics, "{record}")?;
                 break;
             }
@@ -217,6 +217,11 @@ pub fn fit(
     write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(())
+}
+
+/// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
+fn say(bar: &indicatif::ProgressBar, msg: String) {
+    if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) }
 }
 
 /// Threshold on the anomaly score −log p (data units) at quantile `q` of validation rows.

@@ -1,0 +1,249 @@
+//! End-to-end tests of the `trainer` binary: train → export → the runtime
+//! scores identically; bad input gets errors that name the problem; a killed
+//! run resumes from its last checkpoint.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ffjord_runtime::{Dopri5, Flow, Model, Solver};
+
+fn trainer(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(dir)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("trainer runs")
+}
+
+fn ok(args: &[&str], dir: &Path) -> String {
+    let out = trainer(args, dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trainer {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(args: &[&str], dir: &Path) -> String {
+    let out = trainer(args, dir);
+    assert!(!out.status.success(), "trainer {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn read_csv(path: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+/// Correlated 6-D data from a fixed linear map of a deterministic sequence.
+fn write_6d(path: &Path, rows: usize) {
+    let mut s = String::from("a,b,c,d,e,f\n");
+    let mut state = 12345u64;
+    let mut u = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    for _ in 0..rows {
+        let g: Vec<f64> = (0..6).map(|_| u() + u() + u()).collect();
+        let x = [g[0], g[0] * 0.8 + g[1], g[2] * 3.0 + 10.0, g[3] - g[2], g[4] * 0.1, g[5] + g[0] * g[0]];
+        s += &x.iter().map(|v| format!("{v:.6}")).collect::<Vec<_>>().join(",");
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+/// Runtime (f32, Dopri5 1e-6) vs. trainer eval (tch float64, exact trace,
+/// Dopri5 1e-8) on the same 200 rows: at most 1e-3 nats apart.
+fn assert_parity(dir: &Path, model: &str, points: &str) {
+    ok(&["eval", "--model", model, "--data", points, "--tol", "1e-8", "--rows-out", "tch.csv"], dir);
+    let tch: Vec<f64> = read_csv(&dir.join("tch.csv")).into_iter().map(|r| r[0]).collect();
+    let bytes = std::fs::read(dir.join(model)).unwrap();
+    let model = Model::from_bytes(&bytes).unwrap();
+    let solver = Solver::Dopri5(Dopri5 { max_steps: 100_000, ..Dopri5::with_tolerance(1e-6) });
+    let flow = Flow::new(&model, solver).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let rows = read_csv(&dir.join(points));
+    assert_eq!(rows.len(), 200);
+    let mut worst = 0.0f64;
+    for (row, t) in rows.iter().zip(&tch) {
+        let x: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+        let rt = flow.log_density(&x, &mut scratch).unwrap().log_p as f64;
+        worst = worst.max((rt - t).abs());
+    }
+    assert!(worst <= 1e-3, "max |runtime − trainer| = {worst} nats");
+}
+
+#[test]
+fn trained_models_score_identically_in_runtime_and_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 2-D: briefly trained on 8gaussians.
+    ok(
+        &[
+            "fit",
+            "--toy",
+            "8gaussians",
+            "--out",
+            "toy.ffjd",
+            "--iterations",
+            "30",
+            "--valid-every",
+            "15",
+            "--hidden",
+            "32,32",
+            "--batch",
+            "256",
+        ],
+        d,
+    );
+    ok(&["toy", "8gaussians", "--n", "200", "--seed", "3", "--out", "toy.csv"], d);
+    assert_parity(d, "toy.ffjd", "toy.csv");
+    // 6-D: two blocks, concat layers, Hutchinson training, from a CSV with a header.
+    write_6d(&d.join("six.csv"), 1200);
+    ok(
+        &[
+            "fit",
+            "--data",
+            "six.csv",
+            "--out",
+            "six.ffjd",
+            "--iterations",
+            "20",
+            "--valid-every",
+            "10",
+            "--hidden",
+            "24,24",
+            "--blocks",
+            "2",
+            "--layer",
+            "concat",
+            "--activation",
+            "softplus",
+            "--trace",
+            "gaussian",
+            "--batch",
+            "256",
+        ],
+        d,
+    );
+    write_6d(&d.join("six-200.csv"), 200);
+    assert_parity(d, "six.ffjd", "six-200.csv");
+    // `score` uses the runtime and the stored threshold.
+    let scored = ok(&["score", "--model", "six.ffjd", "--data", "six-200.csv"], d);
+    assert_eq!(scored.lines().count(), 201);
+    assert!(scored.lines().skip(1).all(|l| l.contains(",normal,") || l.contains(",anomaly,")));
+}
+
+#[test]
+fn bad_input_gets_errors_that_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("ragged.csv"), "a,b\n1,2\n3\n").unwrap();
+    std::fs::write(d.join("text.csv"), "a,b\n1,2\n3,oops\n").unwrap();
+    std::fs::write(d.join("nan.csv"), "1,2\nNaN,4\n").unwrap();
+    std::fs::write(d.join("three.csv"), "1,2,3\n").unwrap();
+    std::fs::write(d.join("foreign.ffjd"), b"PK\x03\x04 not a model").unwrap();
+    let fit = |data: &str| err(&["fit", "--data", data, "--out", "m.ffjd", "--iterations", "1"], d);
+    assert!(fit("ragged.csv").contains("ragged.csv:3: 1 fields, expected 2"));
+    assert!(fit("text.csv").contains("text.csv:3:2: 'oops' is not a number"));
+    assert!(fit("nan.csv").contains("nan.csv:2:1: value 'NaN' is not finite"));
+    assert!(fit("missing.csv").contains("missing.csv"));
+    assert!(err(&["fit", "--toy", "spiral", "--out", "m.ffjd"], d).contains("unknown toy data set 'spiral'"));
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "m.ffjd", "--layers", "3"], d)
+            .contains("unexpected argument")
+    );
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "m.ffjd", "--solver", "rk5"], d)
+            .contains("invalid value 'rk5'")
+    );
+    assert!(err(&["inspect", "foreign.ffjd"], d).contains("foreign.ffjd: not an FFJORD model file"));
+    ok(
+        &[
+            "fit",
+            "--toy",
+            "moons",
+            "--out",
+            "m.ffjd",
+            "--iterations",
+            "2",
+            "--valid-every",
+            "1",
+            "--hidden",
+            "8",
+        ],
+        d,
+    );
+    assert!(
+        err(&["score", "--model", "m.ffjd", "--data", "three.csv"], d)
+            .contains("data has 3 columns, the model m.ffjd expects 2")
+    );
+    // A truncated copy of a real model is refused with the file named.
+    let bytes = std::fs::read(d.join("m.ffjd")).unwrap();
+    std::fs::write(d.join("cut.ffjd"), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(err(&["inspect", "cut.ffjd"], d).contains("cut.ffjd:"));
+    // Failed runs never leave a partial model file behind.
+    assert!(!d.join("never.ffjd").exists());
+}
+
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "fit",
+        "--toy",
+        "circles",
+        "--out",
+        "c.ffjd",
+        "--iterations",
+        "60",
+        "--valid-every",
+        "5",
+        "--hidden",
+        "16,16",
+        "--batch",
+        "128",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(d)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = d.join("c.run/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&state) {
+            let v: serde_json::Value =
+                serde_json::from_str(&s).expect("state.json is always whole (atomic writes)");
+            if v["iteration"].as_u64().unwrap() >= 10 {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!d.join("c.ffjd").exists(), "killed before the end: no model yet");
+    let resumed_from: u64 = {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        v["iteration"].as_u64().unwrap()
+    };
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let out = trainer(&resume, d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("resumed at iteration {resumed_from}")), "{stderr}");
+    let bytes = std::fs::read(d.join("c.ffjd")).unwrap();
+    Model::from_bytes(&bytes).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(v["iteration"].as_u64().unwrap(), 60);
+}
