@@ -331,13 +331,20 @@ fn write_table(
     modelfile::write_atomic(path, s.as_bytes())
 }
 
-fn eval(args: &EvalArgs) -> Result<()> {
-    let bytes = modelfile::read_model_bytes(&args.model)?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let table = args.data.load()?;
-    if table.dim() != model.dim() {
-        bail!("data has {} columns, the model {} expects {}", table.dim(), args.model.display(), model.dim());
+/// Reads a model file and data rows whose width matches the model.
+fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, data::Table)> {
+    let bytes = modelfile::read_model_bytes(path)?;
+    let dim = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.dim();
+    let table = data.load()?;
+    if table.dim() != dim {
+        bail!("data has {} columns, the model {} expects {dim}", table.dim(), path.display());
     }
+    Ok((bytes, table))
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
@@ -379,12 +386,8 @@ fn runtime_solver(model: &Model<'_>, solver: Option<SolverArg>, tol: Option<f32>
 }
 
 fn score(args: &ScoreArgs) -> Result<()> {
-    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let (bytes, table) = model_and_rows(&args.model, &args.data)?;
     let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let table = args.data.load()?;
-    if table.dim() != model.dim() {
-        bail!("data has {} columns, the model {} expects {}", table.dim(), args.model.display(), model.dim());
-    }
     let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut scratch = vec![0.0f32; flow.scratch_len()];
