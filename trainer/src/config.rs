@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::TraceMode;
+use crate::model::{Gradient, TraceMode};
 
 /// Layer kinds as written in configs and flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -80,6 +80,10 @@ pub struct TrainConfig {
     pub end_time: f64,
     pub train_end_time: bool,
     pub trace: TraceMode,
+    /// Backprop through the solver, or the continuous adjoint.
+    pub gradient: Gradient,
+    /// Adjoint only: leave parameter adjoints out of the backward error norm.
+    pub seminorm: bool,
     pub solver: SolverArg,
     pub rtol: f64,
     pub atol: f64,
@@ -116,6 +120,8 @@ impl Default for TrainConfig {
             end_time: 0.5,
             train_end_time: true,
             trace: TraceMode::Exact,
+            gradient: Gradient::Backprop,
+            seminorm: false,
             solver: SolverArg::Dopri5,
             rtol: 1e-5,
             atol: 1e-5,

@@ -103,6 +103,12 @@ struct FitArgs {
     train_end_time: Option<bool>,
     #[arg(long, value_enum)]
     trace: Option<TraceMode>,
+    /// Gradients by backprop through the solver or by the continuous adjoint.
+    #[arg(long, value_enum)]
+    gradient: Option<model::Gradient>,
+    /// Adjoint: exclude parameter adjoints from the backward error norm (true/false).
+    #[arg(long)]
+    seminorm: Option<bool>,
     #[arg(long, value_enum)]
     solver: Option<SolverArg>,
     #[arg(long)]
@@ -348,7 +354,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
-    let opts = model::SolveOptions { method, trace: TraceMode::Exact, create_graph: false };
+    let opts = model::SolveOptions::eval(method);
     let out = tch::no_grad(|| chain.log_prob(&x, &opts))?;
     let log_p = Vec::<f64>::try_from(&out.log_p)?;
     let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;

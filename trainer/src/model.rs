@@ -18,6 +18,8 @@ pub trait VectorField {
     fn forward(&self, t: &Tensor, z: &Tensor) -> Tensor;
     /// Runtime layer specs and weights in the order `runtime/FORMAT.md` gives.
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)>;
+    /// The trainable tensors (for the adjoint's parameter VJPs).
+    fn parameters(&self) -> Vec<Tensor>;
 }
 
 /// How the divergence `Tr(∂f/∂z)` is computed.
@@ -195,6 +197,30 @@ impl VectorField for OdeNet {
         }
         Ok((specs, self.activation, weights))
     }
+
+    fn parameters(&self) -> Vec<Tensor> {
+        let mut p = Vec::new();
+        for l in &self.layers {
+            p.push(l.linear.ws.shallow_clone());
+            p.extend(l.linear.bs.iter().map(Tensor::shallow_clone));
+            if let (Some(g), Some(b)) = (&l.hyper_gate, &l.hyper_bias) {
+                p.push(g.ws.shallow_clone());
+                p.extend(g.bs.iter().map(Tensor::shallow_clone));
+                p.push(b.ws.shallow_clone());
+            }
+        }
+        p
+    }
+}
+
+/// How training gradients are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Gradient {
+    /// Backpropagate through the solver's steps (memory grows with the steps).
+    Backprop,
+    /// Continuous adjoint (spec §5): constant memory, a second solve backwards.
+    Adjoint,
 }
 
 /// Settings of one evaluation of the chain.
@@ -204,19 +230,35 @@ pub struct SolveOptions {
     pub trace: TraceMode,
     /// Build a differentiable graph (training); otherwise results are detached.
     pub create_graph: bool,
+    /// Leave the parameter adjoints out of the backward solve's error norm
+    /// (Kidger, Chen & Lyons 2021).
+    pub seminorm: bool,
+}
+
+impl SolveOptions {
+    /// Evaluation: exact trace, no graph.
+    pub fn eval(method: Method) -> Self {
+        SolveOptions { method, trace: TraceMode::Exact, create_graph: false, seminorm: false }
+    }
 }
 
 /// What one pass through the chain did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PassStats {
     pub solve: SolveStats,
+    /// Backward (adjoint) solves.
+    pub backward: SolveStats,
+}
+
+fn add_stats(into: &mut SolveStats, s: SolveStats) {
+    into.nfe += s.nfe;
+    into.accepted += s.accepted;
+    into.rejected += s.rejected;
 }
 
 impl PassStats {
     fn add(&mut self, s: SolveStats) {
-        self.solve.nfe += s.nfe;
-        self.solve.accepted += s.accepted;
-        self.solve.rejected += s.rejected;
+        add_stats(&mut self.solve, s);
     }
 }
 
@@ -228,12 +270,36 @@ pub trait FlowLayer {
     fn inverse(&self, y: &Tensor, opts: &SolveOptions, stats: &mut PassStats) -> Result<(Tensor, Tensor)>;
     /// The runtime stage and its weights.
     fn export(&self) -> Result<(Stage, Vec<f32>)>;
+
+    /// Given the input `x` of the last [`FlowLayer::forward`], its output `y` and
+    /// the loss gradients w.r.t. `y` and the log-determinant, accumulates the
+    /// parameter gradients (into `.grad()`) and returns the gradient w.r.t. `x`.
+    /// The default recomputes the forward pass with a graph and backpropagates.
+    fn backward(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+        grad_log_det: &Tensor,
+        opts: &SolveOptions,
+        stats: &mut PassStats,
+    ) -> Result<Tensor> {
+        let x = x.detach().set_requires_grad(true);
+        let graph_opts = SolveOptions { create_graph: true, ..*opts };
+        let (y, ld) = tch::with_grad(|| self.forward(&x, &graph_opts, stats))?;
+        tch::with_grad(|| ((y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind())).backward());
+        let g = x.grad();
+        Ok(if g.defined() { g.detach() } else { x.zeros_like() })
+    }
 }
 
 /// A continuous normalizing flow block over `t ∈ [0, T]`, `T = s²`.
 pub struct Cnf {
     field: Box<dyn VectorField>,
     sqrt_end_time: Tensor,
+    /// Hutchinson noise of the last forward solve, reused by the adjoint
+    /// (as the reference ODEfunc keeps `e` between forward and backward).
+    noise: std::cell::RefCell<Option<Tensor>>,
 }
 
 impl Cnf {
@@ -245,12 +311,41 @@ impl Cnf {
         } else {
             p.var_copy("sqrt_end_time", &init).set_requires_grad(false)
         };
-        Cnf { field, sqrt_end_time }
+        Cnf { field, sqrt_end_time, noise: std::cell::RefCell::new(None) }
     }
 
     /// The end time `T`.
     pub fn end_time(&self) -> f64 {
         self.sqrt_end_time.double_value(&[]).powi(2)
+    }
+
+    /// Draws this solve's Hutchinson noise (none for the exact trace).
+    fn draw_noise(&self, z: &Tensor, trace: TraceMode) -> Option<Tensor> {
+        let noise = match trace {
+            TraceMode::Exact => None,
+            TraceMode::Gaussian => Some(z.randn_like()),
+            TraceMode::Rademacher => Some(z.rand_like().ge(0.5).to_kind(z.kind()) * 2.0 - 1.0),
+        };
+        *self.noise.borrow_mut() = noise.as_ref().map(Tensor::shallow_clone);
+        noise
+    }
+
+    /// `T·f(Tτ, z)` and `−T·Tr(∂f/∂z)` at normalised time τ; `z` is made a
+    /// graph leaf if it is not part of one (returned third).
+    fn dynamics(
+        &self,
+        tau: f64,
+        z: &Tensor,
+        noise: Option<&Tensor>,
+        create_graph: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        tch::with_grad(|| {
+            let z = if z.requires_grad() { z.shallow_clone() } else { z.detach().set_requires_grad(true) };
+            let t_end = self.sqrt_end_time.square().to_kind(z.kind());
+            let f = self.field.forward(&(&t_end * tau), &z);
+            let div = divergence(&f, &z, noise, create_graph)?;
+            Ok((&f * &t_end, -(div * &t_end), z))
+        })
     }
 
     /// Integrates `[z, ℓ]` in normalised time τ (t = T τ) so that T's gradient
@@ -260,30 +355,14 @@ impl Cnf {
         z: &Tensor,
         tau0: f64,
         tau1: f64,
+        noise: Option<&Tensor>,
         opts: &SolveOptions,
         stats: &mut PassStats,
     ) -> Result<(Tensor, Tensor)> {
-        let t_end = self.sqrt_end_time.square().to_kind(z.kind());
-        let noise = match opts.trace {
-            TraceMode::Exact => None,
-            TraceMode::Gaussian => Some(z.randn_like()),
-            TraceMode::Rademacher => Some(z.rand_like().ge(0.5).to_kind(z.kind()) * 2.0 - 1.0),
-        };
-        let field = &*self.field;
         let create_graph = opts.create_graph;
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
-            let z = &state[0];
-            let (f, div) = tch::with_grad(|| {
-                let z =
-                    if z.requires_grad() { z.shallow_clone() } else { z.detach().set_requires_grad(true) };
-                let t = &t_end * tau;
-                let f = field.forward(&t, &z);
-                let div = divergence(&f, &z, noise.as_ref(), create_graph);
-                (f, div)
-            });
-            let div = div?;
-            let (f, div) = if create_graph { (f, div) } else { (f.detach(), div.detach()) };
-            Ok(vec![&f * &t_end, -(div * &t_end)])
+            let (gz, gl, _) = self.dynamics(tau, &state[0], noise, create_graph)?;
+            Ok(if create_graph { vec![gz, gl] } else { vec![gz.detach(), gl.detach()] })
         };
         let ell0 = Tensor::zeros([z.size()[0]], (z.kind(), z.device()));
         let (out, s) =
@@ -295,13 +374,22 @@ impl Cnf {
             _ => bail!("solver returned a malformed state"),
         }
     }
+
+    /// The trainable tensors of this block (network and, if trained, √T).
+    fn parameters(&self) -> Vec<Tensor> {
+        let mut p = self.field.parameters();
+        if self.sqrt_end_time.requires_grad() {
+            p.push(self.sqrt_end_time.shallow_clone());
+        }
+        p
+    }
 }
 
 /// `Tr(∂f/∂z)` per row: exact (D VJPs) or Hutchinson `eᵀ (∂f/∂z) e` with fixed `e`.
 fn divergence(f: &Tensor, z: &Tensor, noise: Option<&Tensor>, create_graph: bool) -> Result<Tensor> {
     match noise {
         Some(e) => {
-            let g = Tensor::f_run_backward(&[(f * e).sum(Kind::Float)], &[z], true, create_graph)?;
+            let g = Tensor::f_run_backward(&[(f * e).sum(f.kind())], &[z], true, create_graph)?;
             Ok((&g[0] * e).sum_dim_intlist(1, false, f.kind()))
         }
         None => {
@@ -318,14 +406,66 @@ fn divergence(f: &Tensor, z: &Tensor, noise: Option<&Tensor>, create_graph: bool
 
 impl FlowLayer for Cnf {
     fn forward(&self, x: &Tensor, opts: &SolveOptions, stats: &mut PassStats) -> Result<(Tensor, Tensor)> {
-        let (z, ell) = self.solve(x, 0.0, 1.0, opts, stats)?;
+        let noise = self.draw_noise(x, opts.trace);
+        let (z, ell) = self.solve(x, 0.0, 1.0, noise.as_ref(), opts, stats)?;
         // ℓ(T) = −∫ Tr J dt = −log|det|.
         Ok((z, -ell))
     }
 
     fn inverse(&self, y: &Tensor, opts: &SolveOptions, stats: &mut PassStats) -> Result<(Tensor, Tensor)> {
         // Integrating back from ℓ = 0 leaves ℓ(0) = +∫ Tr J dt = log|det|.
-        self.solve(y, 1.0, 0.0, opts, stats)
+        let noise = self.draw_noise(y, opts.trace);
+        self.solve(y, 1.0, 0.0, noise.as_ref(), opts, stats)
+    }
+
+    /// The continuous adjoint (spec §5.1): integrate [z, a_z, a_θ] from τ = 1
+    /// back to 0 with a_z' = −a_zᵀ ∂g_z/∂z − a_ℓ ∂g_ℓ/∂z and
+    /// a_θ' = −(the same VJP w.r.t. θ), reusing the forward solve's noise.
+    fn backward(
+        &self,
+        _x: &Tensor,
+        y: &Tensor,
+        grad_y: &Tensor,
+        grad_log_det: &Tensor,
+        opts: &SolveOptions,
+        stats: &mut PassStats,
+    ) -> Result<Tensor> {
+        let noise = self.noise.borrow().as_ref().map(Tensor::shallow_clone);
+        let params = self.parameters();
+        // log|det| = −ℓ(1), so the cotangent of ℓ is −∂L/∂log|det| (constant in τ).
+        let a_ell = -grad_log_det.detach();
+        let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
+            let (gz, gl, z) = self.dynamics(tau, &state[0], noise.as_ref(), true)?;
+            let a_z = &state[1];
+            let surrogate = (&gz * a_z).sum(gz.kind()) + (&gl * &a_ell).sum(gl.kind());
+            let mut inputs = vec![z];
+            inputs.extend(params.iter().map(Tensor::shallow_clone));
+            let grads = tch::with_grad(|| Tensor::f_run_backward(&[surrogate], &inputs, false, false))?;
+            let mut out = vec![gz.detach()];
+            for (g, like) in grads.iter().zip(&inputs) {
+                out.push(if g.defined() { -g.detach() } else { like.zeros_like().detach() });
+            }
+            Ok(out)
+        };
+        let mut state = vec![y.detach(), grad_y.detach()];
+        state.extend(params.iter().map(|p| p.zeros_like().detach()));
+        let mut controlled = vec![true, true];
+        controlled.extend(std::iter::repeat_n(!opts.seminorm, params.len()));
+        let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled)?;
+        add_stats(&mut stats.backward, s);
+        let mut out = out.into_iter();
+        out.next(); // z(0), re-integrated
+        let grad_x = out.next().context("adjoint state lost a_z")?;
+        // Accumulate a_θ(0) into the parameters' .grad through a linear surrogate.
+        if !params.is_empty() {
+            let surrogate = params
+                .iter()
+                .zip(out)
+                .map(|(p, g)| (p * g).sum(p.kind()))
+                .fold(Tensor::from(0.0).to_kind(y.kind()), |a, b| a + b);
+            tch::with_grad(|| surrogate.backward());
+        }
+        Ok(grad_x)
     }
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
@@ -404,6 +544,41 @@ impl Chain {
         Ok(ChainOutput { z, log_p, stats })
     }
 
+    /// Computes the NLL loss `−mean log p(x)` and accumulates its parameter
+    /// gradients layer by layer through [`FlowLayer::backward`] (the adjoint for
+    /// CNF blocks), without keeping a graph of the forward solves.
+    pub fn backward_by_layers(&self, x: &Tensor, opts: &SolveOptions) -> Result<(f64, PassStats)> {
+        let fwd_opts = SolveOptions { create_graph: false, ..*opts };
+        let mut stats = PassStats::default();
+        let mut inputs = Vec::new();
+        let mut log_dets = Vec::new();
+        let mut z = x.detach();
+        for layer in &self.layers {
+            let (y, ld) = tch::no_grad(|| layer.forward(&z, &fwd_opts, &mut stats))?;
+            inputs.push(z);
+            log_dets.push(ld.detach().set_requires_grad(true));
+            z = y.detach();
+        }
+        let z_leaf = z.set_requires_grad(true);
+        let (loss, grads) = tch::with_grad(|| -> Result<(f64, Vec<Tensor>)> {
+            let total = log_dets.iter().fold(standard_normal_log_prob(&z_leaf), |a, ld| a + ld);
+            let loss = -total.mean(z_leaf.kind());
+            let mut leaves = vec![z_leaf.shallow_clone()];
+            leaves.extend(log_dets.iter().map(Tensor::shallow_clone));
+            let grads = Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
+            Ok((loss.double_value(&[]), grads))
+        })?;
+        let mut grads = grads.into_iter();
+        let mut grad_y = grads.next().context("no gradient for z")?;
+        let grad_log_dets: Vec<Tensor> = grads.collect();
+        let mut y = z_leaf.detach();
+        for ((layer, x_in), g_ld) in self.layers.iter().zip(&inputs).zip(&grad_log_dets).rev() {
+            grad_y = layer.backward(x_in, &y, &grad_y, g_ld, opts, &mut stats)?;
+            y = x_in.shallow_clone();
+        }
+        Ok((loss, stats))
+    }
+
     /// Maps latent `z` to data and returns log p of the result.
     pub fn sample_from(&self, z: &Tensor, opts: &SolveOptions) -> Result<ChainOutput> {
         let mut stats = PassStats::default();
@@ -443,11 +618,7 @@ mod tests {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let c = chain(&vs, 3);
         vs.double();
-        let opts = SolveOptions {
-            method: Method::Dopri5 { rtol: 1e-9, atol: 1e-9, max_steps: 10_000 },
-            trace: TraceMode::Exact,
-            create_graph: false,
-        };
+        let opts = SolveOptions::eval(Method::Dopri5 { rtol: 1e-9, atol: 1e-9, max_steps: 10_000 });
         let x = Tensor::randn([5, 3], (Kind::Double, Device::Cpu));
         let fwd = c.log_prob(&x, &opts).unwrap();
         let back = c.sample_from(&fwd.z, &opts).unwrap();
@@ -463,10 +634,9 @@ mod tests {
         vs.double();
         let x = Tensor::randn([1, 4], (Kind::Double, Device::Cpu)).repeat([4000, 1]);
         let method = Method::Rk4 { steps: 4 };
-        let exact =
-            c.log_prob(&x, &SolveOptions { method, trace: TraceMode::Exact, create_graph: false }).unwrap();
+        let exact = c.log_prob(&x, &SolveOptions::eval(method)).unwrap();
         for trace in [TraceMode::Gaussian, TraceMode::Rademacher] {
-            let est = c.log_prob(&x, &SolveOptions { method, trace, create_graph: false }).unwrap();
+            let est = c.log_prob(&x, &SolveOptions { trace, ..SolveOptions::eval(method) }).unwrap();
             let (mean, std) = (est.log_p.mean(Kind::Double), est.log_p.std(true));
             let err = f64::try_from((mean - exact.log_p.get(0)).abs()).unwrap();
             let se = f64::try_from(std).unwrap() / 4000f64.sqrt();

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
-use crate::model::{Chain, Cnf, FlowLayer, OdeNet, SolveOptions, TraceMode};
+use crate::model::{Chain, Cnf, FlowLayer, Gradient, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 
 /// Builds the chain the config describes under `vs`.
@@ -52,7 +52,7 @@ fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
 
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
 pub fn mean_nll(chain: &Chain, x: &Tensor, method: crate::ode::Method, batch: i64) -> Result<(f64, u32)> {
-    let opts = SolveOptions { method, trace: TraceMode::Exact, create_graph: false };
+    let opts = SolveOptions::eval(method);
     let n = x.size()[0];
     let mut total = 0.0;
     let mut nfe = 0;
@@ -115,7 +115,8 @@ pub fn fit(
         .append(true)
         .open(run.path("metrics.jsonl"))
         .context("opening metrics.jsonl")?;
-    let train_opts = SolveOptions { method: cfg.method(), trace: cfg.trace, create_graph: true };
+    let train_opts =
+        SolveOptions { method: cfg.method(), trace: cfg.trace, create_graph: true, seminorm: cfg.seminorm };
     let bar = indicatif::ProgressBar::new(cfg.iterations);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -135,9 +136,18 @@ pub fn fit(
             train.index_select(0, &idx)
         };
         let t0 = Instant::now();
-        let out = chain.log_prob(&batch, &train_opts)?;
-        let loss = -out.log_p.mean(Kind::Float);
-        let loss_value = loss.double_value(&[]);
+        opt.zero_grad();
+        let (loss_value, stats) = match cfg.gradient {
+            Gradient::Backprop => {
+                let out = chain.log_prob(&batch, &train_opts)?;
+                let loss = -out.log_p.mean(Kind::Float);
+                if loss.double_value(&[]).is_finite() {
+                    loss.backward();
+                }
+                (loss.double_value(&[]), out.stats)
+            }
+            Gradient::Adjoint => chain.backward_by_layers(&batch, &train_opts)?,
+        };
         if !loss_value.is_finite() {
             bail!(
                 "loss became {loss_value} at iteration {}; stopped. The last good checkpoint is {} (try a lower --lr or tighter tolerances)",
@@ -145,15 +155,15 @@ pub fn fit(
                 run.path("last.ot").display()
             );
         }
-        let nfe_forward = out.stats.solve.nfe;
-        opt.backward_step(&loss);
+        let (nfe_forward, nfe_backward) = (stats.solve.nfe, stats.backward.nfe);
+        opt.step();
         state.iteration += 1;
         let dt = t0.elapsed().as_secs_f64();
         let its = (state.iteration - start_iteration) as f64 / t_start.elapsed().as_secs_f64();
         bar.set_position(state.iteration);
-        bar.set_message(format!("loss {loss_value:.4} nfe {nfe_forward} {its:.2} it/s"));
+        bar.set_message(format!("loss {loss_value:.4} nfe {nfe_forward}/{nfe_backward} {its:.2} it/s"));
         let mut record = serde_json::json!({
-            "iteration": state.iteration, "loss": loss_value, "nfe_forward": nfe_forward,
+            "iteration": state.iteration, "loss": loss_value, "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
             "seconds": dt,
         });
         if state.iteration % cfg.valid_every == 0 || state.iteration == cfg.iterations {
@@ -235,7 +245,7 @@ fn calibrate(
     if !(q > 0.0 && q < 1.0) {
         bail!("--threshold-quantile must be in (0, 1), got {q}");
     }
-    let opts = SolveOptions { method: cfg.eval_method(), trace: TraceMode::Exact, create_graph: false };
+    let opts = SolveOptions::eval(cfg.eval_method());
     let out = tch::no_grad(|| chain.log_prob(valid, &opts))?;
     let scores = (-out.log_p.to_kind(Kind::Double) + log_std).to_device(Device::Cpu);
     let mut v = Vec::<f64>::try_from(&scores)?;
