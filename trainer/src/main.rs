@@ -178,6 +178,8 @@ impl FitArgs {
             end_time,
             train_end_time,
             trace,
+            gradient,
+            seminorm,
             solver,
             rtol,
             atol,

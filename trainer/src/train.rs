@@ -180,11 +180,14 @@ pub fn fit(
             }
             save_checkpoint(&vs, &run.path("last.ot"))?;
             write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-            bar.println(format!(
-                "iteration {}: validation NLL {nll:.4} nats (best {:.4})",
-                state.iteration,
-                state.best_valid.unwrap_or(nll)
-            ));
+            say(
+                &bar,
+                format!(
+                    "iteration {}: validation NLL {nll:.4} nats (best {:.4})",
+                    state.iteration,
+                    state.best_valid.unwrap_or(nll)
+                ),
+            );
             if cfg.patience > 0 && state.stale_validations >= cfg.patience {
                 say(&bar, format!("early stop: {} validations without improvement", cfg.patience));
                 writeln!(metrics, "{record}")?;
@@ -231,7 +234,8 @@ pub fn fit(
 
 /// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
 fn say(bar: &indicatif::ProgressBar, msg: String) {
-    if bar.is_hidden() { eprintln!("{msg}") } else { bar.println(msg) }
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() { bar.println(msg) } else { eprintln!("{msg}") }
 }
 
 /// Threshold on the anomaly score −log p (data units) at quantile `q` of validation rows.

@@ -138,6 +138,46 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
 }
 
 #[test]
+fn adjoint_training_runs_a_backward_solve_and_logs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = trainer(
+        &[
+            "fit",
+            "--toy",
+            "moons",
+            "--out",
+            "a.ffjd",
+            "--iterations",
+            "4",
+            "--valid-every",
+            "2",
+            "--hidden",
+            "16",
+            "--gradient",
+            "adjoint",
+            "--seminorm",
+            "true",
+            "--trace",
+            "rademacher",
+            "--batch",
+            "64",
+        ],
+        d,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("iteration 2: validation NLL"), "{stderr}");
+    let metrics = std::fs::read_to_string(d.join("a.run/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["nfe_backward"].as_u64().unwrap() > 0, "{line}");
+    }
+    let config = std::fs::read_to_string(d.join("a.run/config.toml")).unwrap();
+    assert!(config.contains("gradient = \"adjoint\"") && config.contains("seminorm = true"), "{config}");
+}
+
+#[test]
 fn bad_input_gets_errors_that_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

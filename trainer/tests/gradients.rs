@@ -44,12 +44,11 @@ fn grads(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 }
 
 fn zero_grads(vs: &nn::VarStore) {
-    for (_, mut t) in vs.variables() {
+    for (_, t) in vs.variables() {
         let mut g = t.grad();
         if g.defined() {
             let _ = g.zero_();
         }
-        let _ = &mut t;
     }
 }
 
