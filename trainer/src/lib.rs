@@ -6,4 +6,5 @@ pub mod data;
 pub mod model;
 pub mod modelfile;
 pub mod ode;
+pub mod plot;
 pub mod train;

@@ -57,6 +57,26 @@ enum Command {
     Toy(ToyArgs),
     /// Describe a model file.
     Inspect(InspectArgs),
+    /// 2-D models: learned density heatmap (left) and a histogram of samples (right) as PNG.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Pixels per side of each panel.
+    #[arg(long, default_value_t = 300)]
+    grid: i64,
+    #[arg(long, default_value_t = 20_000)]
+    samples: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Dopri5 tolerance.
+    #[arg(long, default_value_t = 1e-5)]
+    tol: f64,
 }
 
 /// Flags override the `--config` file; the merged config is saved in the run folder.
@@ -323,6 +343,16 @@ fn run() -> Result<()> {
             write_table(&args.out, &t.columns, (0..t.rows).map(|i| t.row(i).to_vec()))
         }
         Command::Inspect(args) => inspect(&args),
+        Command::Plot(a) => {
+            let s = ffjord_trainer::plot::plot(&a.model, &a.out, a.grid, a.samples, a.seed, a.tol)?;
+            let ([x0, x1], [y0, y1]) = ([s.range[0].0, s.range[0].1], [s.range[1].0, s.range[1].1]);
+            println!(
+                "wrote {}: x in [{x0:.2}, {x1:.2}], y in [{y0:.2}, {y1:.2}], mass of p in view {:.4}",
+                a.out.display(),
+                s.mass_in_view
+            );
+            Ok(())
+        }
     }
 }
 

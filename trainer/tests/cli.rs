@@ -101,6 +101,12 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     );
     ok(&["toy", "8gaussians", "--n", "200", "--seed", "3", "--out", "toy.csv"], d);
     assert_parity(d, "toy.ffjd", "toy.csv");
+    // The plotted density integrates to ~1 over the view (central 99% of samples, padded).
+    let plotted =
+        ok(&["plot", "--model", "toy.ffjd", "--out", "toy.png", "--grid", "120", "--samples", "4000"], d);
+    let mass: f64 = plotted.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((0.9..1.02).contains(&mass), "{plotted}");
+    assert!(std::fs::read(d.join("toy.png")).unwrap().starts_with(b"\x89PNG"));
     // 6-D: two blocks, concat layers, Hutchinson training, from a CSV with a header.
     write_6d(&d.join("six.csv"), 1200);
     ok(
