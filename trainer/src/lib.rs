@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod json;
 pub mod model;
 pub mod modelfile;
 pub mod ode;

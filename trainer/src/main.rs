@@ -59,6 +59,34 @@ enum Command {
     Inspect(InspectArgs),
     /// 2-D models: learned density heatmap (left) and a histogram of samples (right) as PNG.
     Plot(PlotArgs),
+    /// Export a run's best checkpoint (model file or JSON), recalibrating the threshold.
+    Export(ExportArgs),
+    /// Turn the JSON form (hand-written or from `export --format json`) into a model file.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The run folder of a `fit` (holds config.toml and best.ot).
+    #[arg(long)]
+    run_dir: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Anomaly threshold at this quantile of the run's validation scores (default: the run's).
+    #[arg(long)]
+    threshold_quantile: Option<f64>,
+    #[arg(long, value_enum, default_value = "model")]
+    format: train::Format,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// JSON model.
+    json: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -343,6 +371,28 @@ fn run() -> Result<()> {
             write_table(&args.out, &t.columns, (0..t.rows).map(|i| t.row(i).to_vec()))
         }
         Command::Inspect(args) => inspect(&args),
+        Command::Export(a) => {
+            let run = train::RunDir { dir: a.run_dir.clone() };
+            train::export_run(
+                &run,
+                &a.out,
+                a.threshold_quantile,
+                a.format,
+                a.device.resolve()?,
+                &command_line(),
+            )
+        }
+        Command::Import(a) => {
+            let text =
+                std::fs::read_to_string(&a.json).with_context(|| format!("reading {}", a.json.display()))?;
+            let j: ffjord_trainer::json::JsonModel = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a valid JSON model", a.json.display()))?;
+            let bytes =
+                ffjord_trainer::json::from_json(&j).with_context(|| format!("{}", a.json.display()))?;
+            modelfile::write_atomic(&a.out, &bytes)?;
+            println!("wrote {} ({} bytes)", a.out.display(), bytes.len());
+            Ok(())
+        }
         Command::Plot(a) => {
             let s = ffjord_trainer::plot::plot(&a.model, &a.out, a.grid, a.samples, a.seed, a.tol)?;
             let ([x0, x1], [y0, y1]) = ([s.range[0].0, s.range[0].1], [s.range[1].0, s.range[1].1]);

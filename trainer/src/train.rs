@@ -30,7 +30,8 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    fn path(&self, name: &str) -> PathBuf {
+    /// A file in the run folder.
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
@@ -81,20 +82,7 @@ pub fn fit(
     std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
     write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
 
-    let (splits, description) = match (&cfg.toy, &cfg.data) {
-        (Some(name), None) => {
-            let train = data::toy(name, 20_000)?;
-            let valid = data::toy(name, cfg.toy_eval_rows)?;
-            let test = data::toy(name, cfg.toy_eval_rows)?;
-            (Splits::standardized(train, valid, test), format!("toy data set '{name}'"))
-        }
-        (None, Some(path)) => {
-            let table = data::load(path, cfg.columns.as_deref())?;
-            let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
-            (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
-        }
-        _ => bail!("give exactly one of --toy NAME or --data FILE"),
-    };
+    let (splits, description) = prepare_data(cfg)?;
     let dim = splits.dim();
     let to_dev = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
     let (train, valid, test) = (to_dev(&splits.train), to_dev(&splits.valid), to_dev(&splits.test));
@@ -206,8 +194,73 @@ pub fn fit(
         state.best_iteration,
         test_nll + log_std
     );
-    let threshold = match cfg.threshold_quantile {
-        Some(q) => Some(calibrate(&chain, &valid, cfg, q, log_std)?),
+    let bytes = export(
+        &chain,
+        &splits,
+        &valid,
+        cfg,
+        cfg.threshold_quantile,
+        &description,
+        command,
+        out,
+        Format::Model,
+    )?;
+    let summary = serde_json::json!({
+        "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
+        "test_nll": test_nll, "test_nll_data_units": test_nll + log_std, "test_nfe": test_nfe,
+        "model": out, "bytes": bytes.len(),
+    });
+    write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}
+
+/// The data splits a config describes. Call right after `tch::manual_seed(cfg.seed)`:
+/// the same seed gives the same splits (so `trainer export` can recalibrate on
+/// the run's own validation rows).
+pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
+    Ok(match (&cfg.toy, &cfg.data) {
+        (Some(name), None) => {
+            let train = data::toy(name, 20_000)?;
+            let valid = data::toy(name, cfg.toy_eval_rows)?;
+            let test = data::toy(name, cfg.toy_eval_rows)?;
+            (Splits::standardized(train, valid, test), format!("toy data set '{name}'"))
+        }
+        (None, Some(path)) => {
+            let table = data::load(path, cfg.columns.as_deref())?;
+            let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
+            (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
+        }
+        _ => bail!("give exactly one of --toy NAME or --data FILE"),
+    })
+}
+
+/// Output form of an export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The binary model file the runtime loads.
+    Model,
+    /// The documented JSON form (`trainer import` turns it back into a model file).
+    Json,
+}
+
+/// Exports `chain` (with a threshold at quantile `q` of the validation scores)
+/// to `out`, atomically. Returns the model file's bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn export(
+    chain: &Chain,
+    splits: &Splits,
+    valid: &Tensor,
+    cfg: &TrainConfig,
+    q: Option<f64>,
+    description: &str,
+    command: &str,
+    out: &Path,
+    format: Format,
+) -> Result<Vec<u8>> {
+    let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
+    let threshold = match q {
+        Some(q) => Some(calibrate(chain, valid, cfg, q, log_std)?),
         None => None,
     };
     let name = out.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
@@ -217,18 +270,49 @@ pub fn fit(
         solver: cfg.eval_method(),
         threshold,
         name: &name,
-        description: &description,
+        description,
         command,
     };
-    let bytes = export_bytes(&chain, &info)?;
-    write_atomic(out, &bytes)?;
-    let summary = serde_json::json!({
-        "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
-        "test_nll": test_nll, "test_nll_data_units": test_nll + log_std, "test_nfe": test_nfe,
-        "model": out, "bytes": bytes.len(),
-    });
-    write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    let bytes = export_bytes(chain, &info)?;
+    match format {
+        Format::Model => write_atomic(out, &bytes)?,
+        Format::Json => {
+            let model = ffjord_runtime::Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let json = serde_json::to_string_pretty(&crate::json::to_json(&model, &bytes)?)?;
+            write_atomic(out, json.as_bytes())?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// `trainer export`: re-exports a run's best checkpoint, recalibrating the
+/// threshold on the run's validation rows.
+pub fn export_run(
+    run: &RunDir,
+    out: &Path,
+    q: Option<f64>,
+    format: Format,
+    device: Device,
+    command: &str,
+) -> Result<()> {
+    let cfg_path = run.path("config.toml");
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: TrainConfig =
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", cfg_path.display()))?;
+    tch::manual_seed(cfg.seed);
+    let (splits, description) = prepare_data(&cfg)?;
+    let mut vs = nn::VarStore::new(device);
+    let chain = build_chain(&vs, &cfg, splits.dim());
+    let best = run.path("best.ot");
+    vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
+    let valid = splits.valid.to_kind(Kind::Float).to_device(device);
+    let q = q.or(cfg.threshold_quantile);
+    let bytes = export(&chain, &splits, &valid, &cfg, q, &description, command, out, format)?;
+    match format {
+        Format::Model => println!("wrote {} ({} bytes)", out.display(), bytes.len()),
+        Format::Json => println!("wrote {}", out.display()),
+    }
     Ok(())
 }
 

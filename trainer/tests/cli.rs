@@ -137,6 +137,27 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     );
     write_6d(&d.join("six-200.csv"), 200);
     assert_parity(d, "six.ffjd", "six-200.csv");
+    // Re-export from the run folder as JSON and import it: the same numbers.
+    ok(
+        &[
+            "export",
+            "--run-dir",
+            "six.run",
+            "--out",
+            "six.json",
+            "--format",
+            "json",
+            "--threshold-quantile",
+            "0.9",
+        ],
+        d,
+    );
+    ok(&["import", "six.json", "--out", "six-imported.ffjd"], d);
+    let a = ok(&["score", "--model", "six.ffjd", "--data", "six-200.csv"], d);
+    let b = ok(&["score", "--model", "six-imported.ffjd", "--data", "six-200.csv"], d);
+    let log_p =
+        |s: &str| s.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(log_p(&a), log_p(&b));
     // `score` uses the runtime and the stored threshold.
     let scored = ok(&["score", "--model", "six.ffjd", "--data", "six-200.csv"], d);
     assert_eq!(scored.lines().count(), 201);

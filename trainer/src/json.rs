@@ -1,0 +1,265 @@
+//! The documented JSON form of a model file (`trainer export --format json`,
+//! `trainer import`): every stage, layer kind, activation and weight by name,
+//! so a model can be read by other tools or written by hand.
+
+use anyhow::{Context, Result, bail, ensure};
+use ffjord_runtime::format::{Weights, encode, encoded_len};
+use ffjord_runtime::{
+    Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Model, Solver, Stage, Threshold,
+};
+use serde::{Deserialize, Serialize};
+
+/// Top level of the JSON form.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JsonModel {
+    /// Always `"ffjord-model"`.
+    pub format: String,
+    /// The model file format version it corresponds to (1).
+    pub version: u16,
+    pub dim: u16,
+    /// Input standardization `(x − mean) / std`, if any.
+    pub standardize: Option<JsonStandardize>,
+    /// Stages from the data side to the latent side.
+    pub stages: Vec<JsonStage>,
+    pub solver: Solver,
+    pub threshold: Option<Threshold>,
+    pub metadata: JsonMetadata,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JsonStandardize {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JsonMetadata {
+    pub name: String,
+    pub description: String,
+    pub command: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum JsonStage {
+    /// A CNF block.
+    Cnf { end_time: f32, activation: Activation, layers: Vec<JsonLayer> },
+    /// `y = x ⊙ scale + shift`.
+    Affine { scale: Vec<f32>, shift: Vec<f32> },
+}
+
+/// One layer: `weight` is `[out][in]` (`[out][in + 1]` for `Concat`, time first).
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JsonLayer {
+    pub kind: LayerKind,
+    pub weight: Vec<Vec<f32>>,
+    pub bias: Vec<f32>,
+    /// `ConcatSquash` only: `_hyper_gate.weight`, `_hyper_gate.bias`, `_hyper_bias.weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_weight: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_bias: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyper_bias: Option<Vec<f32>>,
+}
+
+/// The JSON form of a loaded model.
+pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
+    let n = model.weight_count();
+    let w = Weights::new(&bytes[bytes.len() - 4 - 4 * n..bytes.len() - 4]);
+    let all: Vec<f32> = w.iter().collect();
+    let d = model.dim();
+    let mut off = 0;
+    let mut take = |k: usize| -> Vec<f32> {
+        let v = all[off..off + k].to_vec();
+        off += k;
+        v
+    };
+    let h = model.header();
+    let standardize = h.standardize.then(|| JsonStandardize { mean: take(d), std: take(d) });
+    let mut stages = Vec::new();
+    for stage in &h.stages {
+        match stage {
+            Stage::Affine => stages.push(JsonStage::Affine { scale: take(d), shift: take(d) }),
+            Stage::Cnf(c) => {
+                let mut layers = Vec::new();
+                let mut d_in = d;
+                for l in &c.layers {
+                    let d_out = usize::from(l.out_dim);
+                    let cols = if l.kind == LayerKind::Concat { d_in + 1 } else { d_in };
+                    let weight = take(d_out * cols).chunks(cols.max(1)).map(<[f32]>::to_vec).collect();
+                    let bias = take(d_out);
+                    let squash = l.kind == LayerKind::ConcatSquash;
+                    let (gate_weight, gate_bias, hyper_bias) = if squash {
+                        (Some(take(d_out)), Some(take(d_out)), Some(take(d_out)))
+                    } else {
+                        (None, None, None)
+                    };
+                    layers.push(JsonLayer { kind: l.kind, weight, bias, gate_weight, gate_bias, hyper_bias });
+                    d_in = d_out;
+                }
+                stages.push(JsonStage::Cnf { end_time: c.end_time, activation: c.activation, layers });
+            }
+        }
+    }
+    let m = &h.metadata;
+    Ok(JsonModel {
+        format: "ffjord-model".into(),
+        version: ffjord_runtime::format::FORMAT_VERSION,
+        dim: h.dim,
+        standardize,
+        stages,
+        solver: h.solver,
+        threshold: h.threshold,
+        metadata: JsonMetadata {
+            name: m.name.into(),
+            description: m.description.into(),
+            command: m.command.into(),
+        },
+    })
+}
+
+/// Encodes the JSON form as a model file, naming the stage, layer and field of any inconsistency.
+pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
+    ensure!(j.format == "ffjord-model", "\"format\" must be \"ffjord-model\", found \"{}\"", j.format);
+    ensure!(
+        j.version == ffjord_runtime::format::FORMAT_VERSION,
+        "\"version\" {} is not supported (this build writes {})",
+        j.version,
+        ffjord_runtime::format::FORMAT_VERSION
+    );
+    let d = usize::from(j.dim);
+    let mut weights = Vec::new();
+    if let Some(s) = &j.standardize {
+        ensure!(s.mean.len() == d && s.std.len() == d, "standardize: mean and std need {d} values each");
+        weights.extend(&s.mean);
+        weights.extend(&s.std);
+    }
+    let mut stages = heapless::Vec::new();
+    for (si, stage) in j.stages.iter().enumerate() {
+        let spec = match stage {
+            JsonStage::Affine { scale, shift } => {
+                ensure!(
+                    scale.len() == d && shift.len() == d,
+                    "stages[{si}] affine: scale and shift need {d} values each"
+                );
+                weights.extend(scale);
+                weights.extend(shift);
+                Stage::Affine
+            }
+            JsonStage::Cnf { end_time, activation, layers } => {
+                let mut specs = heapless::Vec::new();
+                let mut d_in = d;
+                for (li, l) in layers.iter().enumerate() {
+                    let at = format!("stages[{si}].layers[{li}]");
+                    let d_out = l.weight.len();
+                    let cols = if l.kind == LayerKind::Concat { d_in + 1 } else { d_in };
+                    for (r, row) in l.weight.iter().enumerate() {
+                        ensure!(
+                            row.len() == cols,
+                            "{at}.weight[{r}]: {} values, expected {cols} (input width {d_in}{})",
+                            row.len(),
+                            if l.kind == LayerKind::Concat { " plus time" } else { "" }
+                        );
+                        weights.extend(row);
+                    }
+                    ensure!(l.bias.len() == d_out, "{at}.bias: {} values, expected {d_out}", l.bias.len());
+                    weights.extend(&l.bias);
+                    let hyper = [
+                        ("gate_weight", &l.gate_weight),
+                        ("gate_bias", &l.gate_bias),
+                        ("hyper_bias", &l.hyper_bias),
+                    ];
+                    for (name, v) in hyper {
+                        match (l.kind, v) {
+                            (LayerKind::ConcatSquash, Some(v)) => {
+                                ensure!(
+                                    v.len() == d_out,
+                                    "{at}.{name}: {} values, expected {d_out}",
+                                    v.len()
+                                );
+                                weights.extend(v);
+                            }
+                            (LayerKind::ConcatSquash, None) => bail!("{at}: ConcatSquash needs {name}"),
+                            (_, Some(_)) => bail!("{at}: {name} is only for ConcatSquash layers"),
+                            (_, None) => {}
+                        }
+                    }
+                    let out_dim = u16::try_from(d_out).with_context(|| format!("{at}: too wide"))?;
+                    specs
+                        .push(LayerSpec { kind: l.kind, out_dim })
+                        .map_err(|_| anyhow::anyhow!("stages[{si}]: too many layers"))?;
+                    d_in = d_out;
+                }
+                Stage::Cnf(CnfSpec { layers: specs, activation: *activation, end_time: *end_time })
+            }
+        };
+        stages.push(spec).map_err(|_| anyhow::anyhow!("too many stages"))?;
+    }
+    let m = &j.metadata;
+    let header = Header {
+        dim: j.dim,
+        standardize: j.standardize.is_some(),
+        stages,
+        solver: j.solver,
+        threshold: j.threshold,
+        metadata: Metadata { name: &m.name, description: &m.description, command: &m.command },
+    };
+    let mut out = vec![0u8; encoded_len(&header).map_err(|e| anyhow::anyhow!("{e}"))?];
+    encode(&header, &weights, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_reproduces_the_model_file_byte_for_byte() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/8gaussians/model.ffjd");
+        let bytes = std::fs::read(path).unwrap();
+        let model = Model::from_bytes(&bytes).unwrap();
+        let json = serde_json::to_string(&to_json(&model, &bytes).unwrap()).unwrap();
+        let back: JsonModel = serde_json::from_str(&json).unwrap();
+        assert_eq!(from_json(&back).unwrap(), bytes);
+    }
+
+    #[test]
+    fn hand_written_json_with_every_kind_imports() {
+        let json = r#"{
+            "format": "ffjord-model", "version": 1, "dim": 2,
+            "standardize": {"mean": [0.0, 1.0], "std": [2.0, 0.5]},
+            "stages": [
+                {"cnf": {"end_time": 0.5, "activation": {"Swish": {"beta": 1.5}}, "layers": [
+                    {"kind": "Concat", "weight": [[0.1, 0.2, 0.3], [0.0, -0.1, 0.2], [0.3, 0.1, 0.0]], "bias": [0.0, 0.1, 0.2]},
+                    {"kind": "ConcatSquash", "weight": [[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]], "bias": [0.0, 0.0],
+                     "gate_weight": [1.0, -1.0], "gate_bias": [0.0, 0.5], "hyper_bias": [0.1, 0.1]}]}},
+                {"affine": {"scale": [1.0, 2.0], "shift": [0.0, -1.0]}},
+                {"cnf": {"end_time": 1.0, "activation": "Identity", "layers": [
+                    {"kind": "Ignore", "weight": [[-0.5, 0.0], [0.0, -0.5]], "bias": [0.0, 0.0]}]}}
+            ],
+            "solver": {"Rk4": {"steps": 8}},
+            "threshold": {"score": 5.0, "quantile": 0.99},
+            "metadata": {"name": "hand", "description": "hand-written", "command": ""}
+        }"#;
+        for act in ["\"Tanh\"", "\"Softplus\"", "\"Elu\""] {
+            let j: JsonModel = serde_json::from_str(&json.replace("\"Identity\"", act)).unwrap();
+            let bytes = from_json(&j).unwrap();
+            let model = Model::from_bytes(&bytes).unwrap();
+            assert_eq!(model.stage_count(), 3);
+            let flow = ffjord_runtime::Flow::new(&model, model.default_solver()).unwrap();
+            let mut scratch = vec![0.0; flow.scratch_len()];
+            assert!(flow.log_density(&[0.3, 0.7], &mut scratch).unwrap().log_p.is_finite());
+        }
+        let missing_gate = json.replace(r#""gate_weight": [1.0, -1.0], "#, "");
+        let err = from_json(&serde_json::from_str(&missing_gate).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("stages[0].layers[1]: ConcatSquash needs gate_weight"), "{err}");
+        let bad_row = json.replace("[0.3, 0.1, 0.0]", "[0.3, 0.1]");
+        let err = from_json(&serde_json::from_str(&bad_row).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("stages[0].layers[0].weight[2]: 2 values, expected 3"), "{err}");
+    }
+}
