@@ -77,6 +77,8 @@ pub struct TrainConfig {
     pub layer: LayerArg,
     pub activation: ActivationArg,
     pub blocks: usize,
+    /// Moving batch norm before the first and after every CNF block.
+    pub batch_norm: bool,
     pub end_time: f64,
     pub train_end_time: bool,
     pub trace: TraceMode,
@@ -93,6 +95,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub batch: i64,
     pub iterations: u64,
+    /// If set, overrides `iterations` with this many passes over the training rows.
+    pub epochs: Option<u64>,
     pub valid_every: u64,
     /// Stop after this many validations without improvement (0: never).
     pub patience: u64,
@@ -117,6 +121,7 @@ impl Default for TrainConfig {
             layer: LayerArg::Concatsquash,
             activation: ActivationArg::Tanh,
             blocks: 1,
+            batch_norm: false,
             end_time: 0.5,
             train_end_time: true,
             trace: TraceMode::Exact,
@@ -131,6 +136,7 @@ impl Default for TrainConfig {
             weight_decay: 1e-5,
             batch: 512,
             iterations: 2000,
+            epochs: None,
             valid_every: 100,
             patience: 0,
             seed: 0,

@@ -143,6 +143,9 @@ struct FitArgs {
     /// Stacked CNF blocks.
     #[arg(long)]
     blocks: Option<usize>,
+    /// Moving batch norm before the first and after every block (true/false).
+    #[arg(long)]
+    batch_norm: Option<bool>,
     /// Initial end time T.
     #[arg(long)]
     end_time: Option<f64>,
@@ -174,6 +177,9 @@ struct FitArgs {
     batch: Option<i64>,
     #[arg(long)]
     iterations: Option<u64>,
+    /// Passes over the training rows (overrides --iterations; data files only).
+    #[arg(long)]
+    epochs: Option<u64>,
     #[arg(long)]
     valid_every: Option<u64>,
     /// Early stopping after this many validations without improvement (0 = off).
@@ -216,6 +222,9 @@ impl FitArgs {
         if self.threshold_quantile.is_some() {
             cfg.threshold_quantile = self.threshold_quantile;
         }
+        if self.epochs.is_some() {
+            cfg.epochs = self.epochs;
+        }
         override_fields!(
             cfg,
             self,
@@ -223,6 +232,7 @@ impl FitArgs {
             layer,
             activation,
             blocks,
+            batch_norm,
             end_time,
             train_end_time,
             trace,

@@ -287,7 +287,7 @@ pub trait FlowLayer {
         let x = x.detach().set_requires_grad(true);
         let graph_opts = SolveOptions { create_graph: true, ..*opts };
         let (y, ld) = tch::with_grad(|| self.forward(&x, &graph_opts, stats))?;
-        tch::with_grad(|| ((y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind())).backward());
+        tch::with_grad(|| ((y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind())).f_backward())?;
         let g = x.grad();
         Ok(if g.defined() { g.detach() } else { x.zeros_like() })
     }
@@ -463,7 +463,7 @@ impl FlowLayer for Cnf {
                 .zip(out)
                 .map(|(p, g)| (p * g).sum(p.kind()))
                 .fold(Tensor::from(0.0).to_kind(y.kind()), |a, b| a + b);
-            tch::with_grad(|| surrogate.backward());
+            tch::with_grad(|| surrogate.f_backward())?;
         }
         Ok(grad_x)
     }
@@ -504,6 +504,78 @@ impl FlowLayer for Affine {
         let mut w = Vec::new();
         push(&mut w, &self.scale)?;
         push(&mut w, &self.shift)?;
+        Ok((Stage::Affine, w))
+    }
+}
+
+/// FFJORD's moving batch norm (spec §2.5): `y = (x − m)/√(v + ε) · e^w + b`
+/// with the running statistics *before* this batch's update (`bn_lag = 0`), so
+/// no gradient flows through batch statistics and training and evaluation use
+/// the same map. A training pass (`create_graph`) then moves the running
+/// statistics 10% towards the batch mean and unbiased variance. Exports as the
+/// runtime's `Affine` stage.
+pub struct MovingBatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+const BN_EPS: f64 = 1e-4;
+const BN_DECAY: f64 = 0.1;
+
+impl MovingBatchNorm {
+    pub fn new(p: &nn::Path<'_>, dim: i64) -> Self {
+        MovingBatchNorm {
+            weight: p.zeros("weight", &[dim]),
+            bias: p.zeros("bias", &[dim]),
+            running_mean: p.zeros_no_train("running_mean", &[dim]),
+            running_var: p.ones_no_train("running_var", &[dim]),
+        }
+    }
+
+    /// (scale, shift) of the affine map with the current running statistics.
+    fn affine(&self, kind: Kind) -> (Tensor, Tensor) {
+        // Copies, not views: the in-place update of the running statistics must
+        // not touch tensors autograd saved for this batch's backward pass.
+        let scale = self.weight.exp() / (self.running_var.detach().copy() + BN_EPS).sqrt();
+        let shift = &self.bias - self.running_mean.detach().copy() * &scale;
+        (scale.to_kind(kind), shift.to_kind(kind))
+    }
+}
+
+impl FlowLayer for MovingBatchNorm {
+    fn forward(&self, x: &Tensor, opts: &SolveOptions, _: &mut PassStats) -> Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.affine(x.kind());
+        let y = x * &scale + shift;
+        let ld = scale.log().sum(x.kind()).expand([x.size()[0]], false);
+        if opts.create_graph && x.size()[0] > 1 {
+            tch::no_grad(|| {
+                let xd = x.detach().to_kind(self.running_mean.kind());
+                let mean = xd.mean_dim(0, false, xd.kind());
+                let var = xd.var_dim(0, true, false);
+                let mut rm = self.running_mean.shallow_clone();
+                let mut rv = self.running_var.shallow_clone();
+                let new_mean = &rm - (&rm - mean) * BN_DECAY;
+                let new_var = &rv - (&rv - var) * BN_DECAY;
+                rm.copy_(&new_mean);
+                rv.copy_(&new_var);
+            });
+        }
+        Ok((y, ld))
+    }
+
+    fn inverse(&self, y: &Tensor, _: &SolveOptions, _: &mut PassStats) -> Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.affine(y.kind());
+        let ld = scale.log().sum(y.kind()).expand([y.size()[0]], false);
+        Ok(((y - shift) / &scale, ld))
+    }
+
+    fn export(&self) -> Result<(Stage, Vec<f32>)> {
+        let (scale, shift) = self.affine(Kind::Double);
+        let mut w = Vec::new();
+        push(&mut w, &scale)?;
+        push(&mut w, &shift)?;
         Ok((Stage::Affine, w))
     }
 }

@@ -10,16 +10,27 @@ use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
-use crate::model::{Chain, Cnf, FlowLayer, Gradient, OdeNet, SolveOptions};
+use crate::model::{Chain, Cnf, FlowLayer, Gradient, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 
 /// Builds the chain the config describes under `vs`.
+/// With `batch_norm`: BN, CNF₁, BN, CNF₂, …, BN (spec §2.6).
 pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64) -> Chain {
     let mut layers: Vec<Box<dyn FlowLayer>> = Vec::new();
-    for b in 0..cfg.blocks {
-        let p = vs.root() / "chain" / b;
+    let bn = |layers: &mut Vec<Box<dyn FlowLayer>>| {
+        let i = layers.len();
+        layers.push(Box::new(MovingBatchNorm::new(&(vs.root() / "chain" / i), dim)));
+    };
+    if cfg.batch_norm {
+        bn(&mut layers);
+    }
+    for _ in 0..cfg.blocks {
+        let p = vs.root() / "chain" / layers.len();
         let net = OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
         layers.push(Box::new(Cnf::new(&p, Box::new(net), cfg.end_time, cfg.train_end_time)));
+        if cfg.batch_norm {
+            bn(&mut layers);
+        }
     }
     Chain { layers, dim }
 }
@@ -84,6 +95,11 @@ pub fn fit(
 
     let (splits, description) = prepare_data(cfg)?;
     let dim = splits.dim();
+    let iterations = match (cfg.epochs, &cfg.toy) {
+        (None, _) => cfg.iterations,
+        (Some(_), Some(_)) => bail!("--epochs needs --data (toy sets draw fresh batches; use --iterations)"),
+        (Some(e), None) => e * (splits.train.size()[0] as u64).div_ceil(cfg.batch.max(1) as u64),
+    };
     let to_dev = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
     let (train, valid, test) = (to_dev(&splits.train), to_dev(&splits.valid), to_dev(&splits.test));
 
@@ -105,7 +121,7 @@ pub fn fit(
         .context("opening metrics.jsonl")?;
     let train_opts =
         SolveOptions { method: cfg.method(), trace: cfg.trace, create_graph: true, seminorm: cfg.seminorm };
-    let bar = indicatif::ProgressBar::new(cfg.iterations);
+    let bar = indicatif::ProgressBar::new(iterations);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -116,7 +132,7 @@ pub fn fit(
     let n_train = train.size()[0];
     let t_start = Instant::now();
     let start_iteration = state.iteration;
-    while state.iteration < cfg.iterations {
+    while state.iteration < iterations {
         let batch = if let Some(name) = &cfg.toy {
             to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
         } else {
@@ -130,7 +146,7 @@ pub fn fit(
                 let out = chain.log_prob(&batch, &train_opts)?;
                 let loss = -out.log_p.mean(Kind::Float);
                 if loss.double_value(&[]).is_finite() {
-                    loss.backward();
+                    loss.f_backward()?;
                 }
                 (loss.double_value(&[]), out.stats)
             }
@@ -154,7 +170,7 @@ pub fn fit(
             "iteration": state.iteration, "loss": loss_value, "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
             "seconds": dt,
         });
-        if state.iteration % cfg.valid_every == 0 || state.iteration == cfg.iterations {
+        if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {
             let (nll, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, cfg.eval_method(), 1000))?;
             record["valid_nll"] = nll.into();
             record["valid_nfe"] = nfe.into();

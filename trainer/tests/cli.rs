@@ -107,7 +107,7 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     let mass: f64 = plotted.trim().rsplit(' ').next().unwrap().parse().unwrap();
     assert!((0.9..1.02).contains(&mass), "{plotted}");
     assert!(std::fs::read(d.join("toy.png")).unwrap().starts_with(b"\x89PNG"));
-    // 6-D: two blocks, concat layers, Hutchinson training, from a CSV with a header.
+    // 6-D: BN, CNF, BN, CNF, BN with concat layers, Hutchinson training, 4 epochs, from a CSV with a header.
     write_6d(&d.join("six.csv"), 1200);
     ok(
         &[
@@ -132,11 +132,19 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
             "gaussian",
             "--batch",
             "256",
+            "--batch-norm",
+            "true",
+            "--epochs",
+            "4",
         ],
         d,
     );
     write_6d(&d.join("six-200.csv"), 200);
     assert_parity(d, "six.ffjd", "six-200.csv");
+    let inspected = ok(&["inspect", "six.ffjd"], d);
+    assert_eq!(inspected.matches("affine").count(), 3, "{inspected}");
+    let metrics = std::fs::read_to_string(d.join("six.run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 16, "4 epochs of 960 rows in batches of 256");
     // Re-export from the run folder as JSON and import it: the same numbers.
     ok(
         &[

@@ -94,6 +94,73 @@ fn adjoint_matches_backprop_on_every_parameter() {
 }
 
 #[test]
+fn adjoint_matches_backprop_with_batch_norm_between_blocks() {
+    let cfg = ffjord_trainer::config::TrainConfig {
+        hidden: vec![8],
+        blocks: 2,
+        batch_norm: true,
+        ..Default::default()
+    };
+    tch::manual_seed(5);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let c = ffjord_trainer::train::build_chain(&vs, &cfg, 3);
+    vs.double();
+    assert_eq!(c.layers.len(), 5);
+    // Move the running statistics and the BN log-scales off their initial values.
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.contains("running_var") {
+                let _ = t.fill_(1.7);
+            } else if name.contains("running_mean")
+                || (name.ends_with(".weight") && t.dim() == 1 && !name.contains("hyper"))
+            {
+                let _ = t.fill_(0.3);
+            }
+        }
+    });
+    let running = |vs: &nn::VarStore| -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.contains("running"))
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let before = running(&vs);
+    let x = Tensor::randn([16, 3], (Kind::Double, Device::Cpu));
+    zero_grads(&vs);
+    backprop_loss(&c, &x, TraceMode::Exact).backward();
+    let bp = grads(&vs);
+    // The training pass moved the running statistics: restore them for the adjoint run.
+    let after = running(&vs);
+    assert!(
+        before.iter().zip(&after).any(|((_, a), (_, b))| f64::try_from((a - b).abs().max()).unwrap() > 1e-6)
+    );
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (n, t) in &before {
+            vars[n].shallow_clone().copy_(t);
+        }
+    });
+    zero_grads(&vs);
+    c.backward_by_layers(&x, &opts(TraceMode::Exact, true)).unwrap();
+    let adj = grads(&vs);
+    assert_eq!(running(&vs).len(), after.len());
+    for ((_, a), (_, b)) in running(&vs).iter().zip(&after) {
+        assert!(
+            f64::try_from((a - b).abs().max()).unwrap() < 1e-12,
+            "adjoint updates the statistics exactly once"
+        );
+    }
+    for ((name, a), (_, b)) in bp.iter().zip(&adj) {
+        let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
+        assert!(rel <= 1e-3, "{name}: relative error {rel:e}");
+    }
+}
+
+#[test]
 fn backprop_matches_finite_differences() {
     let (vs, c, x) = setup(2, 1, LayerKind::ConcatSquash, 3);
     zero_grads(&vs);
