@@ -47,16 +47,11 @@ struct DiffeqLayer {
 impl DiffeqLayer {
     fn new(p: nn::Path<'_>, kind: LayerKind, d_in: i64, d_out: i64) -> Self {
         let in_features = if kind == LayerKind::Concat { d_in + 1 } else { d_in };
-        let linear = nn::linear(&p / "_layer", in_features, d_out, Default::default());
+        let linear = nn::linear(&p / "_layer", in_features, d_out, torch_default_init(in_features, true));
         let (hyper_gate, hyper_bias) = if kind == LayerKind::ConcatSquash {
             (
-                Some(nn::linear(&p / "_hyper_gate", 1, d_out, Default::default())),
-                Some(nn::linear(
-                    &p / "_hyper_bias",
-                    1,
-                    d_out,
-                    nn::LinearConfig { bias: false, ..Default::default() },
-                )),
+                Some(nn::linear(&p / "_hyper_gate", 1, d_out, torch_default_init(1, true))),
+                Some(nn::linear(&p / "_hyper_bias", 1, d_out, torch_default_init(1, false))),
             )
         } else {
             (None, None)
@@ -97,6 +92,18 @@ impl DiffeqLayer {
             push(out, &b.ws)?;
         }
         Ok(())
+    }
+}
+
+/// PyTorch's `nn.Linear` initialisation (kaiming-uniform with a = √5, i.e.
+/// weights and bias ~ U(±1/√fan_in)), which the spec's recipes assume; tch's
+/// own default draws weights √6 ≈ 2.4× wider.
+fn torch_default_init(fan_in: i64, bias: bool) -> nn::LinearConfig {
+    let b = 1.0 / (fan_in as f64).sqrt();
+    nn::LinearConfig {
+        ws_init: nn::Init::Uniform { lo: -b, up: b },
+        bs_init: Some(nn::Init::Uniform { lo: -b, up: b }),
+        bias,
     }
 }
 
@@ -365,8 +372,15 @@ impl Cnf {
             Ok(if create_graph { vec![gz, gl] } else { vec![gz.detach(), gl.detach()] })
         };
         let ell0 = Tensor::zeros([z.size()[0]], (z.kind(), z.device()));
-        let (out, s) =
-            odeint(&mut rhs, vec![z.shallow_clone(), ell0], tau0, tau1, opts.method, &all_controlled(2))?;
+        let (out, s) = odeint(
+            &mut rhs,
+            vec![z.shallow_clone(), ell0],
+            tau0,
+            tau1,
+            opts.method,
+            &all_controlled(2),
+            self.end_time(),
+        )?;
         stats.add(s);
         let mut out = out.into_iter();
         match (out.next(), out.next()) {
@@ -449,9 +463,13 @@ impl FlowLayer for Cnf {
         };
         let mut state = vec![y.detach(), grad_y.detach()];
         state.extend(params.iter().map(|p| p.zeros_like().detach()));
+        // Error control: z and a_z always; the network's a_θ unless `seminorm`; the
+        // quadrature for √T never (the reference gets dT from the endpoint term
+        // a(T)·f(T, z(T)), outside the backward solve's norm).
+        let n_net = self.field.parameters().len();
         let mut controlled = vec![true, true];
-        controlled.extend(std::iter::repeat_n(!opts.seminorm, params.len()));
-        let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled)?;
+        controlled.extend((0..params.len()).map(|i| i < n_net && !opts.seminorm));
+        let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled, self.end_time())?;
         add_stats(&mut stats.backward, s);
         let mut out = out.into_iter();
         out.next(); // z(0), re-integrated

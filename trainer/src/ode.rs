@@ -109,7 +109,11 @@ const DOPRI_ERR: [f64; 7] = [
 ];
 
 /// Integrates `y` from `t0` to `t1` with `method`. `controlled[c]` says whether
-/// component `c` enters the adaptive error norm.
+/// component `c` enters the adaptive error norm. `time_scale` is how many units
+/// of the physical time one unit of `t` is (a CNF solved in τ = t/T passes T):
+/// only Dopri5's initial step depends on it (the rest of the algorithm is
+/// invariant under rescaling time), so the step sequence equals that of the
+/// same problem solved in physical time — as the runtime solves it.
 pub fn odeint(
     f: &mut Rhs<'_>,
     y0: Vec<Tensor>,
@@ -117,13 +121,24 @@ pub fn odeint(
     t1: f64,
     method: Method,
     controlled: &[bool],
+    time_scale: f64,
 ) -> Result<(Vec<Tensor>, SolveStats)> {
     match method {
         Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER),
         Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT),
         Method::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4),
-        Method::Dopri5 { rtol, atol, max_steps } => dopri5(f, y0, t0, t1, rtol, atol, max_steps, controlled),
+        Method::Dopri5 { rtol, atol, max_steps } => {
+            dopri5(f, y0, t0, t1, Tolerances { rtol, atol, max_steps }, controlled, time_scale)
+        }
     }
+}
+
+/// Dopri5 settings, grouped.
+#[derive(Clone, Copy)]
+struct Tolerances {
+    rtol: f64,
+    atol: f64,
+    max_steps: u32,
 }
 
 fn fixed(
@@ -167,17 +182,16 @@ fn ratio(v: &[Tensor], a: &[Tensor], b: &[Tensor], rtol: f64, atol: f64, control
     r
 }
 
-#[allow(clippy::too_many_arguments)]
 fn dopri5(
     f: &mut Rhs<'_>,
     mut y: Vec<Tensor>,
     t0: f64,
     t1: f64,
-    rtol: f64,
-    atol: f64,
-    max_steps: u32,
+    tol: Tolerances,
     controlled: &[bool],
+    time_scale: f64,
 ) -> Result<(Vec<Tensor>, SolveStats)> {
+    let Tolerances { rtol, atol, max_steps } = tol;
     let mut stats = SolveStats::default();
     if t0 == t1 {
         return Ok((y, stats));
@@ -186,19 +200,22 @@ fn dopri5(
     let span = (t1 - t0).abs();
     let mut k1 = f(t0, &y)?;
     stats.nfe += 1;
-    // Initial step (Hairer–Nørsett–Wanner II.4, order 4), as in the runtime.
+    // Initial step (Hairer–Nørsett–Wanner II.4, order 4), as in the runtime,
+    // computed in physical time (derivatives divided by `time_scale`).
     let mut h = {
+        let s = time_scale;
         let d0 = ratio(&y, &y, &y, rtol, atol, controlled);
-        let d1 = ratio(&k1, &y, &y, rtol, atol, controlled);
+        let d1 = ratio(&k1, &y, &y, rtol, atol, controlled) / s;
         let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
-        let y1: Vec<Tensor> = y.iter().zip(&k1).map(|(a, k)| a.detach() + k.detach() * (dir * h0)).collect();
-        let f1 = f(t0 + dir * h0, &y1)?;
+        let y1: Vec<Tensor> =
+            y.iter().zip(&k1).map(|(a, k)| a.detach() + k.detach() * (dir * h0 / s)).collect();
+        let f1 = f(t0 + dir * h0 / s, &y1)?;
         stats.nfe += 1;
         let diff: Vec<Tensor> = f1.iter().zip(&k1).map(|(a, b)| a.detach() - b.detach()).collect();
-        let d2 = ratio(&diff, &y, &y, rtol, atol, controlled) / h0;
+        let d2 = ratio(&diff, &y, &y, rtol, atol, controlled) / s / h0;
         let h1 =
             if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { (0.01 / d1.max(d2)).powf(0.2) };
-        (100.0 * h0).min(h1)
+        (100.0 * h0).min(h1) / s
     };
     let mut t = t0;
     loop {

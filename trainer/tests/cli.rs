@@ -58,6 +58,7 @@ fn write_6d(path: &Path, rows: usize) {
 /// Runtime (f32, Dopri5 1e-6) vs. trainer eval (tch float64, exact trace,
 /// Dopri5 1e-8) on the same 200 rows: at most 1e-3 nats apart.
 fn assert_parity(dir: &Path, model: &str, points: &str) {
+    let model_name = model;
     ok(&["eval", "--model", model, "--data", points, "--tol", "1e-8", "--rows-out", "tch.csv"], dir);
     let tch: Vec<f64> = read_csv(&dir.join("tch.csv")).into_iter().map(|r| r[0]).collect();
     let bytes = std::fs::read(dir.join(model)).unwrap();
@@ -74,6 +75,20 @@ fn assert_parity(dir: &Path, model: &str, points: &str) {
         worst = worst.max((rt - t).abs());
     }
     assert!(worst <= 1e-3, "max |runtime − trainer| = {worst} nats");
+    // One row at a time, the two Dopri5 implementations take the same steps
+    // (same tableau, norm, controller, initial step and end-time clipping).
+    let solver = Solver::Dopri5(Dopri5 { max_steps: 100_000, ..Dopri5::with_tolerance(1e-5) });
+    let flow = Flow::new(&model, solver).unwrap();
+    for (i, row) in rows.iter().take(3).enumerate() {
+        let file = format!("row{i}.csv");
+        let line: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+        std::fs::write(dir.join(&file), format!("{}\n", line.join(","))).unwrap();
+        let printed = ok(&["eval", "--model", model_name, "--data", &file, "--tol", "1e-5"], dir);
+        let tch_nfe: u32 = printed.rsplit("NFE ").next().unwrap().trim().parse().unwrap();
+        let x: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+        let rt_nfe = flow.log_density(&x, &mut scratch).unwrap().stats.nfe;
+        assert_eq!(rt_nfe, tch_nfe, "row {i}: runtime NFE {rt_nfe}, trainer NFE {tch_nfe}");
+    }
 }
 
 #[test]
