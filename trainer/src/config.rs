@@ -148,6 +148,41 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Rejects values no training run can use, naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = |name: &str, v: f64| {
+            anyhow::ensure!(v.is_finite() && v > 0.0, "{name} must be finite and positive, got {v}");
+            Ok(())
+        };
+        positive("lr", self.lr)?;
+        positive("end_time", self.end_time)?;
+        positive("rtol", self.rtol)?;
+        positive("atol", self.atol)?;
+        positive("eval_tol", self.eval_tol)?;
+        anyhow::ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight_decay must be ≥ 0"
+        );
+        anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
+        anyhow::ensure!(self.valid_every >= 1, "valid_every must be at least 1");
+        anyhow::ensure!(self.steps >= 1, "steps must be at least 1");
+        anyhow::ensure!(self.blocks >= 1, "blocks must be at least 1");
+        anyhow::ensure!(self.hidden.iter().all(|&h| h >= 1), "hidden widths must be at least 1");
+        anyhow::ensure!(
+            self.hidden.len() < ffjord_runtime::format::MAX_LAYERS,
+            "at most {} hidden layers",
+            ffjord_runtime::format::MAX_LAYERS - 1
+        );
+        anyhow::ensure!(
+            (0.0..0.9).contains(&(self.valid_fraction + self.test_fraction)) && self.valid_fraction > 0.0,
+            "valid_fraction must be positive and valid_fraction + test_fraction below 0.9"
+        );
+        if let Some(q) = self.threshold_quantile {
+            anyhow::ensure!(q > 0.0 && q < 1.0, "threshold_quantile must be in (0, 1), got {q}");
+        }
+        Ok(())
+    }
+
     /// The training solver.
     pub fn method(&self) -> crate::ode::Method {
         use crate::ode::Method;

@@ -7,5 +7,6 @@ pub mod json;
 pub mod model;
 pub mod modelfile;
 pub mod ode;
+pub mod optim;
 pub mod plot;
 pub mod train;

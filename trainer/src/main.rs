@@ -251,6 +251,7 @@ impl FitArgs {
             seed,
             eval_tol
         );
+        cfg.validate()?;
         if let Some(name) = &cfg.toy
             && !data::TOYS.contains(&name.as_str())
         {

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
 use crate::model::{Chain, Cnf, FlowLayer, Gradient, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
+use crate::optim::Adam;
 
 /// Builds the chain the config describes under `vs`.
 /// With `batch_norm`: BN, CNF₁, BN, CNF₂, …, BN (spec §2.6).
@@ -62,6 +63,41 @@ fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Saves parameters, optimizer state and iteration in one file, atomically, so
+/// a kill at any moment leaves either the previous or the new checkpoint.
+fn save_last(vs: &nn::VarStore, opt: &Adam, iteration: u64, path: &Path) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (format!("param.{n}"), t.detach())).collect();
+    named.extend(opt.state());
+    named.push(("run.iteration".into(), Tensor::from(iteration as i64)));
+    let tmp = path.with_extension("tmp.ot");
+    Tensor::save_multi(&named, &tmp).with_context(|| format!("saving {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Restores [`save_last`]'s file; returns the iteration it was taken at.
+fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path) -> Result<u64> {
+    let named = Tensor::load_multi(path).with_context(|| format!("resuming from {}", path.display()))?;
+    let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
+    for (n, t) in vs.variables() {
+        let saved =
+            get(&format!("param.{n}")).with_context(|| format!("{}: no parameter {n}", path.display()))?;
+        if saved.size() != t.size() {
+            bail!(
+                "{}: {n} has shape {:?}, the model {:?} (was the config changed?)",
+                path.display(),
+                saved.size(),
+                t.size()
+            );
+        }
+        tch::no_grad(|| t.shallow_clone().copy_(&saved));
+    }
+    opt.restore(&named, path)?;
+    Ok(get("run.iteration").with_context(|| format!("{}: no iteration", path.display()))?.int64_value(&[])
+        as u64)
+}
+
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
 pub fn mean_nll(chain: &Chain, x: &Tensor, method: crate::ode::Method, batch: i64) -> Result<(f64, u32)> {
     let opts = SolveOptions::eval(method);
@@ -105,14 +141,13 @@ pub fn fit(
 
     let mut vs = nn::VarStore::new(device);
     let chain = build_chain(&vs, cfg, dim);
-    let mut opt = nn::Adam { wd: cfg.weight_decay, ..Default::default() }.build(&vs, cfg.lr)?;
+    let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut state = RunState::default();
     if resume {
-        let last = run.path("last.ot");
-        vs.load(&last).with_context(|| format!("resuming from {}", last.display()))?;
         let s = std::fs::read_to_string(run.path("state.json")).context("reading state.json to resume")?;
         state = serde_json::from_str(&s)?;
-        eprintln!("resumed at iteration {} (Adam moments restart from zero)", state.iteration);
+        state.iteration = load_last(&vs, &mut opt, &run.path("last.ot"))?;
+        eprintln!("resumed at iteration {}", state.iteration);
     }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -133,6 +168,9 @@ pub fn fit(
     let t_start = Instant::now();
     let start_iteration = state.iteration;
     while state.iteration < iterations {
+        // Each iteration's randomness (batch, Hutchinson noise) comes from its own
+        // seed, so a resumed run continues exactly as an uninterrupted one.
+        tch::manual_seed(cfg.seed.wrapping_add(1_000_003_i64.wrapping_mul(state.iteration as i64 + 1)));
         let batch = if let Some(name) = &cfg.toy {
             to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
         } else {
@@ -153,10 +191,15 @@ pub fn fit(
             Gradient::Adjoint => chain.backward_by_layers(&batch, &train_opts)?,
         };
         if !loss_value.is_finite() {
+            let last = run.path("last.ot");
+            let kept = if last.exists() {
+                format!("the last good checkpoint {} is kept (resume with --resume)", last.display())
+            } else {
+                "no checkpoint had been written yet".to_string()
+            };
             bail!(
-                "loss became {loss_value} at iteration {}; stopped. The last good checkpoint is {} (try a lower --lr or tighter tolerances)",
-                state.iteration,
-                run.path("last.ot").display()
+                "loss became {loss_value} at iteration {}; training stopped and {kept}. Try a lower --lr, a smaller --end-time or tighter tolerances",
+                state.iteration
             );
         }
         let (nfe_forward, nfe_backward) = (stats.solve.nfe, stats.backward.nfe);
@@ -182,7 +225,7 @@ pub fn fit(
             } else {
                 state.stale_validations += 1;
             }
-            save_checkpoint(&vs, &run.path("last.ot"))?;
+            save_last(&vs, &opt, state.iteration, &run.path("last.ot"))?;
             write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
             say(
                 &bar,

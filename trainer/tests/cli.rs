@@ -271,12 +271,70 @@ fn bad_input_gets_errors_that_name_the_problem() {
         err(&["score", "--model", "m.ffjd", "--data", "three.csv"], d)
             .contains("data has 3 columns, the model m.ffjd expects 2")
     );
+    // Settings no run can use are refused up front; a loss that overflows stops the run.
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "m2.ffjd", "--lr", "inf"], d)
+            .contains("lr must be finite and positive")
+    );
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "m2.ffjd", "--threshold-quantile", "1.5"], d)
+            .contains("threshold_quantile")
+    );
+    let blown = err(
+        &[
+            "fit",
+            "--toy",
+            "moons",
+            "--out",
+            "m2.ffjd",
+            "--end-time",
+            "1e20",
+            "--solver",
+            "euler",
+            "--steps",
+            "1",
+        ],
+        d,
+    );
+    assert!(blown.contains("loss became inf at iteration 0; training stopped"), "{blown}");
+    assert!(!d.join("m2.ffjd").exists());
     // A truncated copy of a real model is refused with the file named.
     let bytes = std::fs::read(d.join("m.ffjd")).unwrap();
     std::fs::write(d.join("cut.ffjd"), &bytes[..bytes.len() / 2]).unwrap();
     assert!(err(&["inspect", "cut.ffjd"], d).contains("cut.ffjd:"));
     // Failed runs never leave a partial model file behind.
     assert!(!d.join("never.ffjd").exists());
+}
+
+#[test]
+fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common = [
+        "--toy",
+        "rings",
+        "--hidden",
+        "16,16",
+        "--batch",
+        "128",
+        "--valid-every",
+        "5",
+        "--trace",
+        "gaussian",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["fit"];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        ok(&a, d);
+    };
+    run(&["--out", "whole.ffjd", "--iterations", "20"]);
+    run(&["--out", "split.ffjd", "--iterations", "10"]);
+    run(&["--out", "split.ffjd", "--iterations", "20", "--resume"]);
+    ok(&["toy", "rings", "--n", "50", "--out", "pts.csv"], d);
+    let whole = ok(&["score", "--model", "whole.ffjd", "--data", "pts.csv"], d);
+    let split = ok(&["score", "--model", "split.ffjd", "--data", "pts.csv"], d);
+    assert_eq!(whole, split, "parameters, Adam moments and per-iteration seeds all carry over");
 }
 
 #[test]
