@@ -4,6 +4,8 @@
 
 use core::fmt;
 
+use crate::math::Decimal;
+
 /// Why a model blob was rejected by [`crate::Model::from_bytes`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -234,12 +236,14 @@ impl fmt::Display for SolveError {
                 write!(f, "output buffer holds {found} values, {expected} needed")
             }
             SolveError::MaxStepsReached { t, steps } => {
-                write!(f, "solver gave up after {steps} steps at t = {t}")
+                write!(f, "solver gave up after {steps} steps at t = {}", Decimal(t))
             }
             SolveError::StepSizeUnderflow { t, h } => {
-                write!(f, "step size {h} below the minimum at t = {t}")
+                write!(f, "step size {} below the minimum at t = {}", Decimal(h), Decimal(t))
             }
-            SolveError::NonFiniteState { t } => write!(f, "state became NaN or infinite at t = {t}"),
+            SolveError::NonFiniteState { t } => {
+                write!(f, "state became NaN or infinite at t = {}", Decimal(t))
+            }
             SolveError::InvalidSolver => f.write_str("invalid solver settings"),
         }
     }

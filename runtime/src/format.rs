@@ -16,8 +16,9 @@ use crate::solver::Solver;
 pub const MAGIC: [u8; 4] = *b"FFJD";
 /// The format version this runtime writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
-/// Most stages (CNF blocks and affine layers) in one chain.
-pub const MAX_STAGES: usize = 16;
+/// Most stages (CNF blocks and affine layers) in one chain: room for ten
+/// blocks with batch norm around each (FFJORD's HEPMASS model has 21).
+pub const MAX_STAGES: usize = 32;
 /// Most layers in one CNF's ODE net (so at most `MAX_LAYERS - 1` hidden layers).
 pub const MAX_LAYERS: usize = 8;
 /// Bytes before the postcard header.
@@ -160,39 +161,119 @@ pub struct Layout {
 impl Header<'_> {
     /// Checks every field and derives the weight layout.
     pub fn layout(&self) -> Result<Layout, LoadError> {
-        let dim = usize::from(self.dim);
-        if dim == 0 {
-            return Err(LoadError::InvalidField(Field::Dim));
+        validate(self.dim, self.standardize, &self.solver, self.threshold, self.stages.iter().cloned())
+    }
+}
+
+/// Checks a header's fields and its stages (in order) and derives the layout.
+fn validate(
+    dim: u16,
+    standardize: bool,
+    solver: &Solver,
+    threshold: Option<Threshold>,
+    stages: impl Iterator<Item = Stage>,
+) -> Result<Layout, LoadError> {
+    let dim = usize::from(dim);
+    if dim == 0 {
+        return Err(LoadError::InvalidField(Field::Dim));
+    }
+    solver.validate().map_err(|_| LoadError::InvalidField(Field::Solver))?;
+    if let Some(t) = threshold
+        && !(t.score.is_finite() && t.quantile > 0.0 && t.quantile < 1.0)
+    {
+        return Err(LoadError::InvalidField(Field::Threshold));
+    }
+    let mut count: usize = if standardize { 2 * dim } else { 0 };
+    let mut max_width = dim;
+    let mut stage_offsets = heapless::Vec::new();
+    let mut any_cnf = false;
+    for (s, stage) in stages.enumerate() {
+        stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
+        let stage_count = match &stage {
+            Stage::Affine => 2 * dim,
+            Stage::Cnf(cnf) => {
+                any_cnf = true;
+                validate_cnf(cnf, s, dim, &mut max_width)?
+            }
+        };
+        count = count.checked_add(stage_count).ok_or(LoadError::InvalidField(Field::Size))?;
+    }
+    if !any_cnf {
+        return Err(LoadError::InvalidField(Field::Stages));
+    }
+    if count > u32::MAX as usize / 4 {
+        return Err(LoadError::InvalidField(Field::Size));
+    }
+    Ok(Layout { weight_count: count, stage_offsets, max_width })
+}
+
+/// A model header as the runtime keeps it: the fixed fields by value and the
+/// stage list left in the file, decoded one stage at a time. A decoded
+/// [`Header`] holds every stage by value (≈ 1.7 KB); copying that through
+/// loading cost several KB of stack on a microcontroller.
+#[derive(Clone, Debug)]
+pub struct HeaderView<'a> {
+    /// Data dimension `D`.
+    pub dim: u16,
+    /// Whether the weights start with `mean[D]`, `std[D]`.
+    pub standardize: bool,
+    /// The default solver.
+    pub solver: Solver,
+    /// Anomaly threshold, if calibrated.
+    pub threshold: Option<Threshold>,
+    /// Provenance.
+    pub metadata: Metadata<'a>,
+    /// The postcard bytes of the stage elements.
+    stages_raw: &'a [u8],
+    /// Byte offset of each stage in `stages_raw`.
+    stage_starts: heapless::Vec<u32, MAX_STAGES>,
+}
+
+fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), LoadError> {
+    postcard::take_from_bytes::<T>(bytes).map_err(|_| LoadError::MalformedHeader)
+}
+
+impl<'a> HeaderView<'a> {
+    /// Decodes a postcard header (the same bytes [`Header`] encodes to) and
+    /// validates it; returns the view, its layout and the bytes after it.
+    pub fn decode(payload: &'a [u8]) -> Result<(Self, Layout, &'a [u8]), LoadError> {
+        let (dim, rest) = take::<u16>(payload)?;
+        let (standardize, rest) = take::<bool>(rest)?;
+        // A sequence is its length (a varint) followed by the elements.
+        let (n, stages_start) = take::<u32>(rest)?;
+        if n as usize > MAX_STAGES {
+            return Err(LoadError::MalformedHeader);
         }
-        self.solver.validate().map_err(|_| LoadError::InvalidField(Field::Solver))?;
-        if let Some(t) = self.threshold
-            && !(t.score.is_finite() && t.quantile > 0.0 && t.quantile < 1.0)
-        {
-            return Err(LoadError::InvalidField(Field::Threshold));
+        let mut stage_starts = heapless::Vec::new();
+        let mut rest = stages_start;
+        for _ in 0..n {
+            let offset = (stages_start.len() - rest.len()) as u32;
+            stage_starts.push(offset).map_err(|_| LoadError::MalformedHeader)?;
+            rest = take::<Stage>(rest)?.1;
         }
-        let mut count: usize = if self.standardize { 2 * dim } else { 0 };
-        let mut max_width = dim;
-        let mut stage_offsets = heapless::Vec::new();
-        let mut any_cnf = false;
-        for (s, stage) in self.stages.iter().enumerate() {
-            // Capacity equals MAX_STAGES, which bounds `stages` too.
-            stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
-            let stage_count = match stage {
-                Stage::Affine => 2 * dim,
-                Stage::Cnf(cnf) => {
-                    any_cnf = true;
-                    validate_cnf(cnf, s, dim, &mut max_width)?
-                }
-            };
-            count = count.checked_add(stage_count).ok_or(LoadError::InvalidField(Field::Size))?;
-        }
-        if !any_cnf {
-            return Err(LoadError::InvalidField(Field::Stages));
-        }
-        if count > u32::MAX as usize / 4 {
-            return Err(LoadError::InvalidField(Field::Size));
-        }
-        Ok(Layout { weight_count: count, stage_offsets, max_width })
+        let stages_raw = stages_start.get(..stages_start.len() - rest.len()).unwrap_or(&[]);
+        let (solver, rest) = take::<Solver>(rest)?;
+        let (threshold, rest) = take::<Option<Threshold>>(rest)?;
+        let (metadata, rest) = take::<Metadata<'a>>(rest)?;
+        let view = HeaderView { dim, standardize, solver, threshold, metadata, stages_raw, stage_starts };
+        let layout = validate(dim, standardize, &solver, threshold, view.stages())?;
+        Ok((view, layout, rest))
+    }
+
+    /// Number of stages.
+    pub fn stage_count(&self) -> usize {
+        self.stage_starts.len()
+    }
+
+    /// Stage `i`, decoded from the file.
+    pub fn stage(&self, i: usize) -> Option<Stage> {
+        let start = *self.stage_starts.get(i)? as usize;
+        postcard::take_from_bytes::<Stage>(self.stages_raw.get(start..)?).ok().map(|(s, _)| s)
+    }
+
+    /// The stages in order, data side first.
+    pub fn stages(&self) -> impl DoubleEndedIterator<Item = Stage> + '_ {
+        (0..self.stage_count()).filter_map(|i| self.stage(i))
     }
 }
 

@@ -27,7 +27,7 @@ pub mod solver;
 pub use base::fill_standard_normal;
 pub use error::{Error, Field, LoadError, SolveError};
 pub use flow::{BatchError, Flow, LogDensity, Sample, Score, Verdict};
-pub use format::{Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Stage, Threshold};
+pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, Metadata, Stage, Threshold};
 pub use model::Model;
 pub use net::CnfBlock;
 pub use solver::{Dopri5, Dynamics, Solver, Stats};

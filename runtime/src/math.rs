@@ -27,6 +27,41 @@ pub fn standard_normal_log_prob(z: &[f32]) -> f32 {
     z.iter().map(|&v| -HALF_LN_2PI - 0.5 * v * v).sum()
 }
 
+/// Formats an `f32` with integer arithmetic only, so error messages do not
+/// pull `core`'s float formatting (8–10 KB of flash) into firmware. Six
+/// significant decimals: fixed notation for 1e-3 ≤ |v| < 1e7, else `m.mmmmmme±x`.
+#[derive(Clone, Copy, Debug)]
+pub struct Decimal(pub f32);
+
+impl core::fmt::Display for Decimal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let v = self.0;
+        if v.is_nan() {
+            return f.write_str("NaN");
+        }
+        let sign = if v.is_sign_negative() { "-" } else { "" };
+        let a = libm::fabsf(v);
+        if a.is_infinite() {
+            return write!(f, "{sign}inf");
+        }
+        if a == 0.0 {
+            return f.write_str("0");
+        }
+        let (mantissa, exponent) = if (1e-3..1e7).contains(&a) {
+            (a, None)
+        } else {
+            let e = libm::floorf(libm::log10f(a));
+            (a / libm::powf(10.0, e), Some(e as i32))
+        };
+        let micros = libm::round(f64::from(mantissa) * 1e6) as u64;
+        write!(f, "{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000)?;
+        match exponent {
+            Some(e) => write!(f, "e{e}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Whether every value is finite; `Err(index)` of the first that is not.
 pub(crate) fn check_finite(xs: &[f32]) -> Result<(), usize> {
     match xs.iter().position(|v| !v.is_finite()) {
@@ -56,6 +91,19 @@ mod tests {
             assert!((softplus(x) as f64 - r).abs() < 1e-6);
         }
         assert_eq!(softplus(25.0), 25.0);
+    }
+
+    #[test]
+    fn decimal_formats_without_float_formatting() {
+        extern crate std;
+        use std::format;
+        assert_eq!(format!("{}", Decimal(0.5)), "0.500000");
+        assert_eq!(format!("{}", Decimal(-12.25)), "-12.250000");
+        assert_eq!(format!("{}", Decimal(0.0)), "0");
+        assert_eq!(format!("{}", Decimal(f32::NAN)), "NaN");
+        assert_eq!(format!("{}", Decimal(f32::NEG_INFINITY)), "-inf");
+        assert_eq!(format!("{}", Decimal(2.5e-7)), "2.500000e-7");
+        assert_eq!(format!("{}", Decimal(3.0e12)), "3.000000e12");
     }
 
     #[test]

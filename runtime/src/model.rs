@@ -2,7 +2,7 @@
 
 use crate::error::{LoadError, SolveError};
 use crate::format::{
-    CRC_LEN, FORMAT_VERSION, Header, Layout, MAGIC, MAX_STAGES, Metadata, PREAMBLE_LEN, Stage, Threshold,
+    CRC_LEN, FORMAT_VERSION, HeaderView, Layout, MAGIC, MAX_STAGES, Metadata, PREAMBLE_LEN, Stage, Threshold,
     Weights, crc32,
 };
 use crate::net::CnfBlock;
@@ -15,7 +15,7 @@ use crate::solver::Solver;
 /// so evaluation never meets malformed data.
 #[derive(Clone, Debug)]
 pub struct Model<'a> {
-    header: Header<'a>,
+    header: HeaderView<'a>,
     layout: Layout,
     weights: Weights<'a>,
     /// log|det| of input standardization (`−Σ ln std`), 0 without it.
@@ -52,8 +52,7 @@ impl<'a> Model<'a> {
         if stored != computed {
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
-        let (header, after_header) =
-            postcard::take_from_bytes::<Header<'a>>(payload).map_err(|_| LoadError::MalformedHeader)?;
+        let (header, layout, after_header) = HeaderView::decode(payload)?;
         let header_end = body.len() - after_header.len();
         let pad = (4 - header_end % 4) % 4;
         let (padding, weight_bytes) =
@@ -61,7 +60,6 @@ impl<'a> Model<'a> {
         if padding.iter().any(|&b| b != 0) {
             return Err(LoadError::BadPadding);
         }
-        let layout = header.layout()?;
         if weight_bytes.len() != 4 * layout.weight_count {
             return Err(LoadError::WeightCount {
                 expected: layout.weight_count as u32,
@@ -85,7 +83,7 @@ impl<'a> Model<'a> {
         };
         let standardize_log_det = if header.standardize { -scale_log_det(dim)? } else { 0.0 };
         let mut affine_log_dets = heapless::Vec::new();
-        for (stage, &offset) in header.stages.iter().zip(layout.stage_offsets.iter()) {
+        for (stage, &offset) in header.stages().zip(layout.stage_offsets.iter()) {
             let ld = match stage {
                 Stage::Affine => scale_log_det(offset)?,
                 Stage::Cnf(_) => 0.0,
@@ -100,8 +98,8 @@ impl<'a> Model<'a> {
         usize::from(self.header.dim)
     }
 
-    /// The decoded header.
-    pub fn header(&self) -> &Header<'a> {
+    /// The header (stages are decoded on demand: [`HeaderView::stage`]).
+    pub fn header(&self) -> &HeaderView<'a> {
         &self.header
     }
 
@@ -127,7 +125,7 @@ impl<'a> Model<'a> {
 
     /// Number of stages in the chain.
     pub fn stage_count(&self) -> usize {
-        self.header.stages.len()
+        self.header.stage_count()
     }
 
     /// Floats of scratch that evaluating this model with `solver` needs.
@@ -143,7 +141,7 @@ impl<'a> Model<'a> {
     pub fn flops_per_evaluation(&self) -> u64 {
         let lanes = self.dim() as u64 + 1;
         let mut flops = 0u64;
-        for stage in &self.header.stages {
+        for stage in self.header.stages() {
             if let Stage::Cnf(cnf) = stage {
                 let mut d_in = self.dim() as u64;
                 for layer in &cnf.layers {
@@ -157,8 +155,8 @@ impl<'a> Model<'a> {
     }
 
     /// The `i`-th stage as CNF dynamics, if it is a CNF stage.
-    pub fn cnf_block(&self, i: usize) -> Option<CnfBlock<'_, 'a>> {
-        match self.header.stages.get(i)? {
+    pub fn cnf_block(&self, i: usize) -> Option<CnfBlock<'a>> {
+        match self.header.stage(i)? {
             Stage::Cnf(spec) => {
                 let offset = *self.layout.stage_offsets.get(i)?;
                 let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.weight_count);
@@ -169,8 +167,8 @@ impl<'a> Model<'a> {
         }
     }
 
-    pub(crate) fn stages(&self) -> impl DoubleEndedIterator<Item = (usize, &Stage)> {
-        self.header.stages.iter().enumerate()
+    pub(crate) fn stages(&self) -> impl DoubleEndedIterator<Item = (usize, Stage)> + '_ {
+        (0..self.header.stage_count()).filter_map(|i| self.header.stage(i).map(|s| (i, s)))
     }
 
     /// `(mean, std)` of input standardization.

@@ -15,17 +15,17 @@ use crate::solver::Dynamics;
 
 /// One CNF block as dynamics of the augmented state `[z (D values), ℓ]` with
 /// `dz/dt = f(t, z)` and `dℓ/dt = −Tr(∂f/∂z)` (spec §1, code convention).
-#[derive(Clone, Copy, Debug)]
-pub struct CnfBlock<'m, 'a> {
-    spec: &'m CnfSpec,
+#[derive(Clone, Debug)]
+pub struct CnfBlock<'a> {
+    spec: CnfSpec,
     weights: Weights<'a>,
     dim: usize,
     max_width: usize,
 }
 
-impl<'m, 'a> CnfBlock<'m, 'a> {
+impl<'a> CnfBlock<'a> {
     /// A block over validated `spec` and its `weights` (from [`crate::Model`]).
-    pub(crate) fn new(spec: &'m CnfSpec, weights: Weights<'a>, dim: usize, max_width: usize) -> Self {
+    pub(crate) fn new(spec: CnfSpec, weights: Weights<'a>, dim: usize, max_width: usize) -> Self {
         CnfBlock { spec, weights, dim, max_width }
     }
 
@@ -104,7 +104,7 @@ impl<'m, 'a> CnfBlock<'m, 'a> {
     }
 }
 
-impl Dynamics for CnfBlock<'_, '_> {
+impl Dynamics for CnfBlock<'_> {
     fn dim(&self) -> usize {
         self.dim + 1
     }

@@ -134,8 +134,8 @@ fn exact_divergence_equals_finite_difference_trace() {
                 let bytes = random_model(d, &[32, 24], kinds, act, 1, case);
                 let model = Model::from_bytes(&bytes).unwrap();
                 let block = model.cnf_block(0).unwrap();
-                let spec = match &model.header().stages[0] {
-                    Stage::Cnf(c) => c.clone(),
+                let spec = match model.header().stage(0).unwrap() {
+                    Stage::Cnf(c) => c,
                     _ => unreachable!(),
                 };
                 // Network weights follow mean/std in the weight section.

@@ -82,7 +82,7 @@ pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
     let h = model.header();
     let standardize = h.standardize.then(|| JsonStandardize { mean: take(d), std: take(d) });
     let mut stages = Vec::new();
-    for stage in &h.stages {
+    for stage in h.stages() {
         match stage {
             Stage::Affine => stages.push(JsonStage::Affine { scale: take(d), shift: take(d) }),
             Stage::Cnf(c) => {

@@ -553,7 +553,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     println!("command     {}", h.metadata.command);
     println!("dimension   {}", model.dim());
     println!("parameters  {}", model.weight_count());
-    for (i, s) in h.stages.iter().enumerate() {
+    for (i, s) in h.stages().enumerate() {
         match s {
             ffjord_runtime::Stage::Cnf(c) => {
                 let widths: Vec<String> =

@@ -93,7 +93,7 @@ pub fn chain_from_model(
         layers.push(Box::new(Affine { scale: std.reciprocal(), shift: -(mean / &std) }));
         off = 2 * d;
     }
-    for (i, stage) in model.header().stages.iter().enumerate() {
+    for (i, stage) in model.header().stages().enumerate() {
         match stage {
             Stage::Affine => {
                 layers.push(Box::new(Affine {
