@@ -690,6 +690,9 @@ mod tests {
     use crate::ode::Method;
     use tch::Device;
 
+    /// libtorch's generator is global; tests on other threads must not draw in between.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn chain(vs: &nn::VarStore, dim: i64) -> Chain {
         let layers: Vec<Box<dyn FlowLayer>> = (0..2)
             .map(|b| {
@@ -704,6 +707,7 @@ mod tests {
 
     #[test]
     fn sampling_inverts_the_forward_pass_and_carries_log_p() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
         let mut vs = nn::VarStore::new(Device::Cpu);
         let c = chain(&vs, 3);
@@ -718,6 +722,7 @@ mod tests {
 
     #[test]
     fn hutchinson_is_unbiased_for_the_exact_trace() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(2);
         let mut vs = nn::VarStore::new(Device::Cpu);
         let c = chain(&vs, 4);

@@ -8,6 +8,15 @@ use tch::{Device, Kind, Tensor, nn};
 
 const TOL: f64 = 1e-9;
 
+/// libtorch's random generator is global and the test harness runs tests on
+/// several threads: each test holds this lock so its seeded draws (the
+/// Hutchinson noise the two gradient methods must share) are its own.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn chain(vs: &nn::VarStore, dim: i64, blocks: usize, kind: LayerKind) -> Chain {
     let layers: Vec<Box<dyn FlowLayer>> = (0..blocks)
         .map(|b| {
@@ -67,6 +76,7 @@ fn setup(dim: i64, blocks: usize, kind: LayerKind, seed: i64) -> (nn::VarStore, 
 
 #[test]
 fn adjoint_matches_backprop_on_every_parameter() {
+    let _rng = lock();
     for (dim, blocks, kind, trace) in [
         (2, 1, LayerKind::ConcatSquash, TraceMode::Exact),
         (3, 2, LayerKind::Concat, TraceMode::Gaussian),
@@ -95,6 +105,7 @@ fn adjoint_matches_backprop_on_every_parameter() {
 
 #[test]
 fn adjoint_matches_backprop_with_batch_norm_between_blocks() {
+    let _rng = lock();
     let cfg = ffjord_trainer::config::TrainConfig {
         hidden: vec![8],
         blocks: 2,
@@ -162,6 +173,7 @@ fn adjoint_matches_backprop_with_batch_norm_between_blocks() {
 
 #[test]
 fn backprop_matches_finite_differences() {
+    let _rng = lock();
     let (vs, c, x) = setup(2, 1, LayerKind::ConcatSquash, 3);
     zero_grads(&vs);
     backprop_loss(&c, &x, TraceMode::Exact).backward();

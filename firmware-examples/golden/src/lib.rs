@@ -117,7 +117,8 @@ pub fn write(model_path: &Path, rows: &[(Vec<f32>, bool)], out_dir: &Path) {
         writeln!(s, "    ([{}], {:?}),", vals.join(", "), smp.log_p).unwrap();
     }
     writeln!(s, "];").unwrap();
-    let needed = solvers.iter().map(|(_, so)| model.scratch_len(so)).max().unwrap_or(0).max(flow.scratch_len());
+    let needed =
+        solvers.iter().map(|(_, so)| model.scratch_len(so)).max().unwrap_or(0).max(flow.scratch_len());
     writeln!(s, "pub const SCRATCH: usize = {needed};").unwrap();
     writeln!(
         s,

@@ -19,6 +19,8 @@ fn main() -> ! {
     let (bottom, top) = (core::ptr::addr_of!(__sheap) as usize, core::ptr::addr_of!(_stack_start) as usize);
     // SAFETY: cortex-m-rt puts the stack above all static data (`__sheap`) and
     // below `_stack_start`; nothing uses a heap.
-    let code = unsafe { scorer_core::firmware_main::<DIM, SCRATCH>(&mut scorer_core::Semihosting, &GOLDEN, bottom, top) };
+    let code = unsafe {
+        scorer_core::firmware_main::<DIM, SCRATCH>(&mut scorer_core::Semihosting, &GOLDEN, bottom, top)
+    };
     semihosting::process::exit(code)
 }

@@ -18,6 +18,8 @@ fn main() -> ! {
     let (bottom, top) = (core::ptr::addr_of!(__sheap) as usize, core::ptr::addr_of!(_stack_start) as usize);
     // SAFETY: riscv-rt places the stack above the heap start `__sheap` (all
     // static data lies below it) up to `_stack_start`; nothing uses a heap.
-    let code = unsafe { scorer_core::firmware_main::<DIM, SCRATCH>(&mut scorer_core::Semihosting, &GOLDEN, bottom, top) };
+    let code = unsafe {
+        scorer_core::firmware_main::<DIM, SCRATCH>(&mut scorer_core::Semihosting, &GOLDEN, bottom, top)
+    };
     semihosting::process::exit(code)
 }

@@ -124,7 +124,13 @@ pub fn run<const D: usize>(out: &mut impl Console, g: &Golden<'_, D>, scratch: &
         }
     };
     let mut failures = 0;
-    let _ = writeln!(out, "model '{}': D = {}, {} weights", model.metadata().name, model.dim(), model.weight_count());
+    let _ = writeln!(
+        out,
+        "model '{}': D = {}, {} weights",
+        model.metadata().name,
+        model.dim(),
+        model.weight_count()
+    );
     for (name, flops) in solvers.iter().map(|(n, _)| n).zip(g.flops) {
         let _ = writeln!(out, "flops {name} {flops}");
     }
@@ -159,7 +165,13 @@ pub fn run<const D: usize>(out: &mut impl Console, g: &Golden<'_, D>, scratch: &
                         if ok { "ok" } else { "MISMATCH" }
                     );
                     if !ok {
-                        let _ = writeln!(out, "  host: log p = {}, nfe = {}, anomaly = {}", Fixed(e.log_p), e.nfe, e.anomaly);
+                        let _ = writeln!(
+                            out,
+                            "  host: log p = {}, nfe = {}, anomaly = {}",
+                            Fixed(e.log_p),
+                            e.nfe,
+                            e.anomaly
+                        );
                     }
                 }
                 Err(err) => {
