@@ -63,6 +63,21 @@ enum Command {
     Export(ExportArgs),
     /// Turn the JSON form (hand-written or from `export --format json`) into a model file.
     Import(ImportArgs),
+    /// Turn a raw labelled data set into train/test splits (see `scripts/fetch-data`).
+    Prepare(PrepareArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// Data set: shuttle.
+    name: String,
+    /// The raw file (`scripts/fetch-data NAME` prints its path).
+    #[arg(long)]
+    raw: PathBuf,
+    #[arg(long)]
+    out_dir: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
 }
 
 #[derive(clap::Args)]
@@ -303,6 +318,10 @@ struct EvalArgs {
     /// Write per-row log p (float64) to this CSV.
     #[arg(long)]
     rows_out: Option<PathBuf>,
+    /// A 0/1 column marking anomalies: also report AUROC, average precision and
+    /// precision/recall/false-positive rate at the model's threshold.
+    #[arg(long)]
+    labels: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -393,6 +412,7 @@ fn run() -> Result<()> {
                 &command_line(),
             )
         }
+        Command::Prepare(a) => ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed),
         Command::Import(a) => {
             let text =
                 std::fs::read_to_string(&a.json).with_context(|| format!("reading {}", a.json.display()))?;
@@ -442,8 +462,26 @@ fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, d
 }
 
 fn eval(args: &EvalArgs) -> Result<()> {
-    let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+    let (bytes, table, labels) = match &args.labels {
+        Some(col) => {
+            let bytes = modelfile::read_model_bytes(&args.model)?;
+            let (table, labels) = ffjord_trainer::anomaly::split_labels(&args.data.load()?, col)?;
+            (bytes, table, Some(labels))
+        }
+        None => {
+            let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+            (bytes, table, None)
+        }
+    };
     let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if table.dim() != model.dim() {
+        bail!(
+            "data has {} feature columns, the model {} expects {}",
+            table.dim(),
+            args.model.display(),
+            model.dim()
+        );
+    }
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
@@ -460,6 +498,22 @@ fn eval(args: &EvalArgs) -> Result<()> {
     );
     if let Some(p) = &args.rows_out {
         write_table(p, &["log_p".into()], log_p.iter().map(|&v| vec![v]))?;
+    }
+    if let Some(labels) = labels {
+        let scores: Vec<f64> = log_p.iter().map(|v| -v).collect();
+        let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
+        let q = model.threshold().map_or(f64::NAN, |t| f64::from(t.quantile));
+        let m = ffjord_trainer::anomaly::detection(&scores, &labels, threshold);
+        let pos = labels.iter().filter(|&&a| a).count();
+        println!("anomalies {pos} of {}", labels.len());
+        println!(
+            "| AUROC | average precision | precision | recall | false-positive rate | threshold (quantile) |"
+        );
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {threshold:.3} ({q}) |",
+            m.auroc, m.average_precision, m.precision, m.recall, m.false_positive_rate
+        );
     }
     Ok(())
 }

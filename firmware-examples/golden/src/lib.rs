@@ -54,6 +54,46 @@ pub fn eight_gaussians_rows() -> Vec<(Vec<f32>, bool)> {
     rows
 }
 
+/// Rows from a CSV file with a header whose last column is a 0/1 `anomaly`
+/// label (e.g. `models/shuttle/golden-rows.csv`: real rows of the test split).
+pub fn rows_from_csv(path: &Path) -> Vec<(Vec<f32>, bool)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.ends_with("anomaly"), "{}: the last column must be `anomaly`", path.display());
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: Vec<f32> = l
+                .split(',')
+                .map(|x| x.trim().parse().unwrap_or_else(|_| panic!("{}:{}: not a number: {x}", path.display(), i + 2)))
+                .collect();
+            let label = v.pop().expect("a label column") == 1.0;
+            (v, label)
+        })
+        .collect()
+}
+
+/// The model and rows an example embeds: `FFJORD_MODEL` and `FFJORD_ROWS`
+/// (a labelled CSV) when set, else the 2-D 8gaussians demo model and its rows.
+pub fn write_for_example(manifest_dir: &Path, out_dir: &Path) {
+    println!("cargo:rerun-if-env-changed=FFJORD_MODEL");
+    println!("cargo:rerun-if-env-changed=FFJORD_ROWS");
+    let model = std::env::var("FFJORD_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| manifest_dir.join("../../models/8gaussians-mcu/model.ffjd"));
+    println!("cargo:rerun-if-changed={}", model.display());
+    let rows = match std::env::var("FFJORD_ROWS") {
+        Ok(p) => {
+            println!("cargo:rerun-if-changed={p}");
+            rows_from_csv(Path::new(&p))
+        }
+        Err(_) => eight_gaussians_rows(),
+    };
+    write(&model, &rows, out_dir);
+}
+
 /// Writes `out_dir/golden.rs` for `model_path` and `rows`. The file expects
 /// `Solver`, `Dopri5`, `Expected` and `Golden` in scope.
 pub fn write(model_path: &Path, rows: &[(Vec<f32>, bool)], out_dir: &Path) {

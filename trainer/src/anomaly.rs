@@ -1,0 +1,187 @@
+//! Labelled anomaly detection: preparing the ODDS-style splits and scoring a
+//! model against labels (AUROC, average precision, and precision, recall and
+//! false-positive rate at the model's stored threshold).
+
+use std::path::Path;
+
+use anyhow::{Result, bail, ensure};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{self, Table};
+use crate::modelfile::write_atomic;
+
+/// What a raw file must look like.
+struct Expect {
+    columns: &'static [&'static str],
+    rows: usize,
+    outliers: usize,
+}
+
+const SHUTTLE: Expect = Expect {
+    columns: &["f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9", "anomaly"],
+    rows: 49_097,
+    outliers: 3_511,
+};
+
+/// `trainer prepare shuttle`: train on a random half of the normal rows
+/// (dequantized with U(0, 1) noise: the sensor readings are integers), test on
+/// the other half plus every outlier. Writes `train.csv` and `test.csv` (with
+/// the `anomaly` column) into `out_dir`.
+pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64) -> Result<()> {
+    let expect = match name {
+        "shuttle" => SHUTTLE,
+        other => bail!("unknown data set '{other}' for prepare (known: shuttle)"),
+    };
+    let table = data::load(raw, None)?;
+    ensure!(
+        table.columns == expect.columns,
+        "{}: header is {:?}, expected {:?} (is this the raw shuttle.csv from river 0.26.1?)",
+        raw.display(),
+        table.columns,
+        expect.columns
+    );
+    ensure!(table.rows == expect.rows, "{}: {} rows, expected {}", raw.display(), table.rows, expect.rows);
+    let d = table.dim() - 1;
+    let labels: Vec<bool> = (0..table.rows).map(|i| table.row(i)[d] == 1.0).collect();
+    let outliers = labels.iter().filter(|&&a| a).count();
+    ensure!(
+        outliers == expect.outliers,
+        "{}: {outliers} outliers, expected {}",
+        raw.display(),
+        expect.outliers
+    );
+    let normal: Vec<usize> = (0..table.rows).filter(|&i| !labels[i]).collect();
+    tch::manual_seed(seed);
+    let perm = Vec::<i64>::try_from(&Tensor::randperm(normal.len() as i64, (Kind::Int64, Device::Cpu)))?;
+    let half = normal.len() / 2;
+    let header: Vec<&str> = expect.columns[..d].to_vec();
+    let noise = Tensor::rand([half as i64, d as i64], (Kind::Double, Device::Cpu));
+    let noise = Vec::<f64>::try_from(&noise.view(-1))?;
+    let mut train = header.join(",") + "\n";
+    for (k, &p) in perm[..half].iter().enumerate() {
+        let row = table.row(normal[p as usize]);
+        let vals: Vec<String> = (0..d).map(|j| format!("{}", row[j] + noise[k * d + j])).collect();
+        train += &(vals.join(",") + "\n");
+    }
+    let mut test = expect.columns.join(",") + "\n";
+    let mut n_test = 0;
+    for &p in &perm[half..] {
+        test += &csv_row(table.row(normal[p as usize]));
+        n_test += 1;
+    }
+    for i in (0..table.rows).filter(|&i| labels[i]) {
+        test += &csv_row(table.row(i));
+        n_test += 1;
+    }
+    std::fs::create_dir_all(out_dir)?;
+    write_atomic(&out_dir.join("train.csv"), train.as_bytes())?;
+    write_atomic(&out_dir.join("test.csv"), test.as_bytes())?;
+    println!(
+        "{name}: train {half} normal rows (dequantized), test {n_test} rows ({} normal, {outliers} outliers) in {}",
+        n_test - outliers,
+        out_dir.display()
+    );
+    Ok(())
+}
+
+fn csv_row(r: &[f64]) -> String {
+    r.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",") + "\n"
+}
+
+/// Splits the label column off a table: (features, labels).
+pub fn split_labels(table: &Table, column: &str) -> Result<(Table, Vec<bool>)> {
+    let Some(j) = table.columns.iter().position(|c| c == column) else {
+        bail!("no label column '{column}' (columns: {})", table.columns.join(", "));
+    };
+    let d = table.dim();
+    let mut values = Vec::with_capacity(table.rows * (d - 1));
+    let mut labels = Vec::with_capacity(table.rows);
+    for i in 0..table.rows {
+        let r = table.row(i);
+        ensure!(r[j] == 0.0 || r[j] == 1.0, "row {}: label '{column}' is {}, expected 0 or 1", i + 1, r[j]);
+        labels.push(r[j] == 1.0);
+        values.extend(r.iter().enumerate().filter(|&(k, _)| k != j).map(|(_, v)| *v));
+    }
+    let columns = table.columns.iter().enumerate().filter(|&(k, _)| k != j).map(|(_, c)| c.clone()).collect();
+    Ok((Table { columns, rows: table.rows, values }, labels))
+}
+
+/// Detection quality of anomaly scores against labels.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Detection {
+    pub auroc: f64,
+    pub average_precision: f64,
+    /// At the given threshold (score > threshold is flagged).
+    pub precision: f64,
+    pub recall: f64,
+    pub false_positive_rate: f64,
+}
+
+/// AUROC (Mann–Whitney, ties counted half), average precision, and the
+/// confusion rates at `threshold`.
+pub fn detection(scores: &[f64], anomalous: &[bool], threshold: f64) -> Detection {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Average ranks (1-based) with ties.
+    let mut ranks = vec![0.0; scores.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            ranks[k] = r;
+        }
+        i = j + 1;
+    }
+    let pos = anomalous.iter().filter(|&&a| a).count() as f64;
+    let neg = anomalous.len() as f64 - pos;
+    let rank_sum: f64 = ranks.iter().zip(anomalous).filter(|(_, a)| **a).map(|(r, _)| r).sum();
+    let auroc = (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg);
+    // Average precision: mean precision at each true positive, scores descending.
+    let (mut tp, mut seen, mut ap) = (0.0, 0.0, 0.0);
+    for &k in idx.iter().rev() {
+        seen += 1.0;
+        if anomalous[k] {
+            tp += 1.0;
+            ap += tp / seen;
+        }
+    }
+    let flagged: Vec<bool> = scores.iter().map(|&s| s > threshold).collect();
+    let tp_t = flagged.iter().zip(anomalous).filter(|(f, a)| **f && **a).count() as f64;
+    let fp_t = flagged.iter().zip(anomalous).filter(|(f, a)| **f && !**a).count() as f64;
+    Detection {
+        auroc,
+        average_precision: ap / pos,
+        precision: if tp_t + fp_t > 0.0 { tp_t / (tp_t + fp_t) } else { f64::NAN },
+        recall: tp_t / pos,
+        false_positive_rate: fp_t / neg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perfect_random_and_reversed_rankings() {
+        let labels = [false, false, true, true];
+        let d = detection(&[0.1, 0.2, 0.8, 0.9], &labels, 0.5);
+        assert_eq!(
+            (d.auroc, d.average_precision, d.precision, d.recall, d.false_positive_rate),
+            (1.0, 1.0, 1.0, 1.0, 0.0)
+        );
+        let r = detection(&[0.9, 0.8, 0.2, 0.1], &labels, 0.5);
+        assert_eq!((r.auroc, r.recall, r.false_positive_rate), (0.0, 0.0, 1.0));
+        let ties = detection(&[0.5; 4], &labels, 0.5);
+        assert_eq!(ties.auroc, 0.5);
+        // One positive ranked second of four: AP = 1/2; AUROC = 2/3.
+        let one = detection(&[0.1, 0.9, 0.5, 0.2], &[false, true, false, false], 0.3);
+        let one_b = detection(&[0.1, 0.9, 0.95, 0.2], &[false, true, false, false], 0.3);
+        assert_eq!(one.average_precision, 1.0);
+        assert_eq!(one_b.average_precision, 0.5);
+        assert!((one_b.auroc - 2.0 / 3.0).abs() < 1e-12);
+    }
+}
