@@ -322,7 +322,12 @@ pub fn export(
         Some(q) => Some(calibrate(chain, valid, cfg, q, log_std)?),
         None => None,
     };
-    let name = out.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
+    // `models/NAME/model.ffjd` is named NAME; other files by their stem.
+    let stem = out.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
+    let name = match out.parent().and_then(|p| p.file_name()) {
+        Some(dir) if stem == "model" => dir.to_string_lossy().to_string(),
+        _ => stem,
+    };
     let info = ExportInfo {
         mean: &splits.mean,
         std: &splits.std,

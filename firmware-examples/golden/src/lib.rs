@@ -67,7 +67,11 @@ pub fn rows_from_csv(path: &Path) -> Vec<(Vec<f32>, bool)> {
         .map(|(i, l)| {
             let mut v: Vec<f32> = l
                 .split(',')
-                .map(|x| x.trim().parse().unwrap_or_else(|_| panic!("{}:{}: not a number: {x}", path.display(), i + 2)))
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{}:{}: not a number: {x}", path.display(), i + 2))
+                })
                 .collect();
             let label = v.pop().expect("a label column") == 1.0;
             (v, label)

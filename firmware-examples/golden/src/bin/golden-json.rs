@@ -1,0 +1,56 @@
+//! Prints a model's golden values as JSON, computed by the host runtime with
+//! the model's default solver: the rows (from a labelled CSV, or the 2-D demo
+//! rows), log p, score, verdict and NFE per row, and seeded samples.
+//! Usage: golden-json MODEL [ROWS.csv]
+
+use ffjord_runtime::{Flow, Model, Verdict};
+use rand_xoshiro::Xoshiro128PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
+
+fn list(v: &[f32]) -> String {
+    let items: Vec<String> = v.iter().map(|x| format!("{x:?}")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let model_path = args.get(1).expect("usage: golden-json MODEL [ROWS.csv]");
+    let rows = match args.get(2) {
+        Some(p) => ffjord_golden::rows_from_csv(std::path::Path::new(p)),
+        None => ffjord_golden::eight_gaussians_rows(),
+    };
+    let bytes = std::fs::read(model_path).expect("model file");
+    let model = Model::from_bytes(&bytes).expect("valid model");
+    let flow = Flow::new(&model, model.default_solver()).expect("solver");
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let mut entries = Vec::new();
+    for (x, anomalous) in &rows {
+        let s = flow.score(x, &mut scratch).expect("host score");
+        let verdict = match s.verdict {
+            Verdict::Anomaly => "anomaly",
+            Verdict::Normal => "normal",
+            Verdict::Uncalibrated => "uncalibrated",
+        };
+        entries.push(format!(
+            "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}}}",
+            list(x),
+            s.log_density.log_p,
+            s.score,
+            s.log_density.stats.nfe
+        ));
+    }
+    let mut samples = Vec::new();
+    for seed in ffjord_golden::SAMPLE_SEEDS {
+        let mut rng = Xoshiro128PlusPlus::seed_from_u64(seed);
+        let mut x = vec![0.0f32; model.dim()];
+        let s = flow.sample(&mut rng, &mut x, &mut scratch).expect("host sample");
+        samples.push(format!("    {{\"seed\": {seed}, \"x\": {}, \"log_p\": {:?}}}", list(&x), s.log_p));
+    }
+    println!(
+        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"threshold\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
+        model.dim(),
+        model.threshold().map_or("null".to_string(), |t| format!("{:?}", t.score)),
+        entries.join(",\n"),
+        samples.join(",\n")
+    );
+}

@@ -1,0 +1,182 @@
+//! The runtime in the browser: a [`Detector`] owns a model file's bytes and
+//! converts between JavaScript and the runtime. All logic stays in
+//! `ffjord-runtime`; every runtime error becomes a JavaScript exception with
+//! the runtime's message.
+
+use ffjord_runtime::{Dopri5, Flow, Model, Solver, Stats, Verdict};
+use rand_xoshiro::Xoshiro128PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
+use wasm_bindgen::prelude::*;
+
+fn js<E: core::fmt::Display>(e: E) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+/// A loaded model with a chosen solver and its working memory.
+#[wasm_bindgen]
+pub struct Detector {
+    bytes: Vec<u8>,
+    solver: Solver,
+    scratch: Vec<f32>,
+    stats: Stats,
+    // Read once at construction (the bytes never change afterwards).
+    dim: usize,
+    name: String,
+    description: String,
+    threshold: Option<(f32, f32)>,
+    default_solver: Solver,
+}
+
+impl Detector {
+    fn with_flow<T>(
+        &mut self,
+        f: impl FnOnce(&Flow<'_, '_>, &mut [f32]) -> Result<T, JsError>,
+    ) -> Result<T, JsError> {
+        let model = Model::from_bytes(&self.bytes).map_err(js)?;
+        let flow = Flow::new(&model, self.solver).map_err(js)?;
+        self.scratch.resize(flow.scratch_len(), 0.0);
+        f(&flow, &mut self.scratch)
+    }
+}
+
+#[wasm_bindgen]
+impl Detector {
+    /// Loads and validates a model file.
+    #[wasm_bindgen(constructor)]
+    pub fn new(bytes: Vec<u8>) -> Result<Detector, JsError> {
+        let model = Model::from_bytes(&bytes).map_err(js)?;
+        let (dim, default_solver) = (model.dim(), model.default_solver());
+        let (name, description) =
+            (model.metadata().name.to_string(), model.metadata().description.to_string());
+        let threshold = model.threshold().map(|t| (t.score, t.quantile));
+        Ok(Detector {
+            bytes,
+            solver: default_solver,
+            scratch: Vec::new(),
+            stats: Stats::default(),
+            dim,
+            name,
+            description,
+            threshold,
+            default_solver,
+        })
+    }
+
+    /// Data dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// What the training data was.
+    pub fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    /// The anomaly threshold on −log p, if the model is calibrated.
+    pub fn threshold(&self) -> Option<f32> {
+        self.threshold.map(|t| t.0)
+    }
+
+    /// The quantile of validation scores the threshold was set at.
+    pub fn threshold_quantile(&self) -> Option<f32> {
+        self.threshold.map(|t| t.1)
+    }
+
+    /// Use fixed-step RK4 with `steps` steps per block.
+    pub fn use_rk4(&mut self, steps: u32) -> Result<(), JsError> {
+        let s = Solver::Rk4 { steps };
+        s.validate().map_err(js)?;
+        self.solver = s;
+        Ok(())
+    }
+
+    /// Use Dopri5 with rtol = atol = `tol`.
+    pub fn use_dopri5(&mut self, tol: f32) -> Result<(), JsError> {
+        let s = Solver::Dopri5(Dopri5::with_tolerance(tol));
+        s.validate().map_err(js)?;
+        self.solver = s;
+        Ok(())
+    }
+
+    /// Back to the solver stored in the model file.
+    pub fn use_default_solver(&mut self) {
+        self.solver = self.default_solver;
+    }
+
+    /// `log p(x)` of one row.
+    pub fn log_density(&mut self, x: &[f32]) -> Result<f32, JsError> {
+        let ld = self.with_flow(|flow, scratch| flow.log_density(x, scratch).map_err(js))?;
+        self.stats = ld.stats;
+        Ok(ld.log_p)
+    }
+
+    /// Anomaly score `−log p(x)` of one row.
+    pub fn score(&mut self, x: &[f32]) -> Result<f32, JsError> {
+        Ok(-self.log_density(x)?)
+    }
+
+    /// Whether one row is an anomaly under the stored threshold (error if uncalibrated).
+    pub fn is_anomaly(&mut self, x: &[f32]) -> Result<bool, JsError> {
+        let s = self.with_flow(|flow, scratch| flow.score(x, scratch).map_err(js))?;
+        self.stats = s.log_density.stats;
+        match s.verdict {
+            Verdict::Anomaly => Ok(true),
+            Verdict::Normal => Ok(false),
+            Verdict::Uncalibrated => Err(JsError::new("the model has no anomaly threshold")),
+        }
+    }
+
+    /// `log p` of each row of `xs` (row-major, `dim()` values per row).
+    pub fn log_density_batch(&mut self, xs: &[f32]) -> Result<Vec<f32>, JsError> {
+        let d = self.dim();
+        let mut out = vec![0.0; xs.len() / d.max(1)];
+        let stats =
+            self.with_flow(|flow, scratch| flow.log_density_batch(xs, &mut out, scratch).map_err(js))?;
+        self.stats = stats;
+        Ok(out)
+    }
+
+    /// `−log p` of each row of `xs`.
+    pub fn score_batch(&mut self, xs: &[f32]) -> Result<Vec<f32>, JsError> {
+        let mut v = self.log_density_batch(xs)?;
+        v.iter_mut().for_each(|s| *s = -*s);
+        Ok(v)
+    }
+
+    /// `n` samples from a seed chosen by JavaScript (Xoshiro128++, the same
+    /// generator as the firmware examples): `n × dim()` values, row-major.
+    pub fn sample(&mut self, seed: u64, n: usize) -> Result<Vec<f32>, JsError> {
+        let d = self.dim();
+        let mut rng = Xoshiro128PlusPlus::seed_from_u64(seed);
+        let mut out = vec![0.0f32; n * d];
+        let mut total = Stats::default();
+        self.with_flow(|flow, scratch| {
+            for row in out.chunks_exact_mut(d) {
+                total = total.merge(flow.sample(&mut rng, row, scratch).map_err(js)?.stats);
+            }
+            Ok(())
+        })?;
+        self.stats = total;
+        Ok(out)
+    }
+
+    /// Function evaluations of the last call.
+    pub fn last_nfe(&self) -> u32 {
+        self.stats.nfe
+    }
+
+    /// Accepted steps of the last call.
+    pub fn last_accepted(&self) -> u32 {
+        self.stats.accepted
+    }
+
+    /// Rejected steps of the last call.
+    pub fn last_rejected(&self) -> u32 {
+        self.stats.rejected
+    }
+}

@@ -1,0 +1,98 @@
+// The page in real headless Chromium (Debian's, driven by playwright-core):
+// serve www/ from localhost, load a bundled model, score a CSV with known
+// anomalies, compare the numbers on the page with the host's, check the 2-D
+// heatmap and the cursor read-out, save a screenshot, and fail on any console error.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:http";
+import { readFileSync, readdirSync, mkdirSync } from "node:fs";
+import { join, extname, normalize } from "node:path";
+import { chromium } from "playwright-core";
+
+const www = new URL("../www/", import.meta.url).pathname;
+const goldenDir = process.env.FFJORD_GOLDEN_DIR;
+const artifacts = process.env.FFJORD_ARTIFACTS ?? new URL("../../target/wasm-artifacts/", import.meta.url).pathname;
+const goldens = readdirSync(goldenDir).filter((f) => f.endsWith(".json")).map((f) => JSON.parse(readFileSync(join(goldenDir, f))));
+const TYPES = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".ffjd": "application/octet-stream" };
+
+function serve() {
+  const server = createServer((req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname)).replace(/^\/+/, "") || "index.html";
+    try {
+      const body = readFileSync(join(www, path));
+      res.writeHead(200, { "content-type": TYPES[extname(path)] ?? "application/octet-stream" });
+      res.end(body);
+    } catch {
+      res.writeHead(404);
+      res.end("not found");
+    }
+  });
+  return new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve(server)));
+}
+
+const close = (a, b) => Math.abs(a - b) <= 1e-5 * (1 + Math.abs(b)) + 1e-6; // the page prints 6 decimals
+
+test("scoring page in headless Chromium agrees with the host", async () => {
+  const server = await serve();
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync"],
+  });
+  const errors = [];
+  try {
+    const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
+    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    page.on("pageerror", (e) => errors.push(e.message));
+    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+    await page.waitForSelector("body[data-ready=true]");
+
+    for (const [file, g] of [["models/8gaussians-mcu.ffjd", goldens.find((g) => g.dim === 2)],
+                             ["models/shuttle.ffjd", goldens.find((g) => g.dim === 9)]]) {
+      await page.selectOption("#bundled", file);
+      await page.waitForFunction(() => !document.querySelector("#info").textContent.startsWith("No model"));
+      const header = [...Array.from({ length: g.dim }, (_, j) => `x${j}`), "anomaly"].join(",");
+      const csv = [header, ...g.rows.map((r) => [...r.x, r.labelled_anomaly ? 1 : 0].join(","))].join("\n");
+      await page.fill("#csv", csv);
+      await page.click("#score");
+      await page.waitForFunction(() => document.querySelector("#status").textContent === "done", null, { timeout: 60_000 });
+      const table = await page.$$eval("#results tr", (trs) => trs.slice(1).map((tr) => ({
+        cells: [...tr.cells].map((c) => c.textContent), anomaly: tr.classList.contains("anomaly") })));
+      assert.equal(table.length, g.rows.length);
+      const logpCol = (g.dim > 4 ? 6 : 1 + g.dim);
+      table.forEach((row, i) => {
+        const lp = Number(row.cells[logpCol]);
+        assert.ok(close(lp, g.rows[i].log_p), `${file} row ${i}: page ${lp}, host ${g.rows[i].log_p}`);
+        assert.equal(row.anomaly, g.rows[i].verdict === "anomaly", `${file} row ${i} highlight`);
+      });
+      const flagged = g.rows.filter((r) => r.verdict === "anomaly").length;
+      assert.match(await page.textContent("#summary"), new RegExp(`^${g.rows.length} rows, ${flagged} anomalies`));
+      if (g.dim === 2) {
+        await page.waitForFunction(() => document.querySelector("#density-status").textContent.startsWith("grid"));
+        const spread = await page.$eval("#density", (c) => {
+          const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+          let min = 255, max = 0;
+          for (let i = 0; i < d.length; i += 4) { min = Math.min(min, d[i]); max = Math.max(max, d[i]); }
+          return max - min;
+        });
+        assert.ok(spread > 100, `heatmap has contrast (${spread})`);
+        const box = await page.locator("#density").boundingBox();
+        await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+        assert.match(await page.textContent("#cursor"), /^log p at \(/);
+        mkdirSync(artifacts, { recursive: true });
+        await page.screenshot({ path: join(artifacts, "page-8gaussians.png"), fullPage: true });
+      } else {
+        assert.equal(await page.isHidden("#density-section"), true);
+        await page.screenshot({ path: join(artifacts, "page-shuttle.png"), fullPage: true });
+      }
+    }
+    // A broken model file is reported on the page, not thrown.
+    await page.setInputFiles("#model-file", { name: "broken.ffjd", mimeType: "application/octet-stream", buffer: Buffer.from("FFJD\u0001\u0000garbage") });
+    await page.waitForFunction(() => document.querySelector("#info .error") !== null);
+    assert.match(await page.textContent("#info"), /broken\.ffjd: /);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  assert.deepEqual(errors, [], "no console errors");
+});

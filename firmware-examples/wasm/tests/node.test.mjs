@@ -1,0 +1,60 @@
+// The WASM module under Node: the same log p, NFE, verdicts and samples as the
+// host runtime on the committed models' golden rows (1e-5 relative), and bad
+// input raises exceptions carrying the runtime's messages.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { initSync, Detector } from "../www/pkg/ffjord_wasm.js";
+
+initSync({ module: readFileSync(new URL("../www/pkg/ffjord_wasm_bg.wasm", import.meta.url)) });
+
+const goldenDir = process.env.FFJORD_GOLDEN_DIR;
+assert.ok(goldenDir, "FFJORD_GOLDEN_DIR must point at the golden JSON files (run-tests sets it)");
+const goldens = readdirSync(goldenDir).filter((f) => f.endsWith(".json")).map((f) => JSON.parse(readFileSync(join(goldenDir, f))));
+assert.ok(goldens.length >= 2, "golden files for the committed models");
+
+const close = (a, b, rel = 1e-5) => Math.abs(a - b) <= rel * (1 + Math.abs(b));
+
+for (const g of goldens) {
+  test(`${g.model}: log p, NFE and verdicts equal the host's`, () => {
+    const det = new Detector(readFileSync(g.model));
+    assert.equal(det.dim(), g.dim);
+    if (g.threshold !== null) assert.ok(close(det.threshold(), g.threshold, 1e-7));
+    for (const row of g.rows) {
+      const lp = det.log_density(new Float32Array(row.x));
+      assert.ok(close(lp, row.log_p), `log p ${lp} vs host ${row.log_p}`);
+      assert.equal(det.last_nfe(), row.nfe);
+      if (row.verdict !== "uncalibrated") assert.equal(det.is_anomaly(new Float32Array(row.x)), row.verdict === "anomaly");
+    }
+    const batch = det.log_density_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
+    batch.forEach((lp, i) => assert.ok(close(lp, g.rows[i].log_p)));
+    const scores = det.score_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
+    scores.forEach((s, i) => assert.ok(close(s, g.rows[i].score)));
+    det.free();
+  });
+
+  test(`${g.model}: seeded samples equal the host's`, () => {
+    const det = new Detector(readFileSync(g.model));
+    for (const s of g.samples) {
+      const x = det.sample(BigInt(s.seed), 1);
+      s.x.forEach((v, j) => assert.ok(close(x[j], v), `seed ${s.seed}: ${x[j]} vs ${v}`));
+    }
+    det.free();
+  });
+}
+
+test("bad model bytes and bad rows raise the runtime's errors", () => {
+  assert.throws(() => new Detector(new Uint8Array([1, 2, 3])), /truncated/);
+  assert.throws(() => new Detector(new TextEncoder().encode("PK\u0003\u0004 not a model at all")), /bad magic/);
+  const bytes = new Uint8Array(readFileSync(goldens.find((g) => g.dim === 2).model));
+  const flipped = bytes.slice();
+  flipped[40] ^= 0x10;
+  assert.throws(() => new Detector(flipped), /checksum mismatch/);
+  const det = new Detector(bytes);
+  assert.throws(() => det.log_density(new Float32Array([1, 2, 3])), /input has 3 values, the model's dimension is 2/);
+  assert.throws(() => det.log_density(new Float32Array([NaN, 0])), /input value 0 is NaN or infinite/);
+  assert.throws(() => det.log_density_batch(new Float32Array([0, 0, 1])), /row 1/);
+  assert.throws(() => det.use_rk4(0), /invalid solver/);
+  det.free();
+});
