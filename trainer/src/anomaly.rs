@@ -185,3 +185,97 @@ mod tests {
         assert!((one_b.auroc - 2.0 / 3.0).abs() < 1e-12);
     }
 }
+
+/// One method's results at the two reporting quantiles.
+#[derive(Debug, serde::Serialize)]
+pub struct BenchmarkRow {
+    pub method: String,
+    pub at_95: Detection,
+    pub at_99: Detection,
+}
+
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
+/// FFJORD (the model file) against a Gaussian, a Gaussian mixture and an
+/// isolation forest on the same split: the baselines fit on the run's training
+/// rows, every method's thresholds are the 0.95 and 0.99 quantiles of its
+/// scores on the run's validation rows, and all are measured on the labelled test rows.
+pub fn benchmark(
+    run_dir: &Path,
+    model_path: &Path,
+    test: &Table,
+    labels: &[bool],
+    components: i64,
+) -> Result<Vec<BenchmarkRow>> {
+    let cfg_path = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg_path.display()))?;
+    let cfg: crate::config::TrainConfig = toml::from_str(&text)?;
+    tch::manual_seed(cfg.seed);
+    let (splits, _) = crate::train::prepare_data(&cfg)?;
+    let to_data = |t: &Tensor| t * &splits.std + &splits.mean;
+    let standardize = |t: &Tensor| (t - &splits.mean) / &splits.std;
+    let test_x = test.to_tensor();
+    ensure!(
+        test.dim() as i64 == splits.dim(),
+        "test rows have {} features, the run {}",
+        test.dim(),
+        splits.dim()
+    );
+
+    let bytes = crate::modelfile::read_model_bytes(model_path)?;
+    let model = ffjord_runtime::Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (_vs, chain) = crate::modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
+    let opts = crate::model::SolveOptions::eval(cfg.eval_method());
+    let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
+        let mut out = Vec::new();
+        let n = x.size()[0];
+        let mut s = 0;
+        while s < n {
+            let len = 2000.min(n - s);
+            let lp = tch::no_grad(|| chain.log_prob(&x.narrow(0, s, len), &opts))?.log_p;
+            out.extend(Vec::<f64>::try_from(&lp)?.into_iter().map(|v| -v));
+            s += len;
+        }
+        Ok(out)
+    };
+    let mut methods: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    methods.push((
+        "FFJORD (this model)".into(),
+        ffjord_scores(&to_data(&splits.valid))?,
+        ffjord_scores(&test_x)?,
+    ));
+
+    let train = splits.train.shallow_clone();
+    let (valid_s, test_s) = (splits.valid.shallow_clone(), standardize(&test_x));
+    for (name, k) in [
+        ("Gaussian (full covariance)".to_string(), 1),
+        (format!("Gaussian mixture (K = {components})"), components),
+    ] {
+        let m = crate::baselines::Mixture::fit(&train, k, if k == 1 { 1 } else { 100 }, cfg.seed)?;
+        let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
+        methods.push((name, neg(m.log_prob(&valid_s)?), neg(m.log_prob(&test_s)?)));
+    }
+    let d = test.dim();
+    let flat = |t: &Tensor| Vec::<f64>::try_from(&t.contiguous().view(-1));
+    let forest = crate::baselines::IsolationForest::fit(&flat(&train)?, d, 200, 256, cfg.seed as u64);
+    let score_rows = |v: Vec<f64>| v.chunks(d).map(|r| forest.score(r)).collect::<Vec<_>>();
+    methods.push((
+        "Isolation forest (200 trees, 256 rows)".into(),
+        score_rows(flat(&valid_s)?),
+        score_rows(flat(&test_s)?),
+    ));
+
+    Ok(methods
+        .into_iter()
+        .map(|(method, valid, test_scores)| BenchmarkRow {
+            method,
+            at_95: detection(&test_scores, labels, quantile(&valid, 0.95)),
+            at_99: detection(&test_scores, labels, quantile(&valid, 0.99)),
+        })
+        .collect())
+}

@@ -2,6 +2,7 @@
 //! and model files. The `trainer` binary is a thin CLI over it.
 
 pub mod anomaly;
+pub mod baselines;
 pub mod config;
 pub mod data;
 pub mod json;

@@ -65,6 +65,25 @@ enum Command {
     Import(ImportArgs),
     /// Turn a raw labelled data set into train/test splits (see `scripts/fetch-data`).
     Prepare(PrepareArgs),
+    /// Anomaly detection table: the model against Gaussian, mixture and isolation-forest baselines.
+    Benchmark(BenchmarkArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchmarkArgs {
+    /// The run folder of the model's `fit` (its train/validation split is reused).
+    #[arg(long)]
+    run_dir: PathBuf,
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled test rows.
+    #[arg(long)]
+    test: PathBuf,
+    #[arg(long, default_value = "anomaly")]
+    labels: String,
+    /// Components of the Gaussian-mixture baseline.
+    #[arg(long, default_value_t = 8)]
+    components: i64,
 }
 
 #[derive(clap::Args)]
@@ -411,6 +430,37 @@ fn run() -> Result<()> {
                 a.device.resolve()?,
                 &command_line(),
             )
+        }
+        Command::Benchmark(a) => {
+            let (test, labels) =
+                ffjord_trainer::anomaly::split_labels(&data::load(&a.test, None)?, &a.labels)?;
+            let rows =
+                ffjord_trainer::anomaly::benchmark(&a.run_dir, &a.model, &test, &labels, a.components)?;
+            let pos = labels.iter().filter(|&&l| l).count();
+            println!(
+                "{} test rows, {pos} anomalies; thresholds at quantiles of each method's validation scores",
+                labels.len()
+            );
+            println!(
+                "| method | AUROC | AP | precision (q=0.95) | recall | FPR | precision (q=0.99) | recall | FPR |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|");
+            for r in rows {
+                let (a, b) = (r.at_95, r.at_99);
+                println!(
+                    "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                    r.method,
+                    a.auroc,
+                    a.average_precision,
+                    a.precision,
+                    a.recall,
+                    a.false_positive_rate,
+                    b.precision,
+                    b.recall,
+                    b.false_positive_rate
+                );
+            }
+            Ok(())
         }
         Command::Prepare(a) => ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed),
         Command::Import(a) => {
