@@ -33,7 +33,8 @@ fn committed_models_reproduce_their_golden_values() {
         let flow = Flow::new(&model, model.default_solver()).unwrap();
         let mut scratch = vec![0.0; flow.scratch_len()];
         for row in golden["rows"].as_array().unwrap() {
-            let x: Vec<f32> = row["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let x: Vec<f32> =
+                row["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
             let ld = flow.log_density(&x, &mut scratch).unwrap();
             let expected = row["log_p"].as_f64().unwrap();
             assert!(close(ld.log_p as f64, expected), "{}: {} vs {expected}", path.display(), ld.log_p);

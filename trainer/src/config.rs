@@ -70,6 +70,12 @@ pub struct TrainConfig {
     pub data: Option<PathBuf>,
     /// Columns to use (names or 0-based indices); all by default.
     pub columns: Option<Vec<String>>,
+    /// Explicit validation and test files (instead of fractions of `data`).
+    pub valid_data: Option<PathBuf>,
+    pub test_data: Option<PathBuf>,
+    /// Use at most this many (seeded, random) validation / test rows.
+    pub valid_rows: Option<usize>,
+    pub test_rows: Option<usize>,
     /// Fractions of the file held out for validation and test.
     pub valid_fraction: f64,
     pub test_fraction: f64,
@@ -115,6 +121,10 @@ impl Default for TrainConfig {
             toy: None,
             data: None,
             columns: None,
+            valid_data: None,
+            test_data: None,
+            valid_rows: None,
+            test_rows: None,
             valid_fraction: 0.1,
             test_fraction: 0.1,
             hidden: vec![64, 64, 64],

@@ -11,4 +11,5 @@ pub mod modelfile;
 pub mod ode;
 pub mod optim;
 pub mod plot;
+pub mod power;
 pub mod train;

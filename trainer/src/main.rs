@@ -88,7 +88,7 @@ struct BenchmarkArgs {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// Data set: shuttle.
+    /// Data set: shuttle, satellite, cardio (anomaly splits) or power (MAF preprocessing; use --seed 42).
     name: String,
     /// The raw file (`scripts/fetch-data NAME` prints its path).
     #[arg(long)]
@@ -167,6 +167,18 @@ struct FitArgs {
     /// Columns to use (names or 0-based indices), comma separated.
     #[arg(long, value_delimiter = ',')]
     columns: Option<Vec<String>>,
+    /// Validation file (with --test-data; instead of a fraction of --data).
+    #[arg(long)]
+    valid_data: Option<PathBuf>,
+    /// Test file (with --valid-data).
+    #[arg(long)]
+    test_data: Option<PathBuf>,
+    /// Use at most this many (seeded, random) validation rows.
+    #[arg(long)]
+    valid_rows: Option<usize>,
+    /// Use at most this many (seeded, random) test rows.
+    #[arg(long)]
+    test_rows: Option<usize>,
     /// Hidden widths, e.g. 64,64,64.
     #[arg(long, value_delimiter = ',')]
     hidden: Option<Vec<i64>>,
@@ -252,6 +264,17 @@ impl FitArgs {
         }
         if self.columns.is_some() {
             cfg.columns = self.columns.clone();
+        }
+        for (field, value) in [(&mut cfg.valid_data, &self.valid_data), (&mut cfg.test_data, &self.test_data)]
+        {
+            if value.is_some() {
+                *field = value.clone();
+            }
+        }
+        for (field, value) in [(&mut cfg.valid_rows, self.valid_rows), (&mut cfg.test_rows, self.test_rows)] {
+            if value.is_some() {
+                *field = value;
+            }
         }
         if self.threshold_quantile.is_some() {
             cfg.threshold_quantile = self.threshold_quantile;
@@ -461,6 +484,9 @@ fn run() -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Prepare(a) if a.name == "power" => {
+            ffjord_trainer::power::prepare(&a.raw, &a.out_dir, a.seed)
         }
         Command::Prepare(a) => ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed),
         Command::Import(a) => {

@@ -285,12 +285,43 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
             let test = data::toy(name, cfg.toy_eval_rows)?;
             (Splits::standardized(train, valid, test), format!("toy data set '{name}'"))
         }
-        (None, Some(path)) => {
-            let table = data::load(path, cfg.columns.as_deref())?;
-            let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
-            (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
-        }
+        (None, Some(path)) => match (&cfg.valid_data, &cfg.test_data) {
+            (Some(v), Some(t)) => {
+                let load = |p: &Path| data::load(p, cfg.columns.as_deref());
+                let (train, valid, test) = (load(path)?, load(v)?, load(t)?);
+                for (name, other) in [("validation", &valid), ("test", &test)] {
+                    if other.columns.len() != train.columns.len() {
+                        bail!(
+                            "{name} data has {} columns, training data {}",
+                            other.columns.len(),
+                            train.columns.len()
+                        );
+                    }
+                }
+                let s = Splits::standardized(train.to_tensor(), valid.to_tensor(), test.to_tensor());
+                (s, format!("{} (columns {})", path.display(), train.columns.join(", ")))
+            }
+            (None, None) => {
+                let table = data::load(path, cfg.columns.as_deref())?;
+                let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
+                (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
+            }
+            _ => bail!("give both --valid-data and --test-data, or neither"),
+        },
         _ => bail!("give exactly one of --toy NAME or --data FILE"),
+    })
+    .map(|(mut s, description)| {
+        // Seeded subsets of large validation / test sets (exact-trace evaluation is costly).
+        let subset = |t: &Tensor, cap: Option<usize>| match cap {
+            Some(k) if (k as i64) < t.size()[0] => t.index_select(
+                0,
+                &Tensor::randperm(t.size()[0], (Kind::Int64, Device::Cpu)).narrow(0, 0, k as i64),
+            ),
+            _ => t.shallow_clone(),
+        };
+        s.valid = subset(&s.valid, cfg.valid_rows);
+        s.test = subset(&s.test, cfg.test_rows);
+        (s, description)
     })
 }
 
