@@ -67,6 +67,26 @@ enum Command {
     Prepare(PrepareArgs),
     /// Anomaly detection table: the model against Gaussian, mixture and isolation-forest baselines.
     Benchmark(BenchmarkArgs),
+    /// Density baselines: test NLL of a full-covariance Gaussian and Gaussian mixtures.
+    DensityBaselines(DensityBaselineArgs),
+}
+
+#[derive(clap::Args)]
+struct DensityBaselineArgs {
+    /// Training rows (CSV or NPY).
+    #[arg(long)]
+    train: PathBuf,
+    /// Test rows.
+    #[arg(long)]
+    test: PathBuf,
+    /// Mixture sizes to fit (1 = the Gaussian).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    components: Vec<i64>,
+    /// EM iterations.
+    #[arg(long, default_value_t = 100)]
+    iterations: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
 }
 
 #[derive(clap::Args)]
@@ -453,6 +473,31 @@ fn run() -> Result<()> {
                 a.device.resolve()?,
                 &command_line(),
             )
+        }
+        Command::DensityBaselines(a) => {
+            let train = data::load(&a.train, None)?.to_tensor();
+            let test = data::load(&a.test, None)?.to_tensor();
+            println!("| model | test NLL (nats) | seconds to fit |");
+            println!("|---|---|---|");
+            for k in a.components {
+                let t0 = std::time::Instant::now();
+                let m = ffjord_trainer::baselines::Mixture::fit(
+                    &train,
+                    k,
+                    if k == 1 { 1 } else { a.iterations },
+                    a.seed,
+                )?;
+                let secs = t0.elapsed().as_secs_f64();
+                let lp = m.log_prob(&test)?;
+                let nll = -lp.iter().sum::<f64>() / lp.len() as f64;
+                let name = if k == 1 {
+                    "Gaussian (full covariance)".to_string()
+                } else {
+                    format!("Gaussian mixture, K = {k}")
+                };
+                println!("| {name} | {nll:.4} | {secs:.0} |");
+            }
+            Ok(())
         }
         Command::Benchmark(a) => {
             let (test, labels) =
