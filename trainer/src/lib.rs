@@ -3,6 +3,7 @@
 
 pub mod anomaly;
 pub mod baselines;
+pub mod budget;
 pub mod config;
 pub mod data;
 pub mod json;

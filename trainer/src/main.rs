@@ -129,6 +129,10 @@ struct ExportArgs {
     /// Anomaly threshold at this quantile of the run's validation scores (default: the run's).
     #[arg(long)]
     threshold_quantile: Option<f64>,
+    /// Make the default solver the cheapest whose log p stays within this many
+    /// nats of a tight Dopri5 reference on the validation rows.
+    #[arg(long)]
+    max_error: Option<f64>,
     #[arg(long, value_enum, default_value = "model")]
     format: train::Format,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -469,6 +473,7 @@ fn run() -> Result<()> {
                 &run,
                 &a.out,
                 a.threshold_quantile,
+                a.max_error,
                 a.format,
                 a.device.resolve()?,
                 &command_line(),

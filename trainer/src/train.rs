@@ -263,6 +263,7 @@ pub fn fit(
         command,
         out,
         Format::Model,
+        None,
     )?;
     let summary = serde_json::json!({
         "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
@@ -347,6 +348,7 @@ pub fn export(
     command: &str,
     out: &Path,
     format: Format,
+    max_error: Option<f64>,
 ) -> Result<Vec<u8>> {
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
     let threshold = match q {
@@ -368,7 +370,27 @@ pub fn export(
         description,
         command,
     };
-    let bytes = export_bytes(chain, &info)?;
+    let mut bytes = export_bytes(chain, &info)?;
+    if let Some(eps) = max_error {
+        // Validation rows in data units, at most 1,000 of them.
+        let rows_t = (valid.to_kind(Kind::Double).to_device(Device::Cpu) * &splits.std + &splits.mean)
+            .narrow(0, 0, valid.size()[0].min(1000));
+        let d = rows_t.size()[1] as usize;
+        let flat = Vec::<f64>::try_from(&rows_t.contiguous().view(-1))?;
+        let rows: Vec<Vec<f32>> = flat.chunks(d).map(|r| r.iter().map(|&v| v as f32).collect()).collect();
+        let (best, all) = crate::budget::choose(&bytes, &rows, eps)?;
+        println!(
+            "solver budget (max |Δ log p| ≤ {eps} nats on {} validation rows, vs Dopri5 1e-7):",
+            rows.len()
+        );
+        println!("| solver | max error | mean error | mean NFE |");
+        println!("|---|---|---|---|");
+        for c in &all {
+            println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
+        }
+        println!("chosen: {} (mean NFE {:.1}, max error {:.2e})", best.solver, best.mean_nfe, best.max_error);
+        bytes = export_bytes(chain, &ExportInfo { solver: best.method, ..info })?;
+    }
     match format {
         Format::Model => write_atomic(out, &bytes)?,
         Format::Json => {
@@ -386,6 +408,7 @@ pub fn export_run(
     run: &RunDir,
     out: &Path,
     q: Option<f64>,
+    max_error: Option<f64>,
     format: Format,
     device: Device,
     command: &str,
@@ -403,7 +426,7 @@ pub fn export_run(
     vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
     let valid = splits.valid.to_kind(Kind::Float).to_device(device);
     let q = q.or(cfg.threshold_quantile);
-    let bytes = export(&chain, &splits, &valid, &cfg, q, &description, command, out, format)?;
+    let bytes = export(&chain, &splits, &valid, &cfg, q, &description, command, out, format, max_error)?;
     match format {
         Format::Model => println!("wrote {} ({} bytes)", out.display(), bytes.len()),
         Format::Json => println!("wrote {}", out.display()),

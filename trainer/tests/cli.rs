@@ -160,6 +160,35 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     assert_eq!(inspected.matches("affine").count(), 3, "{inspected}");
     let metrics = std::fs::read_to_string(d.join("six.run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 16, "4 epochs of 960 rows in batches of 256");
+    // A solver budget at export: the cheapest solver within ε of the reference becomes the default.
+    let nfe_at = |eps: &str, file: &str| -> (Solver, f64) {
+        let printed = ok(&["export", "--run-dir", "toy.run", "--out", file, "--max-error", eps], d);
+        assert!(printed.contains("chosen: "), "{printed}");
+        let bytes = std::fs::read(d.join(file)).unwrap();
+        let model = Model::from_bytes(&bytes).unwrap();
+        let solver = model.default_solver();
+        let (flow, tight) = (
+            Flow::new(&model, solver).unwrap(),
+            Flow::new(&model, Solver::Dopri5(Dopri5 { max_steps: 100_000, ..Dopri5::with_tolerance(1e-7) }))
+                .unwrap(),
+        );
+        let mut scratch = vec![0.0; tight.scratch_len().max(flow.scratch_len())];
+        let (mut worst, mut nfe) = (0.0f64, 0.0);
+        for row in read_csv(&d.join("toy.csv")) {
+            let x: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+            let a = flow.log_density(&x, &mut scratch).unwrap();
+            let b = tight.log_density(&x, &mut scratch).unwrap();
+            worst = worst.max((a.log_p - b.log_p).abs() as f64);
+            nfe += f64::from(a.stats.nfe);
+        }
+        let limit: f64 = eps.parse().unwrap();
+        // Chosen on validation rows, checked here on other rows: allow 3× the budget.
+        assert!(worst <= 3.0 * limit, "ε = {eps}: {solver:?} is off by {worst} on test rows");
+        (solver, nfe)
+    };
+    let (loose, loose_nfe) = nfe_at("0.05", "budget-loose.ffjd");
+    let (tight, tight_nfe) = nfe_at("0.0005", "budget-tight.ffjd");
+    assert!(tight_nfe >= loose_nfe, "{tight:?} ({tight_nfe}) cheaper than {loose:?} ({loose_nfe})");
     // Re-export from the run folder as JSON and import it: the same numbers.
     ok(
         &[

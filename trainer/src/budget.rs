@@ -1,0 +1,72 @@
+//! `trainer export --max-error ε`: choose the cheapest runtime solver whose
+//! log p stays within ε nats of a tight Dopri5 reference on validation rows,
+//! and make it the model's default (an MCU then spends exactly the work the
+//! accuracy needs).
+
+use anyhow::{Result, bail};
+use ffjord_runtime::{Dopri5, Flow, Model, Solver};
+
+use crate::ode::Method;
+
+/// One candidate's measured accuracy and cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Candidate {
+    pub solver: String,
+    pub max_error: f64,
+    pub mean_error: f64,
+    pub mean_nfe: f64,
+    #[serde(skip)]
+    pub method: Method,
+}
+
+fn candidates() -> Vec<Method> {
+    let mut v: Vec<Method> = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64]
+        .into_iter()
+        .map(|steps| Method::Rk4 { steps })
+        .collect();
+    v.extend([1e-2, 1e-3, 1e-4, 1e-5].into_iter().map(|t| Method::Dopri5 {
+        rtol: t,
+        atol: t,
+        max_steps: 10_000,
+    }));
+    v
+}
+
+/// Measures every candidate on `rows` (data units) against Dopri5 at 1e-7 and
+/// returns (the cheapest within `eps`, all candidates).
+pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candidate, Vec<Candidate>)> {
+    let model = Model::from_bytes(model_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reference = Solver::Dopri5(Dopri5 { max_steps: 1_000_000, ..Dopri5::with_tolerance(1e-7) });
+    let log_p = |solver: Solver| -> Result<Vec<(f64, u32)>> {
+        let flow = Flow::new(&model, solver).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut scratch = vec![0.0; flow.scratch_len()];
+        rows.iter()
+            .map(|x| {
+                let ld = flow.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok((f64::from(ld.log_p), ld.stats.nfe))
+            })
+            .collect()
+    };
+    let truth = log_p(reference)?;
+    let mut all = Vec::new();
+    for method in candidates() {
+        let Ok(values) = log_p(method.to_runtime()) else { continue };
+        let errors: Vec<f64> = values.iter().zip(&truth).map(|((a, _), (b, _))| (a - b).abs()).collect();
+        let max_error = errors.iter().cloned().fold(0.0, f64::max);
+        all.push(Candidate {
+            solver: format!("{:?}", method.to_runtime()),
+            max_error: if max_error.is_finite() { max_error } else { f64::INFINITY },
+            mean_error: errors.iter().sum::<f64>() / errors.len() as f64,
+            mean_nfe: values.iter().map(|(_, n)| f64::from(*n)).sum::<f64>() / values.len() as f64,
+            method,
+        });
+    }
+    let best =
+        all.iter().filter(|c| c.max_error <= eps).min_by(|a, b| a.mean_nfe.total_cmp(&b.mean_nfe)).cloned();
+    match best {
+        Some(b) => Ok((b, all)),
+        None => {
+            bail!("no candidate solver keeps log p within {eps} nats of the reference on the validation rows")
+        }
+    }
+}
