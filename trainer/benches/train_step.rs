@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         trace: TraceMode::Exact,
         create_graph: true,
         seminorm: false,
+        regularization: Default::default(),
     };
     let (mut wall, mut cpu, mut nfe_f, mut nfe_b) = (0.0, 0.0, 0u64, 0u64);
     for it in 0..iterations + 2 {

@@ -92,6 +92,10 @@ pub struct TrainConfig {
     pub gradient: Gradient,
     /// Adjoint only: leave parameter adjoints out of the backward error norm.
     pub seminorm: bool,
+    /// RNODE kinetic-energy coefficient (0: off).
+    pub kinetic: f64,
+    /// RNODE Jacobian-Frobenius coefficient (0: off; needs a Hutchinson trace).
+    pub jacobian: f64,
     pub solver: SolverArg,
     pub rtol: f64,
     pub atol: f64,
@@ -137,6 +141,8 @@ impl Default for TrainConfig {
             trace: TraceMode::Exact,
             gradient: Gradient::Backprop,
             seminorm: false,
+            kinetic: 0.0,
+            jacobian: 0.0,
             solver: SolverArg::Dopri5,
             rtol: 1e-5,
             atol: 1e-5,
@@ -174,6 +180,17 @@ impl TrainConfig {
             "weight_decay must be ≥ 0"
         );
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
+        anyhow::ensure!(
+            self.kinetic.is_finite()
+                && self.kinetic >= 0.0
+                && self.jacobian.is_finite()
+                && self.jacobian >= 0.0,
+            "kinetic and jacobian must be finite and ≥ 0"
+        );
+        anyhow::ensure!(
+            self.jacobian == 0.0 || self.trace != TraceMode::Exact,
+            "--jacobian reuses the Hutchinson vector-Jacobian product: use --trace gaussian or rademacher"
+        );
         anyhow::ensure!(self.valid_every >= 1, "valid_every must be at least 1");
         anyhow::ensure!(self.steps >= 1, "steps must be at least 1");
         anyhow::ensure!(self.blocks >= 1, "blocks must be at least 1");

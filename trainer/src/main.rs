@@ -230,6 +230,12 @@ struct FitArgs {
     /// Adjoint: exclude parameter adjoints from the backward error norm (true/false).
     #[arg(long)]
     seminorm: Option<bool>,
+    /// RNODE kinetic-energy regularization coefficient (e.g. 0.01).
+    #[arg(long)]
+    kinetic: Option<f64>,
+    /// RNODE Jacobian-Frobenius regularization coefficient (e.g. 0.01; Hutchinson trace only).
+    #[arg(long)]
+    jacobian: Option<f64>,
     #[arg(long, value_enum)]
     solver: Option<SolverArg>,
     #[arg(long)]
@@ -319,6 +325,8 @@ impl FitArgs {
             trace,
             gradient,
             seminorm,
+            kinetic,
+            jacobian,
             solver,
             rtol,
             atol,

@@ -145,6 +145,21 @@ impl OdeNet {
         OdeNet { layers, activation }
     }
 
+    /// Zeroes the last layer (RNODE's initialisation: the flow starts as the identity).
+    pub fn zero_last_layer(&mut self) {
+        if let Some(last) = self.layers.last_mut() {
+            tch::no_grad(|| {
+                let _ = last.linear.ws.zero_();
+                if let Some(b) = &mut last.linear.bs {
+                    let _ = b.zero_();
+                }
+                if let Some(hb) = &mut last.hyper_bias {
+                    let _ = hb.ws.zero_();
+                }
+            });
+        }
+    }
+
     /// Overwrites all parameters from `weights` (in export order); returns the count used.
     pub fn load_weights(&mut self, weights: &[f32]) -> Result<usize> {
         let mut off = 0;
@@ -240,21 +255,49 @@ pub struct SolveOptions {
     /// Leave the parameter adjoints out of the backward solve's error norm
     /// (Kidger, Chen & Lyons 2021).
     pub seminorm: bool,
+    /// RNODE regularization (zero: off).
+    pub regularization: Regularization,
+}
+
+/// RNODE's regularizers (Finlay et al. 2020), integrated along the solve as
+/// extra state channels that are excluded from error control:
+/// kinetic energy ∫ ½·mean_i f_i² dt and Jacobian Frobenius ∫ ‖eᵀ∂f/∂z‖²/D dt
+/// (the Hutchinson VJP reused), each per row, averaged over the batch and
+/// added to the loss with its coefficient.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Regularization {
+    pub kinetic: f64,
+    pub jacobian: f64,
+}
+
+impl Regularization {
+    pub fn active(&self) -> bool {
+        self.kinetic != 0.0 || self.jacobian != 0.0
+    }
 }
 
 impl SolveOptions {
     /// Evaluation: exact trace, no graph.
     pub fn eval(method: Method) -> Self {
-        SolveOptions { method, trace: TraceMode::Exact, create_graph: false, seminorm: false }
+        SolveOptions {
+            method,
+            trace: TraceMode::Exact,
+            create_graph: false,
+            seminorm: false,
+            regularization: Regularization::default(),
+        }
     }
 }
 
 /// What one pass through the chain did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct PassStats {
     pub solve: SolveStats,
     /// Backward (adjoint) solves.
     pub backward: SolveStats,
+    /// Σ over blocks of the weighted RNODE terms (a scalar with a graph in
+    /// backprop training), if regularization is on.
+    pub regularization: Option<Tensor>,
 }
 
 fn add_stats(into: &mut SolveStats, s: SolveStats) {
@@ -266,6 +309,13 @@ fn add_stats(into: &mut SolveStats, s: SolveStats) {
 impl PassStats {
     fn add(&mut self, s: SolveStats) {
         add_stats(&mut self.solve, s);
+    }
+
+    fn add_regularization(&mut self, r: Tensor) {
+        self.regularization = Some(match self.regularization.take() {
+            Some(acc) => acc + r,
+            None => r,
+        });
     }
 }
 
@@ -345,13 +395,24 @@ impl Cnf {
         z: &Tensor,
         noise: Option<&Tensor>,
         create_graph: bool,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        reg: Regularization,
+    ) -> Result<Rates> {
         tch::with_grad(|| {
             let z = if z.requires_grad() { z.shallow_clone() } else { z.detach().set_requires_grad(true) };
             let t_end = self.sqrt_end_time.square().to_kind(z.kind());
             let f = self.field.forward(&(&t_end * tau), &z);
-            let div = divergence(&f, &z, noise, create_graph)?;
-            Ok((&f * &t_end, -(div * &t_end), z))
+            let (div, vjp) = divergence(&f, &z, noise, create_graph)?;
+            let d = z.size()[1] as f64;
+            let kinetic =
+                (reg.kinetic != 0.0).then(|| f.square().mean_dim(1, false, f.kind()) * 0.5 * &t_end);
+            let jacobian = match (reg.jacobian != 0.0, &vjp) {
+                (false, _) => None,
+                (true, Some(v)) => Some(v.square().sum_dim_intlist(1, false, v.kind()) / d * &t_end),
+                (true, None) => {
+                    bail!("the Jacobian regularizer needs a Hutchinson trace (--trace gaussian|rademacher)")
+                }
+            };
+            Ok(Rates { dz: &f * &t_end, dl: -(div * &t_end), z, kinetic, jacobian })
         })
     }
 
@@ -367,26 +428,35 @@ impl Cnf {
         stats: &mut PassStats,
     ) -> Result<(Tensor, Tensor)> {
         let create_graph = opts.create_graph;
+        let reg = opts.regularization;
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
-            let (gz, gl, _) = self.dynamics(tau, &state[0], noise, create_graph)?;
-            Ok(if create_graph { vec![gz, gl] } else { vec![gz.detach(), gl.detach()] })
+            let r = self.dynamics(tau, &state[0], noise, create_graph, reg)?;
+            let mut out = vec![r.dz, r.dl];
+            out.extend(r.kinetic);
+            out.extend(r.jacobian);
+            Ok(if create_graph { out } else { out.iter().map(Tensor::detach).collect() })
         };
-        let ell0 = Tensor::zeros([z.size()[0]], (z.kind(), z.device()));
-        let (out, s) = odeint(
-            &mut rhs,
-            vec![z.shallow_clone(), ell0],
-            tau0,
-            tau1,
-            opts.method,
-            &all_controlled(2),
-            self.end_time(),
-        )?;
+        let rows = z.size()[0];
+        let zero = || Tensor::zeros([rows], (z.kind(), z.device()));
+        let mut state = vec![z.shallow_clone(), zero()];
+        let mut controlled = all_controlled(2);
+        let extra = [reg.kinetic, reg.jacobian].iter().filter(|&&c| c != 0.0).count();
+        for _ in 0..extra {
+            // Regularizer channels are quadratures: excluded from error control (RNODE).
+            state.push(zero());
+            controlled.push(false);
+        }
+        let (out, s) = odeint(&mut rhs, state, tau0, tau1, opts.method, &controlled, self.end_time())?;
         stats.add(s);
         let mut out = out.into_iter();
-        match (out.next(), out.next()) {
-            (Some(z), Some(ell)) => Ok((z, ell)),
-            _ => bail!("solver returned a malformed state"),
+        let (Some(z), Some(ell)) = (out.next(), out.next()) else {
+            bail!("solver returned a malformed state")
+        };
+        let coefficients = [reg.kinetic, reg.jacobian].into_iter().filter(|&c| c != 0.0);
+        for (integral, c) in out.zip(coefficients) {
+            stats.add_regularization(integral.mean(integral.kind()) * c);
         }
+        Ok((z, ell))
     }
 
     /// The trainable tensors of this block (network and, if trained, √T).
@@ -399,12 +469,27 @@ impl Cnf {
     }
 }
 
+/// d/dτ of the state channels at one point, and the leaf `z` they were computed at.
+struct Rates {
+    dz: Tensor,
+    dl: Tensor,
+    z: Tensor,
+    kinetic: Option<Tensor>,
+    jacobian: Option<Tensor>,
+}
+
 /// `Tr(∂f/∂z)` per row: exact (D VJPs) or Hutchinson `eᵀ (∂f/∂z) e` with fixed `e`.
-fn divergence(f: &Tensor, z: &Tensor, noise: Option<&Tensor>, create_graph: bool) -> Result<Tensor> {
+fn divergence(
+    f: &Tensor,
+    z: &Tensor,
+    noise: Option<&Tensor>,
+    create_graph: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     match noise {
         Some(e) => {
             let g = Tensor::f_run_backward(&[(f * e).sum(f.kind())], &[z], true, create_graph)?;
-            Ok((&g[0] * e).sum_dim_intlist(1, false, f.kind()))
+            let v = g[0].shallow_clone(); // eᵀ ∂f/∂z
+            Ok(((&v * e).sum_dim_intlist(1, false, f.kind()), Some(v)))
         }
         None => {
             let d = z.size()[1];
@@ -413,7 +498,7 @@ fn divergence(f: &Tensor, z: &Tensor, noise: Option<&Tensor>, create_graph: bool
                 let g = Tensor::f_run_backward(&[f.select(1, i).sum(f.kind())], &[z], true, create_graph)?;
                 div = &div + g[0].select(1, i);
             }
-            Ok(div)
+            Ok((div, None))
         }
     }
 }
@@ -448,10 +533,20 @@ impl FlowLayer for Cnf {
         let params = self.parameters();
         // log|det| = −ℓ(1), so the cotangent of ℓ is −∂L/∂log|det| (constant in τ).
         let a_ell = -grad_log_det.detach();
+        let reg = opts.regularization;
+        // The loss holds c · mean over rows of each regularizer integral.
+        let rows = y.size()[0] as f64;
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
-            let (gz, gl, z) = self.dynamics(tau, &state[0], noise.as_ref(), true)?;
+            let Rates { dz: gz, dl: gl, z, kinetic, jacobian } =
+                self.dynamics(tau, &state[0], noise.as_ref(), true, reg)?;
             let a_z = &state[1];
-            let surrogate = (&gz * a_z).sum(gz.kind()) + (&gl * &a_ell).sum(gl.kind());
+            let mut surrogate = (&gz * a_z).sum(gz.kind()) + (&gl * &a_ell).sum(gl.kind());
+            if let Some(k) = kinetic {
+                surrogate = &surrogate + k.sum(k.kind()) * (reg.kinetic / rows);
+            }
+            if let Some(j) = jacobian {
+                surrogate = &surrogate + j.sum(j.kind()) * (reg.jacobian / rows);
+            }
             let mut inputs = vec![z];
             inputs.extend(params.iter().map(Tensor::shallow_clone));
             let grads = tch::with_grad(|| Tensor::f_run_backward(&[surrogate], &inputs, false, false))?;
@@ -658,6 +753,7 @@ impl Chain {
             let grads = Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
             Ok((loss.double_value(&[]), grads))
         })?;
+        let loss = loss + stats.regularization.as_ref().map_or(0.0, |r| r.double_value(&[]));
         let mut grads = grads.into_iter();
         let mut grad_y = grads.next().context("no gradient for z")?;
         let grad_log_dets: Vec<Tensor> = grads.collect();

@@ -27,7 +27,11 @@ pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64) -> Chain {
     }
     for _ in 0..cfg.blocks {
         let p = vs.root() / "chain" / layers.len();
-        let net = OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
+        let mut net =
+            OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
+        if cfg.kinetic != 0.0 || cfg.jacobian != 0.0 {
+            net.zero_last_layer(); // RNODE's initialisation
+        }
         layers.push(Box::new(Cnf::new(&p, Box::new(net), cfg.end_time, cfg.train_end_time)));
         if cfg.batch_norm {
             bn(&mut layers);
@@ -154,8 +158,13 @@ pub fn fit(
         .append(true)
         .open(run.path("metrics.jsonl"))
         .context("opening metrics.jsonl")?;
-    let train_opts =
-        SolveOptions { method: cfg.method(), trace: cfg.trace, create_graph: true, seminorm: cfg.seminorm };
+    let train_opts = SolveOptions {
+        method: cfg.method(),
+        trace: cfg.trace,
+        create_graph: true,
+        seminorm: cfg.seminorm,
+        regularization: crate::model::Regularization { kinetic: cfg.kinetic, jacobian: cfg.jacobian },
+    };
     let bar = indicatif::ProgressBar::new(iterations);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -182,7 +191,11 @@ pub fn fit(
         let (loss_value, stats) = match cfg.gradient {
             Gradient::Backprop => {
                 let out = chain.log_prob(&batch, &train_opts)?;
-                let loss = -out.log_p.mean(Kind::Float);
+                let nll = -out.log_p.mean(Kind::Float);
+                let loss = match &out.stats.regularization {
+                    Some(r) => &nll + r.to_kind(Kind::Float),
+                    None => nll.shallow_clone(),
+                };
                 if loss.double_value(&[]).is_finite() {
                     loss.f_backward()?;
                 }
@@ -203,6 +216,7 @@ pub fn fit(
             );
         }
         let (nfe_forward, nfe_backward) = (stats.solve.nfe, stats.backward.nfe);
+        let reg_value = stats.regularization.as_ref().map(|r| r.double_value(&[]));
         opt.step();
         state.iteration += 1;
         let dt = t0.elapsed().as_secs_f64();
@@ -211,6 +225,7 @@ pub fn fit(
         bar.set_message(format!("loss {loss_value:.4} nfe {nfe_forward}/{nfe_backward} {its:.2} it/s"));
         let mut record = serde_json::json!({
             "iteration": state.iteration, "loss": loss_value, "nfe_forward": nfe_forward, "nfe_backward": nfe_backward,
+            "regularization": reg_value,
             "seconds": dt,
         });
         if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {

@@ -34,6 +34,7 @@ fn opts(trace: TraceMode, create_graph: bool) -> SolveOptions {
         trace,
         create_graph,
         seminorm: false,
+        regularization: Default::default(),
     }
 }
 
@@ -100,6 +101,35 @@ fn adjoint_matches_backprop_on_every_parameter() {
             // Stated tolerance: relative error ≤ 1e-3 on every parameter tensor.
             assert!(rel <= 1e-3, "{dim}-D {kind:?} {trace:?} {name}: relative error {rel:e}");
         }
+    }
+}
+
+#[test]
+fn adjoint_matches_backprop_with_rnode_regularization() {
+    let _rng = lock();
+    let (vs, c, x) = setup(3, 2, LayerKind::ConcatSquash, 11);
+    let reg = ffjord_trainer::model::Regularization { kinetic: 0.5, jacobian: 0.3 };
+    let o = SolveOptions { regularization: reg, ..opts(TraceMode::Gaussian, true) };
+    zero_grads(&vs);
+    tch::manual_seed(200);
+    let out = c.log_prob(&x, &o).unwrap();
+    let r = out.stats.regularization.expect("regularization terms");
+    let loss_bp = -out.log_p.mean(Kind::Double) + &r;
+    assert!(r.double_value(&[]) > 0.0);
+    loss_bp.backward();
+    let bp = grads(&vs);
+    zero_grads(&vs);
+    tch::manual_seed(200);
+    let (loss_adj, _) = c.backward_by_layers(&x, &o).unwrap();
+    let adj = grads(&vs);
+    assert!(
+        (loss_bp.double_value(&[]) - loss_adj).abs() < 1e-7,
+        "{} vs {loss_adj}",
+        loss_bp.double_value(&[])
+    );
+    for ((name, a), (_, b)) in bp.iter().zip(&adj) {
+        let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
+        assert!(rel <= 1e-3, "{name}: relative error {rel:e}");
     }
 }
 
