@@ -443,6 +443,9 @@ struct ToyArgs {
 #[derive(clap::Args)]
 struct InspectArgs {
     model: PathBuf,
+    /// Also write the model in its documented JSON form.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 fn main() {
@@ -758,5 +761,10 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     }
     println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());
     println!("scratch     {} floats with the default solver", model.scratch_len(&model.default_solver()));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&ffjord_trainer::json::to_json(&model, &bytes)?)?;
+        modelfile::write_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
