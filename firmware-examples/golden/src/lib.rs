@@ -98,6 +98,17 @@ pub fn write_for_example(manifest_dir: &Path, out_dir: &Path) {
     write(&model, &rows, out_dir);
 }
 
+/// The whole build script of a firmware example: golden tables into
+/// `OUT_DIR`, and the crate's `memory.x` on the linker path.
+pub fn example_build_script() {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let manifest = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    write_for_example(&manifest, &out);
+    std::fs::copy(manifest.join("memory.x"), out.join("memory.x")).expect("memory.x");
+    println!("cargo:rustc-link-search={}", out.display());
+    println!("cargo:rerun-if-changed=memory.x");
+}
+
 /// Writes `out_dir/golden.rs` for `model_path` and `rows`. The file expects
 /// `Solver`, `Dopri5`, `Expected` and `Golden` in scope.
 pub fn write(model_path: &Path, rows: &[(Vec<f32>, bool)], out_dir: &Path) {
