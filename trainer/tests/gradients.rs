@@ -62,6 +62,16 @@ fn zero_grads(vs: &nn::VarStore) {
     }
 }
 
+/// Stated tolerance: relative error ≤ 1e-3 (in norm) on every parameter tensor.
+fn assert_grads_agree(bp: &[(String, Tensor)], adj: &[(String, Tensor)], case: &str) {
+    assert_eq!(bp.len(), adj.len());
+    for ((name, a), (name_b, b)) in bp.iter().zip(adj) {
+        assert_eq!(name, name_b);
+        let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
+        assert!(rel <= 1e-3, "{case} {name}: relative error {rel:e}");
+    }
+}
+
 fn backprop_loss(c: &Chain, x: &Tensor, trace: TraceMode) -> Tensor {
     -c.log_prob(x, &opts(trace, true)).unwrap().log_p.mean(Kind::Double)
 }
@@ -95,12 +105,7 @@ fn adjoint_matches_backprop_on_every_parameter() {
         let adj = grads(&vs);
         assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9);
         assert!(stats.backward.nfe > 0);
-        assert_eq!(bp.len(), adj.len());
-        for ((name, a), (_, b)) in bp.iter().zip(&adj) {
-            let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
-            // Stated tolerance: relative error ≤ 1e-3 on every parameter tensor.
-            assert!(rel <= 1e-3, "{dim}-D {kind:?} {trace:?} {name}: relative error {rel:e}");
-        }
+        assert_grads_agree(&bp, &adj, &format!("{dim}-D {kind:?} {trace:?}"));
     }
 }
 
@@ -127,10 +132,7 @@ fn adjoint_matches_backprop_with_rnode_regularization() {
         "{} vs {loss_adj}",
         loss_bp.double_value(&[])
     );
-    for ((name, a), (_, b)) in bp.iter().zip(&adj) {
-        let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
-        assert!(rel <= 1e-3, "{name}: relative error {rel:e}");
-    }
+    assert_grads_agree(&bp, &adj, "");
 }
 
 #[test]
@@ -195,10 +197,7 @@ fn adjoint_matches_backprop_with_batch_norm_between_blocks() {
             "adjoint updates the statistics exactly once"
         );
     }
-    for ((name, a), (_, b)) in bp.iter().zip(&adj) {
-        let rel = f64::try_from((a - b).norm()).unwrap() / f64::try_from(a.norm()).unwrap().max(1e-12);
-        assert!(rel <= 1e-3, "{name}: relative error {rel:e}");
-    }
+    assert_grads_agree(&bp, &adj, "");
 }
 
 #[test]
