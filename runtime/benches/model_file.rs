@@ -1,6 +1,8 @@
 //! Exact log-density of a model file on given rows, one thread: µs per row
-//! one at a time, and rows per second over all of them (the runtime has no
-//! batched kernel: a batch is a loop over rows). Prints one JSON line.
+//! one at a time, rows per second over all of them one at a time
+//! (`log_density_batch`), and rows per second with the packed kernel
+//! (`log_density_packed`) at several block sizes; wall and CPU time. Prints
+//! one JSON line.
 //!
 //! `cargo bench -p ffjord-runtime --bench model_file -- MODEL ROWS.csv [TOL]`
 //! (ROWS.csv: a header, then D values per line; extra columns are ignored).
@@ -8,6 +10,14 @@
 
 use std::hint::black_box;
 use std::time::Instant;
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
 
 use ffjord_runtime::{Dopri5, Flow, Model, Solver};
 
@@ -41,17 +51,34 @@ fn main() {
         calls += single.len() as u64;
     }
     let single_us = t0.elapsed().as_secs_f64() / calls as f64 * 1e6;
-    // All rows.
-    let mut nfe = 0u64;
-    let t1 = Instant::now();
-    for x in &rows {
-        nfe += u64::from(flow.log_density(x, &mut scratch).expect("log p").stats.nfe);
+    // All rows, one at a time.
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let mut out = vec![0.0f32; rows.len()];
+    let (t1, c1) = (Instant::now(), thread_cpu_seconds());
+    let stats = flow.log_density_batch(&flat, &mut out, &mut scratch).expect("log p");
+    let (all_s, all_cpu) = (t1.elapsed().as_secs_f64(), thread_cpu_seconds() - c1);
+    let one = out.clone();
+    // All rows, packed blocks.
+    let mut packed = Vec::new();
+    for per_block in [8usize, 16, 32, 64] {
+        let mut scratch = vec![0.0; flow.packed_scratch_len(per_block)];
+        let (t, c) = (Instant::now(), thread_cpu_seconds());
+        let s = flow.log_density_packed(&flat, &mut out, per_block, &mut scratch).expect("log p");
+        let (wall, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - c);
+        let max_diff = out.iter().zip(&one).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        packed.push(format!(
+            "{{\"rows_per_block\": {per_block}, \"rows_per_s\": {:.1}, \"rows_per_cpu_s\": {:.1}, \"mean_nfe\": {:.1}, \"max_abs_diff\": {max_diff:.2e}}}",
+            rows.len() as f64 / wall,
+            rows.len() as f64 / cpu,
+            f64::from(s.nfe) / rows.len() as f64
+        ));
     }
-    let all_s = t1.elapsed().as_secs_f64();
     println!(
-        "{{\"impl\": \"ffjord-runtime (f32)\", \"rows\": {}, \"single_us\": {single_us:.2}, \"rows_per_s\": {:.1}, \"mean_nfe\": {:.1}}}",
+        "{{\"impl\": \"ffjord-runtime (f32)\", \"rows\": {}, \"single_us\": {single_us:.2}, \"rows_per_s\": {:.1}, \"rows_per_cpu_s\": {:.1}, \"mean_nfe\": {:.1}, \"packed\": [{}]}}",
         rows.len(),
         rows.len() as f64 / all_s,
-        nfe as f64 / rows.len() as f64
+        rows.len() as f64 / all_cpu,
+        f64::from(stats.nfe) / rows.len() as f64,
+        packed.join(", ")
     );
 }

@@ -410,38 +410,45 @@ pub struct Weights<'a> {
 
 impl<'a> Weights<'a> {
     /// Wraps bytes; a trailing partial value (fewer than 4 bytes) is ignored.
+    #[inline]
     pub fn new(bytes: &'a [u8]) -> Self {
         Weights { words: bytes.as_chunks::<4>().0 }
     }
 
     /// Number of floats.
+    #[inline]
     pub fn len(&self) -> usize {
         self.words.len()
     }
 
     /// Whether there are no floats.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
     }
 
     /// Float `i`, if in range.
+    #[inline]
     pub fn get(&self, i: usize) -> Option<f32> {
         self.words.get(i).map(|w| f32::from_le_bytes(*w))
     }
 
     /// The `count` floats starting at `start`; empty if out of range.
+    #[inline]
     pub fn slice(&self, start: usize, count: usize) -> Weights<'a> {
         let words = start.checked_add(count).and_then(|end| self.words.get(start..end)).unwrap_or(&[]);
         Weights { words }
     }
 
     /// Splits after `count` floats (clamped to the length).
+    #[inline]
     pub fn split_at(&self, count: usize) -> (Weights<'a>, Weights<'a>) {
         let (a, b) = self.words.split_at(count.min(self.words.len()));
         (Weights { words: a }, Weights { words: b })
     }
 
     /// Consecutive runs of `n` floats (rows of a row-major matrix).
+    #[inline]
     pub fn rows(&self, n: usize) -> impl Iterator<Item = Weights<'a>> + 'a {
         self.words.chunks_exact(n.max(1)).map(|words| Weights { words })
     }
@@ -476,6 +483,7 @@ impl<'a> Weights<'a> {
     }
 
     /// The floats in order.
+    #[inline]
     pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
         self.words.iter().map(|w| f32::from_le_bytes(*w))
     }

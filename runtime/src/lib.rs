@@ -22,6 +22,7 @@ pub mod format;
 pub mod math;
 mod model;
 mod net;
+mod packed;
 pub mod solver;
 
 pub use base::fill_standard_normal;

@@ -27,6 +27,54 @@ pub fn standard_normal_log_prob(z: &[f32]) -> f32 {
     z.iter().map(|&v| -HALF_LN_2PI - 0.5 * v * v).sum()
 }
 
+/// `tanh` of every value in place, and `1 − tanh²` (its derivative) into
+/// `derivative`, branch-free so the compiler vectorises it: the packed
+/// kernel's activation. Max error 2e-7 absolute and 1e-6 relative against
+/// float64 (tested); `libm::tanhf`, used by the one-row path, is a call per
+/// value with branches.
+pub fn tanh_in_place(values: &mut [f32], derivative: &mut [f32]) {
+    for (v, d) in values.iter_mut().zip(derivative.iter_mut()) {
+        let x = *v;
+        // Bit operations and plain compares (not fabsf/min/copysignf, which
+        // LLVM keeps scalar here).
+        let a = f32::from_bits(x.to_bits() & 0x7fff_ffff);
+        let a = if a < 9.0 { a } else { 9.0 };
+        // |x| ≥ 0.1: (1 − e^{−2a}) / (1 + e^{−2a}), cancellation ≤ 3e-7 relative.
+        let e = exp_nonpositive(-2.0 * a);
+        let large = (1.0 - e) / (1.0 + e);
+        // |x| < 0.1: odd Taylor series to x⁷ (next term < 3e-11 relative).
+        let x2 = a * a;
+        let small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))));
+        let t = if a < 0.1 { small } else { large };
+        let y = f32::from_bits(t.to_bits() | (x.to_bits() & 0x8000_0000));
+        // NaN propagates (the clamp above turns it into 9).
+        let y = if x.is_nan() { x } else { y };
+        *v = y;
+        *d = 1.0 - y * y;
+    }
+}
+
+/// `eˣ` for `−126 ln 2 < x ≤ 0`, without calls or branches: round to
+/// `x = n ln 2 + r` (|r| ≤ ln2 / 2, Cody–Waite split), degree-6 Taylor
+/// polynomial for `eʳ` (truncation < 1.3e-7 relative), `2ⁿ` from the bits.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let shifted = x * core::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // The low mantissa bits of `shifted` hold n (two's complement).
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+    let scale = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
+    p * scale
+}
+
 /// Formats an `f32` with integer arithmetic only, so error messages do not
 /// pull `core`'s float formatting (8–10 KB of flash) into firmware. Six
 /// significant decimals: fixed notation for 1e-3 ≤ |v| < 1e7, else `m.mmmmmme±x`.
@@ -73,6 +121,25 @@ pub(crate) fn check_finite(xs: &[f32]) -> Result<(), usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vector_tanh_matches_float64() {
+        extern crate std;
+        let mut xs: std::vec::Vec<f32> = (-200_000..=200_000).map(|i| i as f32 * 1e-4).collect();
+        xs.extend([1e-30f32, -1e-8, 0.0999, 0.1, 0.1001, 9.5, -40.0, 1e30, f32::MAX, f32::MIN_POSITIVE]);
+        let mut ys = xs.clone();
+        let mut ds = std::vec![0.0; xs.len()];
+        tanh_in_place(&mut ys, &mut ds);
+        for ((&x, &y), &d) in xs.iter().zip(&ys).zip(&ds) {
+            let want = (x as f64).tanh();
+            let err = (y as f64 - want).abs();
+            assert!(err <= 2e-7 && err <= 1e-6 * want.abs(), "tanh({x}) = {y}, want {want}");
+            assert!((d as f64 - (1.0 - want * want)).abs() <= 5e-7, "tanh'({x}) = {d}");
+        }
+        let mut nan = [f32::NAN];
+        tanh_in_place(&mut nan, &mut [0.0]);
+        assert!(nan[0].is_nan());
+    }
 
     #[test]
     fn sigmoid_is_symmetric_and_stable() {

@@ -167,6 +167,11 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// Widest layer output over all CNF stages.
+    pub(crate) fn max_width(&self) -> usize {
+        self.layout.max_width
+    }
+
     pub(crate) fn stages(&self) -> impl DoubleEndedIterator<Item = (usize, Stage)> + '_ {
         (0..self.header.stage_count()).filter_map(|i| self.header.stage(i).map(|s| (i, s)))
     }

@@ -29,6 +29,26 @@ impl<'a> CnfBlock<'a> {
         CnfBlock { spec, weights, dim, max_width }
     }
 
+    /// Data dimension `D`.
+    pub(crate) fn data_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Widest layer output (sizes the activation buffers).
+    pub(crate) fn max_width(&self) -> usize {
+        self.max_width
+    }
+
+    /// The block's layers and settings.
+    pub(crate) fn spec(&self) -> &CnfSpec {
+        &self.spec
+    }
+
+    /// The block's weights, layer after layer.
+    pub(crate) fn weights(&self) -> Weights<'a> {
+        self.weights
+    }
+
     /// End time `T` of this block.
     pub fn end_time(&self) -> f32 {
         self.spec.end_time
@@ -214,7 +234,7 @@ fn apply_layer(
 
 /// An activation's value and derivative at `x`.
 #[inline]
-fn activate(act: Activation, x: f32) -> (f32, f32) {
+pub(crate) fn activate(act: Activation, x: f32) -> (f32, f32) {
     match act {
         Activation::Identity => (x, 1.0),
         Activation::Tanh => {
