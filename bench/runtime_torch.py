@@ -1,9 +1,11 @@
 """Exact log-density of a model (its JSON form, `trainer inspect M --json J`)
 with torch + torchdiffeq, the way a Python user would: dopri5 at the same
 tolerance, brute-force exact divergence (one VJP per dimension), float32, one
-thread. One row at a time (the first 200 rows) and all rows in one batch.
+thread. One row at a time (the first 200 rows) and all rows in one batch
+(wall and CPU time, NFE of the batch solve, and with REF.csv the largest
+error against the runtime's tight reference).
 
-Usage: python runtime_torch.py MODEL.json ROWS.csv [TOL]
+Usage: python runtime_torch.py MODEL.json ROWS.csv [TOL] [REF.csv]
 """
 
 import json
@@ -53,8 +55,10 @@ class Func(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
+        self.nfe = 0
 
     def forward(self, t, state):
+        self.nfe += 1
         z, _ = state
         with torch.enable_grad():
             z = z.requires_grad_(True)
@@ -102,11 +106,19 @@ def main():
             log_density(model, single[i:i + 1], tol)
         calls += single.shape[0]
     single_us = (time.perf_counter() - t0) / calls * 1e6
-    t1 = time.perf_counter()
-    log_density(model, rows, tol)
-    all_s = time.perf_counter() - t1
-    print(json.dumps({"impl": "torch %s + torchdiffeq (f32)" % torch.__version__, "rows": rows.shape[0],
-                      "single_us": round(single_us, 2), "rows_per_s": round(rows.shape[0] / all_s, 1)}))
+    funcs = [stage["cnf"]["func"] for stage in model["stages"] if "cnf" in stage]
+    for f in funcs:
+        f.nfe = 0
+    t1, c1 = time.perf_counter(), time.process_time()
+    log_p = log_density(model, rows, tol)
+    all_s, all_cpu = time.perf_counter() - t1, time.process_time() - c1
+    out = {"impl": "torch %s + torchdiffeq (f32)" % torch.__version__, "rows": rows.shape[0],
+           "single_us": round(single_us, 2), "rows_per_s": round(rows.shape[0] / all_s, 1),
+           "rows_per_cpu_s": round(rows.shape[0] / all_cpu, 1), "batch_nfe": sum(f.nfe for f in funcs)}
+    if len(sys.argv) > 4:
+        ref = torch.tensor([float(v) for v in open(sys.argv[4]).read().split("\n")[1:] if v.strip()])
+        out["max_abs_err"] = float((log_p - ref).abs().max())
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -47,4 +47,6 @@ for g, d in by_grad.items():
     (py,) = [v for k, v in d.items() if "torchdiffeq" in k]
     print(f"\n{g}: the trainer is {py / rust:.2f}x the speed of torch+torchdiffeq per iteration (CPU time)")
 PY
+# Raw records for scripts/bench.
+if [ -n "${BENCH_OUT:-}" ]; then grep '^{' "$out" >>"$BENCH_OUT"; fi
 rm -f "$init" "$out"

@@ -1,15 +1,21 @@
-//! Exact log-density of a model file on given rows, one thread: µs per row
-//! one at a time, rows per second over all of them one at a time
-//! (`log_density_batch`), and rows per second with the packed kernel
-//! (`log_density_packed`) at several block sizes; wall and CPU time. Prints
-//! one JSON line.
+//! Exact log-density of a model file on given rows, one thread. Measures:
+//! µs per row one at a time; rows per second over all rows one at a time
+//! (`log_density_batch`) and with the packed kernel (`log_density_packed`)
+//! at several block sizes, in wall and CPU time; each path's largest error
+//! against a tight one-row reference (Dopri5 1e-7); and the arithmetic rate
+//! reached next to this machine's multiply-add ceiling for the same build
+//! (a register-resident loop of the kernel's shape), i.e. the fraction of
+//! the FLOP floor `NFE × (D + 1) lanes × net multiply-adds`. Prints one JSON
+//! line; with a fifth argument also writes the reference log p per row there.
 //!
-//! `cargo bench -p ffjord-runtime --bench model_file -- MODEL ROWS.csv [TOL]`
+//! `cargo bench -p ffjord-runtime --bench model_file -- MODEL ROWS.csv [TOL] [REF_OUT.csv]`
 //! (ROWS.csv: a header, then D values per line; extra columns are ignored).
 //! `bench/runtime_speed.sh` runs it next to torch + torchdiffeq.
 
 use std::hint::black_box;
 use std::time::Instant;
+
+use ffjord_runtime::{Dopri5, Flow, Model, Solver};
 
 fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -19,12 +25,35 @@ fn thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-use ffjord_runtime::{Dopri5, Flow, Model, Solver};
+/// GFLOP/s of independent `acc += w · x` on 4 × 8 register-resident f32
+/// accumulators (the packed kernel's block), the ceiling for this build.
+fn multiply_add_ceiling() -> f64 {
+    let mut acc = [[0.0f32; 8]; 4];
+    let x = black_box([1.0f32, 0.5, 0.25, 2.0, 1.5, 0.75, 0.125, 1.25]);
+    let w = black_box([1e-9f32, -1e-9, 2e-9, -2e-9]);
+    let reps = 20_000_000u64;
+    let c0 = thread_cpu_seconds();
+    for _ in 0..reps {
+        for (a, &wi) in acc.iter_mut().zip(&w) {
+            for (aj, xj) in a.iter_mut().zip(&x) {
+                *aj += wi * xj;
+            }
+        }
+        black_box(&mut acc);
+    }
+    let cpu = thread_cpu_seconds() - c0;
+    black_box(acc);
+    (reps * 4 * 8 * 2) as f64 / cpu * 1e-9
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
     let (Some(model_path), Some(rows_path)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: model_file MODEL ROWS.csv [TOL]");
+        eprintln!("usage: model_file MODEL ROWS.csv [TOL] [REF_OUT.csv]");
         return;
     };
     let tol: f32 = args.get(3).map_or(1e-5, |t| t.parse().expect("tolerance"));
@@ -37,10 +66,21 @@ fn main() {
         .skip(1)
         .map(|l| l.split(',').take(d).map(|v| v.trim().parse().expect("number")).collect())
         .collect();
-    let flow =
-        Flow::new(&model, Solver::Dopri5(Dopri5 { max_steps: 100_000, ..Dopri5::with_tolerance(tol) }))
-            .expect("solver");
+    let n = rows.len();
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let dopri = |tol: f32| Solver::Dopri5(Dopri5 { max_steps: 100_000, ..Dopri5::with_tolerance(tol) });
+    let flow = Flow::new(&model, dopri(tol)).expect("solver");
     let mut scratch = vec![0.0; flow.scratch_len()];
+
+    // Tight one-row reference.
+    let tight = Flow::new(&model, dopri(1e-7)).expect("solver");
+    let mut reference = vec![0.0f32; n];
+    tight.log_density_batch(&flat, &mut reference, &mut scratch).expect("reference log p");
+    if let Some(path) = args.get(4) {
+        let text: String = reference.iter().map(|v| format!("{v}\n")).collect();
+        std::fs::write(path, format!("log_p\n{text}")).expect("writing the reference");
+    }
+
     // One at a time: the first 200 rows, repeated for about half a second.
     let single: Vec<&Vec<f32>> = rows.iter().take(200).collect();
     let (mut calls, t0) = (0u64, Instant::now());
@@ -51,34 +91,39 @@ fn main() {
         calls += single.len() as u64;
     }
     let single_us = t0.elapsed().as_secs_f64() / calls as f64 * 1e6;
+
+    let flops_per_nfe = model.flops_per_evaluation() as f64;
+    let entry = |label: String, wall: f64, cpu: f64, nfe: u32, out: &[f32]| {
+        let mean_nfe = f64::from(nfe) / n as f64;
+        format!(
+            "{{\"path\": \"{label}\", \"rows_per_s\": {:.1}, \"rows_per_cpu_s\": {:.1}, \"mean_nfe\": {mean_nfe:.1}, \"gflops_cpu\": {:.2}, \"max_abs_err\": {:.2e}}}",
+            n as f64 / wall,
+            n as f64 / cpu,
+            flops_per_nfe * f64::from(nfe) / cpu * 1e-9,
+            max_abs_diff(out, &reference)
+        )
+    };
+    let mut paths = Vec::new();
     // All rows, one at a time.
-    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    let mut out = vec![0.0f32; rows.len()];
+    let mut out = vec![0.0f32; n];
     let (t1, c1) = (Instant::now(), thread_cpu_seconds());
     let stats = flow.log_density_batch(&flat, &mut out, &mut scratch).expect("log p");
-    let (all_s, all_cpu) = (t1.elapsed().as_secs_f64(), thread_cpu_seconds() - c1);
-    let one = out.clone();
+    let (wall, cpu) = (t1.elapsed().as_secs_f64(), thread_cpu_seconds() - c1);
+    paths.push(entry("one row at a time".into(), wall, cpu, stats.nfe, &out));
     // All rows, packed blocks.
-    let mut packed = Vec::new();
     for per_block in [8usize, 16, 32, 64] {
         let mut scratch = vec![0.0; flow.packed_scratch_len(per_block)];
         let (t, c) = (Instant::now(), thread_cpu_seconds());
         let s = flow.log_density_packed(&flat, &mut out, per_block, &mut scratch).expect("log p");
         let (wall, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - c);
-        let max_diff = out.iter().zip(&one).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        packed.push(format!(
-            "{{\"rows_per_block\": {per_block}, \"rows_per_s\": {:.1}, \"rows_per_cpu_s\": {:.1}, \"mean_nfe\": {:.1}, \"max_abs_diff\": {max_diff:.2e}}}",
-            rows.len() as f64 / wall,
-            rows.len() as f64 / cpu,
-            f64::from(s.nfe) / rows.len() as f64
-        ));
+        paths.push(entry(format!("packed, {per_block} rows per block"), wall, cpu, s.nfe, &out));
     }
+    // The instruction set this binary was compiled for (the kernel has no
+    // run-time dispatch): `RUSTFLAGS="-C target-cpu=native"` enables AVX2.
+    let build = if cfg!(target_feature = "avx2") { "AVX2 build" } else { "baseline build" };
     println!(
-        "{{\"impl\": \"ffjord-runtime (f32)\", \"rows\": {}, \"single_us\": {single_us:.2}, \"rows_per_s\": {:.1}, \"rows_per_cpu_s\": {:.1}, \"mean_nfe\": {:.1}, \"packed\": [{}]}}",
-        rows.len(),
-        rows.len() as f64 / all_s,
-        rows.len() as f64 / all_cpu,
-        f64::from(stats.nfe) / rows.len() as f64,
-        packed.join(", ")
+        "{{\"impl\": \"ffjord-runtime (f32, {build})\", \"rows\": {n}, \"single_us\": {single_us:.2}, \"flops_per_nfe\": {flops_per_nfe}, \"ceiling_gflops\": {:.2}, \"paths\": [{}]}}",
+        multiply_add_ceiling(),
+        paths.join(", ")
     );
 }

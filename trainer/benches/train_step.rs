@@ -31,6 +31,8 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `trainer` binary does.
+    ffjord_trainer::allocator::keep_freed_memory();
     tch::set_num_threads(1);
     tch::manual_seed(0);
     let gradient = match arg("--gradient").as_deref() {

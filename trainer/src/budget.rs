@@ -54,7 +54,7 @@ pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candid
         let errors: Vec<f64> = values.iter().zip(&truth).map(|((a, _), (b, _))| (a - b).abs()).collect();
         let max_error = errors.iter().cloned().fold(0.0, f64::max);
         all.push(Candidate {
-            solver: format!("{:?}", method.to_runtime()),
+            solver: method.to_string(),
             max_error: if max_error.is_finite() { max_error } else { f64::INFINITY },
             mean_error: errors.iter().sum::<f64>() / errors.len() as f64,
             mean_nfe: values.iter().map(|(_, n)| f64::from(*n)).sum::<f64>() / values.len() as f64,
@@ -69,4 +69,35 @@ pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candid
             bail!("no candidate solver keeps log p within {eps} nats of the reference on the validation rows")
         }
     }
+}
+
+/// A solver's error against the tight reference and its cost on some rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Accuracy {
+    pub rows: usize,
+    pub max_error: f64,
+    pub mean_error: f64,
+    pub mean_nfe: f64,
+}
+
+/// Error of `solver` against Dopri5 1e-7 on `rows` (data units), and its NFE.
+pub fn accuracy(model_bytes: &[u8], rows: &[Vec<f32>], solver: Solver) -> Result<Accuracy> {
+    let model = Model::from_bytes(model_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reference = Solver::Dopri5(Dopri5 { max_steps: 1_000_000, ..Dopri5::with_tolerance(1e-7) });
+    let (tight, flow) = (
+        Flow::new(&model, reference).map_err(|e| anyhow::anyhow!("{e}"))?,
+        Flow::new(&model, solver).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let mut scratch = vec![0.0; tight.scratch_len().max(flow.scratch_len())];
+    let (mut max_error, mut sum, mut nfe) = (0.0f64, 0.0f64, 0u64);
+    for (i, x) in rows.iter().enumerate() {
+        let want = tight.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let got = flow.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let err = (f64::from(got.log_p) - f64::from(want.log_p)).abs();
+        max_error = max_error.max(err);
+        sum += err;
+        nfe += u64::from(got.stats.nfe);
+    }
+    let n = rows.len().max(1) as f64;
+    Ok(Accuracy { rows: rows.len(), max_error, mean_error: sum / n, mean_nfe: nfe as f64 / n })
 }

@@ -1,6 +1,7 @@
 //! The FFJORD trainer as a library: data, models on tch, solvers, training
 //! and model files. The `trainer` binary is a thin CLI over it.
 
+pub mod allocator;
 pub mod anomaly;
 pub mod baselines;
 pub mod budget;

@@ -57,6 +57,8 @@ enum Command {
     Toy(ToyArgs),
     /// Describe a model file.
     Inspect(InspectArgs),
+    /// Cheapest runtime solver within ε nats of Dopri5 1e-7 on validation rows, checked on test rows.
+    Budget(BudgetArgs),
     /// 2-D models: learned density heatmap (left) and a histogram of samples (right) as PNG.
     Plot(PlotArgs),
     /// Export a run's best checkpoint (model file or JSON), recalibrating the threshold.
@@ -350,7 +352,7 @@ impl FitArgs {
     }
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct DataArgs {
     /// CSV or NPY rows.
     #[arg(long)]
@@ -396,6 +398,22 @@ struct EvalArgs {
     /// precision/recall/false-positive rate at the model's threshold.
     #[arg(long)]
     labels: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct BudgetArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Largest |Δ log p| in nats allowed on every validation row.
+    #[arg(long)]
+    max_error: f64,
+    /// Validation rows the choice is made on (at most 1,000 are used).
+    #[command(flatten)]
+    data: DataArgs,
+    /// Test rows to report the chosen solver's error on (CSV or NPY; for a toy
+    /// set, fresh rows are drawn with --seed + 1 instead).
+    #[arg(long)]
+    test: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -449,6 +467,7 @@ struct InspectArgs {
 }
 
 fn main() {
+    ffjord_trainer::allocator::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -478,6 +497,7 @@ fn run() -> Result<()> {
             write_table(&args.out, &t.columns, (0..t.rows).map(|i| t.row(i).to_vec()))
         }
         Command::Inspect(args) => inspect(&args),
+        Command::Budget(args) => budget(&args),
         Command::Export(a) => {
             let run = train::RunDir { dir: a.run_dir.clone() };
             train::export_run(
@@ -673,6 +693,44 @@ fn runtime_solver(model: &Model<'_>, solver: Option<SolverArg>, tol: Option<f32>
         Some(SolverArg::Midpoint) => Solver::Midpoint { steps },
         Some(SolverArg::Euler) => Solver::Euler { steps },
     }
+}
+
+fn rows_f32(table: &data::Table, limit: usize) -> Vec<Vec<f32>> {
+    (0..table.rows.min(limit)).map(|i| table.row(i).iter().map(|&v| v as f32).collect()).collect()
+}
+
+fn budget(args: &BudgetArgs) -> Result<()> {
+    let (bytes, valid) = model_and_rows(&args.model, &args.data)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let valid = rows_f32(&valid, 1000);
+    let (best, all) = ffjord_trainer::budget::choose(&bytes, &valid, args.max_error)?;
+    println!("validation: {} rows; errors against Dopri5 1e-7\n", valid.len());
+    println!("| solver | max error | mean error | mean NFE |");
+    println!("|---|---|---|---|");
+    for c in &all {
+        println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
+    }
+    let test = match (&args.test, &args.data.toy) {
+        (Some(path), _) => data::load(path, args.data.columns.as_deref())?,
+        (None, Some(_)) => DataArgs { seed: args.data.seed + 1, ..args.data.clone() }.load()?,
+        (None, None) => bail!("--test is needed with --data (the choice is checked on other rows)"),
+    };
+    if test.dim() != model.dim() {
+        bail!(
+            "test data has {} columns, the model {} expects {}",
+            test.dim(),
+            args.model.display(),
+            model.dim()
+        );
+    }
+    let test = rows_f32(&test, 1000);
+    let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method.to_runtime())?;
+    let flops = model.flops_per_evaluation() as f64 * acc.mean_nfe;
+    println!(
+        "\nchosen: {} (cheapest within {} nats) | test on {} rows: max error {:.2e}, mean error {:.2e}, mean NFE {:.1}, {:.0} FLOPs per log p",
+        best.solver, args.max_error, acc.rows, acc.max_error, acc.mean_error, acc.mean_nfe, flops
+    );
+    Ok(())
 }
 
 fn score(args: &ScoreArgs) -> Result<()> {

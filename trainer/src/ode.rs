@@ -27,6 +27,18 @@ pub enum Method {
     Dopri5 { rtol: f64, atol: f64, max_steps: u32 },
 }
 
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Method::Euler { steps } => write!(f, "Euler × {steps}"),
+            Method::Midpoint { steps } => write!(f, "midpoint × {steps}"),
+            Method::Rk4 { steps } => write!(f, "RK4 × {steps}"),
+            Method::Dopri5 { rtol, atol, .. } if rtol == atol => write!(f, "Dopri5 {rtol:e}"),
+            Method::Dopri5 { rtol, atol, .. } => write!(f, "Dopri5 rtol {rtol:e} atol {atol:e}"),
+        }
+    }
+}
+
 impl Method {
     /// The runtime's solver with the same settings.
     pub fn to_runtime(self) -> ffjord_runtime::Solver {

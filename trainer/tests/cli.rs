@@ -189,6 +189,36 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     let (loose, loose_nfe) = nfe_at("0.05", "budget-loose.ffjd");
     let (tight, tight_nfe) = nfe_at("0.0005", "budget-tight.ffjd");
     assert!(tight_nfe >= loose_nfe, "{tight:?} ({tight_nfe}) cheaper than {loose:?} ({loose_nfe})");
+    // `trainer budget` on a model file: checked on the rows it chose on, the
+    // reported error must be within ε and no listed candidate within ε cheaper.
+    let printed = ok(
+        &[
+            "budget",
+            "--model",
+            "budget-loose.ffjd",
+            "--max-error",
+            "0.05",
+            "--data",
+            "toy.csv",
+            "--test",
+            "toy.csv",
+        ],
+        d,
+    );
+    let chosen = printed.lines().find(|l| l.starts_with("chosen: ")).expect("chosen line");
+    let test_part = &chosen[chosen.find("test on").expect("test part")..];
+    let number_after = |key: &str| -> f64 {
+        let rest =
+            &test_part[test_part.find(key).unwrap_or_else(|| panic!("{key} in {chosen}")) + key.len()..];
+        rest.split([',', ' ']).find(|t| !t.is_empty()).unwrap().parse().unwrap()
+    };
+    assert!(number_after("max error ") <= 0.05, "{chosen}");
+    let chosen_nfe = number_after("mean NFE ");
+    for row in printed.lines().filter(|l| l.starts_with("| RK4") || l.starts_with("| Dopri5")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (err, nfe): (f64, f64) = (cells[2].parse().unwrap(), cells[4].parse().unwrap());
+        assert!(err > 0.05 || nfe >= chosen_nfe, "{row} is within ε and cheaper than {chosen}");
+    }
     // Re-export from the run folder as JSON and import it: the same numbers.
     ok(
         &[
