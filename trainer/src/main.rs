@@ -414,6 +414,9 @@ struct BudgetArgs {
     /// set, fresh rows are drawn with --seed + 1 instead).
     #[arg(long)]
     test: Option<PathBuf>,
+    /// A label column of the test file to leave out (e.g. `anomaly`).
+    #[arg(long)]
+    test_labels: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -711,7 +714,10 @@ fn budget(args: &BudgetArgs) -> Result<()> {
         println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
     }
     let test = match (&args.test, &args.data.toy) {
-        (Some(path), _) => data::load(path, args.data.columns.as_deref())?,
+        (Some(path), _) => match &args.test_labels {
+            Some(col) => ffjord_trainer::anomaly::split_labels(&data::load(path, None)?, col)?.0,
+            None => data::load(path, args.data.columns.as_deref())?,
+        },
         (None, Some(_)) => DataArgs { seed: args.data.seed + 1, ..args.data.clone() }.load()?,
         (None, None) => bail!("--test is needed with --data (the choice is checked on other rows)"),
     };
