@@ -116,7 +116,7 @@ fn main() {
         let (t, c) = (Instant::now(), thread_cpu_seconds());
         let s = flow.log_density_packed(&flat, &mut out, per_block, &mut scratch).expect("log p");
         let (wall, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - c);
-        paths.push(entry(format!("packed, {per_block} rows per block"), wall, cpu, s.nfe, &out));
+        paths.push(entry(format!("packed, {per_block} rows at a time"), wall, cpu, s.nfe, &out));
     }
     // The instruction set this binary was compiled for (the kernel has no
     // run-time dispatch): `RUSTFLAGS="-C target-cpu=native"` enables AVX2.

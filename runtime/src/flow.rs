@@ -6,7 +6,7 @@ use crate::error::SolveError;
 use crate::format::Stage;
 use crate::math::standard_normal_log_prob;
 use crate::model::Model;
-use crate::solver::{Solver, Stats, take};
+use crate::solver::{RowStream, Solver, Stats, take};
 
 /// The log-density of one row and what it cost.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,6 +69,10 @@ impl core::fmt::Display for BatchError {
 }
 
 impl core::error::Error for BatchError {}
+
+/// Most rows [`Flow::log_density_packed`] integrates together (larger
+/// requests are split into blocks of this size).
+pub const MAX_PACKED_ROWS: usize = crate::solver::MAX_LOCKSTEP_ROWS;
 
 /// A model together with the solver used to evaluate it.
 #[derive(Clone, Copy, Debug)]
@@ -274,24 +278,29 @@ impl<'m, 'a> Flow<'m, 'a> {
     /// Floats of scratch [`Flow::log_density_packed`] needs with
     /// `rows_per_block` rows per block.
     pub fn packed_scratch_len(&self, rows_per_block: usize) -> usize {
+        let rows = rows_per_block.min(MAX_PACKED_ROWS);
         let d = self.model.dim();
-        let n = rows_per_block.saturating_mul(d + 1);
-        let dynamics = crate::packed::packed_work_len(self.model.max_width(), d, rows_per_block);
-        n.saturating_add(self.solver.work_len(n)).saturating_add(dynamics)
+        let n = rows.saturating_mul(d + 1);
+        let dynamics = crate::packed::packed_work_len(self.model.max_width(), d, rows);
+        // State, solver vectors (or the lockstep Dopri5's), a time per row,
+        // the kernel's scratch.
+        let solver = self.solver.work_len(n).max(crate::solver::Dopri5::stream_work_len(rows, d + 1));
+        n.saturating_add(solver).saturating_add(2 * rows).saturating_add(dynamics)
     }
 
     /// `log p` of each row of `xs` (row-major, `D` per row) into `log_p`, for
-    /// throughput: `rows_per_block` rows at a time are integrated as one
-    /// system that shares the time steps, and the net runs on all their lanes
-    /// as small matrix products.
+    /// throughput: `rows_per_block` rows at a time (at most
+    /// [`MAX_PACKED_ROWS`]) are integrated together, and the net runs on all
+    /// their lanes as small matrix products.
     ///
-    /// With Dopri5 the error norm is the maximum over the block's rows, so each
-    /// row meets the tolerance on every step (usually with more steps than it
-    /// would take alone); fixed-step solvers take the same steps as
-    /// [`Flow::log_density_batch`]. Values agree with the one-row path to
-    /// rounding and solver tolerance, not bit for bit. Returns the solver
-    /// statistics summed over rows (a block's NFE counts once per row in it).
-    /// Bad input names its row; a failed solve names the first row of its block.
+    /// Every row takes the steps it takes in [`Flow::log_density_batch`]:
+    /// Dopri5 keeps a time, step size and accept/reject decision per row
+    /// (rows evaluate at their own times in one kernel call; finished rows
+    /// wait for the block's slowest), fixed-step solvers share their steps.
+    /// Values agree with the one-row path to rounding (the kernel sums in
+    /// another order and uses a vectorised tanh), not bit for bit. Returns
+    /// the solver statistics summed over rows. Bad input names its row; a
+    /// failed solve names the first row of its block.
     pub fn log_density_packed(
         &self,
         xs: &[f32],
@@ -301,6 +310,7 @@ impl<'m, 'a> Flow<'m, 'a> {
     ) -> Result<Stats, BatchError> {
         let d = self.model.dim();
         check_batch(d, xs, log_p)?;
+        let rows_per_block = rows_per_block.min(MAX_PACKED_ROWS);
         let needed = self.packed_scratch_len(rows_per_block);
         if rows_per_block == 0 || scratch.len() < needed {
             let error = if rows_per_block == 0 {
@@ -309,6 +319,11 @@ impl<'m, 'a> Flow<'m, 'a> {
                 crate::solver::scratch_error(needed, scratch.len())
             };
             return Err(BatchError { row: 0, error });
+        }
+        // One CNF stage and Dopri5: stream every row through the slots.
+        let cnf_stages = self.model.stages().filter(|(_, s)| matches!(s, Stage::Cnf(_))).count();
+        if let (Solver::Dopri5(dopri), 1) = (self.solver, cnf_stages) {
+            return self.packed_stream(dopri, xs, log_p, rows_per_block, scratch);
         }
         let mut stats = Stats::default();
         let blocks = xs.chunks(rows_per_block.saturating_mul(d)).zip(log_p.chunks_mut(rows_per_block));
@@ -322,6 +337,32 @@ impl<'m, 'a> Flow<'m, 'a> {
             stats = stats.merge(s);
         }
         Ok(stats)
+    }
+
+    /// [`Flow::log_density_packed`] for a chain with one CNF stage under
+    /// Dopri5: every row streams through `slots` lockstep slots.
+    fn packed_stream(
+        &self,
+        dopri: crate::solver::Dopri5,
+        xs: &[f32],
+        log_p: &mut [f32],
+        slots: usize,
+        scratch: &mut [f32],
+    ) -> Result<Stats, BatchError> {
+        let model = self.model;
+        let at_start = |error| BatchError { row: 0, error };
+        let (cnf, spec) = model
+            .stages()
+            .find_map(|(i, s)| if let Stage::Cnf(spec) = s { Some((i, spec)) } else { None })
+            .ok_or(at_start(SolveError::InvalidSolver))?;
+        let block = model.cnf_block(cnf).ok_or(at_start(SolveError::InvalidSolver))?;
+        let slots = slots.min(log_p.len()).max(1);
+        let packed = crate::packed::PackedBlock::new(&block, slots);
+        let mut stream = ChainStream { model, cnf, xs, out: log_p, next: 0, stats: Stats::default() };
+        dopri
+            .integrate_stream(&packed, 0.0, spec.end_time, &mut stream, scratch)
+            .map_err(|(row, error)| BatchError { row, error })?;
+        Ok(stream.stats)
     }
 
     /// One block of [`Flow::log_density_packed`]: `out` first accumulates each
@@ -362,12 +403,24 @@ impl<'m, 'a> Flow<'m, 'a> {
                         reset_ell(state);
                     }
                     let packed = crate::packed::PackedBlock::new(&block, rows);
-                    let s = self.solver.integrate(&packed, 0.0, spec.end_time, y, work)?;
-                    stats = stats.merge(Stats {
-                        nfe: s.nfe.saturating_mul(rows as u32),
-                        accepted: s.accepted.saturating_mul(rows as u32),
-                        rejected: s.rejected.saturating_mul(rows as u32),
-                    });
+                    let s = match self.solver {
+                        Solver::Dopri5(dopri) => {
+                            let mut stream = BlockStream { y, len: d + 1, next: 0 };
+                            dopri
+                                .integrate_stream(&packed, 0.0, spec.end_time, &mut stream, work)
+                                .map_err(|(_, e)| e)?
+                        }
+                        // Fixed steps: one shared step sequence, counted once per row.
+                        fixed => {
+                            let s = fixed.integrate(&packed, 0.0, spec.end_time, y, work)?;
+                            Stats {
+                                nfe: s.nfe.saturating_mul(rows as u32),
+                                accepted: s.accepted.saturating_mul(rows as u32),
+                                rejected: s.rejected.saturating_mul(rows as u32),
+                            }
+                        }
+                    };
+                    stats = stats.merge(s);
                     for (state, ld) in y.chunks_exact(d + 1).zip(out.iter_mut()) {
                         *ld -= state.last().copied().unwrap_or(0.0);
                     }
@@ -379,6 +432,105 @@ impl<'m, 'a> Flow<'m, 'a> {
             *lp += standard_normal_log_prob(z);
         }
         Ok(stats)
+    }
+}
+
+/// The rows of one block's state, streamed through the lockstep solver in
+/// order and written back in place.
+struct BlockStream<'y> {
+    y: &'y mut [f32],
+    len: usize,
+    next: usize,
+}
+
+impl RowStream for BlockStream<'_> {
+    fn next_row(&mut self, slot: &mut [f32]) -> Option<usize> {
+        let row = self.next;
+        let src = self.y.get(row * self.len..(row + 1) * self.len)?;
+        copy(slot, src);
+        self.next += 1;
+        Some(row)
+    }
+
+    fn finish_row(&mut self, row: usize, slot: &[f32], _: Stats) {
+        if let Some(dst) = self.y.get_mut(row * self.len..(row + 1) * self.len) {
+            copy(dst, slot);
+        }
+    }
+}
+
+/// Rows of a one-CNF chain streamed through the lockstep solver: a row's
+/// standardization and leading affine stages are applied as it enters a
+/// slot, the trailing ones and the base density as it leaves.
+struct ChainStream<'m, 'a, 'x> {
+    model: &'m Model<'a>,
+    cnf: usize,
+    xs: &'x [f32],
+    out: &'x mut [f32],
+    next: usize,
+    stats: Stats,
+}
+
+impl RowStream for ChainStream<'_, '_, '_> {
+    fn next_row(&mut self, y: &mut [f32]) -> Option<usize> {
+        let model = self.model;
+        let d = model.dim();
+        let row = self.next;
+        let x = self.xs.get(row * d..(row + 1) * d)?;
+        self.next += 1;
+        let (z, ell) = y.split_at_mut(d.min(y.len()));
+        copy(z, x);
+        ell.fill(0.0);
+        let mut log_det = 0.0f32;
+        if let Some((mean, std)) = model.standardization() {
+            for ((v, m), s) in z.iter_mut().zip(mean.iter()).zip(std.iter()) {
+                *v = (*v - m) / s;
+            }
+            log_det += model.standardize_log_det();
+        }
+        for (i, _) in model.stages().take_while(|&(i, _)| i < self.cnf) {
+            if let Some((scale, shift, ld)) = model.affine(i) {
+                for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {
+                    *v = *v * a + b;
+                }
+                log_det += ld;
+            }
+        }
+        if let Some(o) = self.out.get_mut(row) {
+            *o = log_det;
+        }
+        Some(row)
+    }
+
+    fn finish_row(&mut self, row: usize, y: &[f32], stats: Stats) {
+        let model = self.model;
+        let d = model.dim();
+        // ℓ(T) = −log|det| of the CNF block.
+        let mut log_det = -y.get(d).copied().unwrap_or(f32::NAN);
+        let mut base = 0.0f32;
+        let after =
+            || model.stages().skip_while(|&(i, _)| i <= self.cnf).filter_map(|(i, _)| model.affine(i));
+        for (_, _, ld) in after() {
+            log_det += ld;
+        }
+        for (k, &v) in y.iter().take(d).enumerate() {
+            let mut v = v;
+            for (scale, shift, _) in after() {
+                v = v * scale.get(k).unwrap_or(f32::NAN) + shift.get(k).unwrap_or(f32::NAN);
+            }
+            base += -crate::math::HALF_LN_2PI - 0.5 * v * v;
+        }
+        if let Some(o) = self.out.get_mut(row) {
+            *o += base + log_det;
+        }
+        self.stats = self.stats.merge(stats);
+    }
+}
+
+/// Copies the common prefix (lengths agree by construction; never panics).
+fn copy(dst: &mut [f32], src: &[f32]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v;
     }
 }
 

@@ -27,7 +27,7 @@ pub mod solver;
 
 pub use base::fill_standard_normal;
 pub use error::{Error, Field, LoadError, SolveError};
-pub use flow::{BatchError, Flow, LogDensity, Sample, Score, Verdict};
+pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Verdict};
 pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, Metadata, Stage, Threshold};
 pub use model::Model;
 pub use net::CnfBlock;

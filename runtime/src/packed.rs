@@ -15,9 +15,9 @@
 //! activation, chain rule) runs over contiguous rows.
 
 use crate::format::{Activation, LayerKind, Weights};
-use crate::math::{sigmoid, tanh_in_place};
+use crate::math::{sigmoid, sigmoid_in_place, tanh_in_place};
 use crate::net::CnfBlock;
-use crate::solver::Dynamics;
+use crate::solver::{Dynamics, RowDynamics};
 
 /// Lanes per register block; the padded row count is a multiple of it.
 const LB: usize = 8;
@@ -50,12 +50,13 @@ pub(crate) fn padded_rows(rows: usize) -> usize {
     rows.div_ceil(LB).saturating_mul(LB)
 }
 
-/// Scratch floats of one packed evaluation: two activation buffers of
-/// `max_width × stride` and one per-row scale vector.
+/// Scratch floats of one packed evaluation with a time per row: two
+/// activation buffers of `max_width × stride`, and per-row scale and gate
+/// vectors.
 pub(crate) fn packed_work_len(max_width: usize, dim: usize, rows: usize) -> usize {
     let padded = padded_rows(rows);
     let stride = padded.saturating_mul(dim + 1);
-    max_width.saturating_mul(stride).saturating_mul(2).saturating_add(padded)
+    max_width.saturating_mul(stride).saturating_mul(2).saturating_add(2 * padded)
 }
 
 impl Dynamics for PackedBlock<'_, '_> {
@@ -63,8 +64,9 @@ impl Dynamics for PackedBlock<'_, '_> {
         self.rows * (self.block.data_dim() + 1)
     }
 
+    /// [`RowDynamics::rows_work_len`] plus the shared time copied per row.
     fn work_len(&self) -> usize {
-        packed_work_len(self.block.max_width(), self.block.data_dim(), self.rows)
+        self.rows_work_len().saturating_add(self.rows)
     }
 
     fn error_split(&self) -> usize {
@@ -76,13 +78,34 @@ impl Dynamics for PackedBlock<'_, '_> {
     }
 
     fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]) {
+        let Some((times, work)) = work.split_at_mut_checked(self.rows) else {
+            dy.fill(f32::NAN);
+            return;
+        };
+        times.fill(t);
+        self.eval_rows(times, y, dy, work);
+    }
+}
+
+impl RowDynamics for PackedBlock<'_, '_> {
+    fn rows_work_len(&self) -> usize {
+        packed_work_len(self.block.max_width(), self.block.data_dim(), self.rows)
+    }
+
+    fn eval_rows(&self, times: &[f32], y: &[f32], dy: &mut [f32], work: &mut [f32]) {
         let d = self.block.data_dim();
         let (rows, padded, stride) = (self.rows, self.padded, self.stride());
         let width = self.block.max_width() * stride;
         dy.fill(f32::NAN);
         let Some((a, rest)) = work.split_at_mut_checked(width) else { return };
         let Some((b, rest)) = rest.split_at_mut_checked(width) else { return };
-        let Some((scale, _)) = rest.split_at_mut_checked(padded) else { return };
+        let Some((scale, rest)) = rest.split_at_mut_checked(padded) else { return };
+        let Some((gates, _)) = rest.split_at_mut_checked(padded) else { return };
+        let times = times.get(..rows).unwrap_or(&[]);
+        // One time for all rows (fixed steps, Dopri5's first evaluation): the
+        // time terms are computed once per unit.
+        let shared_t = times.first().copied().filter(|&t0| times.iter().all(|&t| t == t0));
+        let time = RowTimes { times, shared: shared_t };
         // Seed: value lanes carry z, tangent block j carries e_{j-1}.
         for (k, unit) in a.chunks_exact_mut(stride).take(d).enumerate() {
             unit.fill(0.0);
@@ -103,7 +126,7 @@ impl Dynamics for PackedBlock<'_, '_> {
             let w = self.block.weights().slice(offset, count);
             let act = if l + 1 < n_layers { Some(spec.activation) } else { None };
             let shape = Shape { d_in, d_out, rows, padded, directions: d };
-            packed_layer(layer.kind, act, w, shape, t, input, output, scale);
+            packed_layer(layer.kind, act, w, shape, time, input, output, Scratch { scale, gates });
             offset += count;
             d_in = d_out;
             core::mem::swap(&mut input, &mut output);
@@ -123,6 +146,19 @@ impl Dynamics for PackedBlock<'_, '_> {
             }
         }
     }
+}
+
+/// The evaluation time of every row, and the common value if they agree.
+#[derive(Clone, Copy)]
+struct RowTimes<'t> {
+    times: &'t [f32],
+    shared: Option<f32>,
+}
+
+/// Per-row scratch of one layer.
+struct Scratch<'s> {
+    scale: &'s mut [f32],
+    gates: &'s mut [f32],
 }
 
 #[derive(Clone, Copy)]
@@ -149,10 +185,10 @@ fn packed_layer(
     act: Option<Activation>,
     w: Weights<'_>,
     shape: Shape,
-    t: f32,
+    time: RowTimes<'_>,
     input: &[f32],
     output: &mut [f32],
-    scale: &mut [f32],
+    scratch: Scratch<'_>,
 ) {
     let Shape { d_in, d_out, rows, padded, .. } = shape;
     let stride = shape.stride();
@@ -171,22 +207,49 @@ fn packed_layer(
     //    the tangent lanes the chain-rule factor. Each pass runs over the
     //    contiguous rows, so it vectorises.
     let mut t_weights = matrix.rows(cols).map(|row| if concat { row.get(0).unwrap_or(0.0) } else { 0.0 });
-    let mut gates = gate_w.iter().zip(gate_b.iter()).zip(hyper_b.iter());
-    let scale = scale.get_mut(..rows).unwrap_or(&mut []);
+    let mut gate_params = gate_w.iter().zip(gate_b.iter()).zip(hyper_b.iter());
+    let scale = scratch.scale.get_mut(..rows).unwrap_or(&mut []);
+    let gates = scratch.gates.get_mut(..rows).unwrap_or(&mut []);
     for (unit, b) in output.chunks_exact_mut(stride).take(d_out).zip(bias.iter()) {
-        let t_term = t_weights.next().unwrap_or(0.0) * t;
+        let tw = t_weights.next().unwrap_or(0.0);
         let (value, tangents) = unit.split_at_mut(padded.min(unit.len()));
         let value = value.get_mut(..rows).unwrap_or(&mut []);
-        for v in value.iter_mut() {
-            *v = *v + b + t_term;
+        match time.shared {
+            Some(t) => {
+                let t_term = tw * t;
+                for v in value.iter_mut() {
+                    *v = *v + b + t_term;
+                }
+            }
+            None => {
+                for (v, &t) in value.iter_mut().zip(time.times) {
+                    *v = *v + b + tw * t;
+                }
+            }
         }
-        let mut gate = 1.0;
+        // The gate: one value for a shared time, else one per row (in `gates`).
+        let mut shared_gate = 1.0;
+        let mut row_gates = false;
         if squash {
-            let ((gw, gb), hb) = gates.next().unwrap_or(((0.0, 0.0), 0.0));
-            gate = sigmoid(gw * t + gb);
-            let hyper = hb * t;
-            for v in value.iter_mut() {
-                *v = *v * gate + hyper;
+            let ((gw, gb), hb) = gate_params.next().unwrap_or(((0.0, 0.0), 0.0));
+            match time.shared {
+                Some(t) => {
+                    shared_gate = sigmoid(gw * t + gb);
+                    let hyper = hb * t;
+                    for v in value.iter_mut() {
+                        *v = *v * shared_gate + hyper;
+                    }
+                }
+                None => {
+                    for (g, &t) in gates.iter_mut().zip(time.times) {
+                        *g = gw * t + gb;
+                    }
+                    sigmoid_in_place(gates);
+                    for ((v, &g), &t) in value.iter_mut().zip(gates.iter()).zip(time.times) {
+                        *v = *v * g + hb * t;
+                    }
+                    row_gates = true;
+                }
             }
         }
         match act {
@@ -194,22 +257,24 @@ fn packed_layer(
                 if !squash {
                     continue;
                 }
-                scale.fill(gate);
+                scale.fill(1.0);
             }
-            Some(Activation::Tanh) => {
-                tanh_in_place(value, scale);
-                if squash {
-                    for s in scale.iter_mut() {
-                        *s *= gate;
-                    }
-                }
-            }
+            Some(Activation::Tanh) => tanh_in_place(value, scale),
             Some(other) => {
                 for (v, s) in value.iter_mut().zip(scale.iter_mut()) {
                     let (y, dy) = activate(other, *v);
                     *v = y;
-                    *s = gate * dy;
+                    *s = dy;
                 }
+            }
+        }
+        if row_gates {
+            for (s, &g) in scale.iter_mut().zip(gates.iter()) {
+                *s *= g;
+            }
+        } else if squash {
+            for s in scale.iter_mut() {
+                *s *= shared_gate;
             }
         }
         for direction in tangents.chunks_exact_mut(padded.max(1)) {
@@ -308,6 +373,6 @@ mod tests {
         assert_eq!(padded_rows(1), LB);
         assert_eq!(padded_rows(LB), LB);
         assert_eq!(padded_rows(LB + 1), 2 * LB);
-        assert_eq!(packed_work_len(64, 2, 16), 2 * 64 * 48 + 16);
+        assert_eq!(packed_work_len(64, 2, 16), 2 * 64 * 48 + 2 * 16);
     }
 }

@@ -11,7 +11,7 @@ pub(crate) const STAGES: usize = 7;
 /// Vectors of length n the solver keeps: 7 stages, the trial state, the error.
 pub(crate) const WORK_VECTORS: usize = STAGES + 2;
 
-const TABLEAU: Tableau<STAGES> = Tableau {
+pub(crate) const TABLEAU: Tableau<STAGES> = Tableau {
     c: [0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0],
     a: [
         [0.0; 7],
@@ -29,7 +29,7 @@ const TABLEAU: Tableau<STAGES> = Tableau {
 /// `b − b*` with Shampine's b* = (1951/21600, 0, 22642/50085, 451/720,
 /// −12231/42400, 649/6300, 1/60): the error estimate is `h Σ ERR_i k_i`.
 /// Computed in f64 and rounded once, so the small differences keep their digits.
-const ERR: [f32; STAGES] = [
+pub(crate) const ERR: [f32; STAGES] = [
     (35.0 / 384.0 - 1951.0 / 21600.0) as f32,
     0.0,
     (500.0 / 1113.0 - 22642.0 / 50085.0) as f32,
@@ -91,7 +91,7 @@ impl Dopri5 {
 
     /// The error ratio ‖v / (atol + rtol · max(|a|, |b|))‖ of one system
     /// with the mixed norm.
-    fn group_ratio(&self, v: &[f32], a: &[f32], b: &[f32], split: usize) -> f64 {
+    pub(crate) fn group_ratio(&self, v: &[f32], a: &[f32], b: &[f32], split: usize) -> f64 {
         let (mut s0, mut s1) = (0.0f64, 0.0f64);
         for (i, ((&vi, &ai), &bi)) in v.iter().zip(a).zip(b).enumerate() {
             let sc = self.atol + self.rtol * ai.abs().max(bi.abs());
@@ -143,7 +143,7 @@ impl Dopri5 {
         let h0 = self
             .group_ratios(y0, y0, y0, shape)
             .zip(self.group_ratios(f0, y0, y0, shape))
-            .map(|(d0, d1)| if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 })
+            .map(|(d0, d1)| initial_h0(d0, d1))
             .fold(f64::INFINITY, f64::min);
         let h0 = if h0.is_finite() { h0 } else { 1e-6 };
         combine(y1, y0, (dir * h0) as f32, &[1.0], f0);
@@ -154,14 +154,7 @@ impl Dopri5 {
         let h1 = self
             .group_ratios(f0, y0, y0, shape)
             .zip(self.group_ratios(f1, y0, y0, shape))
-            .map(|(d1, d2)| {
-                let d2 = d2 / h0;
-                if d1 <= 1e-15 && d2 <= 1e-15 {
-                    (h0 * 1e-3).max(1e-6)
-                } else {
-                    libm::pow(0.01 / d1.max(d2), 1.0 / 5.0)
-                }
-            })
+            .map(|(d1, d2)| initial_h1(h0, d1, d2 / h0))
             .fold(f64::INFINITY, f64::min);
         (100.0 * h0).min(h1)
     }
@@ -201,21 +194,9 @@ impl Dopri5 {
         };
         let mut t = t0;
         loop {
-            let remaining = (t1 - t).abs();
-            if remaining == 0.0 {
+            let Some(Step { step, last }) = self.plan_step(t, t1, h, span, &stats)? else {
                 return Ok(stats);
-            }
-            let attempted = stats.accepted + stats.rejected;
-            if attempted >= self.max_steps {
-                return Err(SolveError::MaxStepsReached { t: t as f32, steps: attempted });
-            }
-            // Clip the last step onto t1 (torchdiffeq overshoots and interpolates).
-            let last = h >= remaining;
-            let step = if last { remaining } else { h };
-            // `step` is finite here (h starts finite and factors are clamped).
-            if step < f64::from(self.min_step) || t + dir * step == t || step <= span * 1e-12 {
-                return Err(SolveError::StepSizeUnderflow { t: t as f32, h: (dir * step) as f32 });
-            }
+            };
             let hs = dir * step;
             stats.nfe += stages(&TABLEAU, f, t, hs, y, ks, ytmp, fwork, 1)?;
             // ytmp holds y₁, the input of stage 7 (FSAL); the error is h Σ ERR_i k_i.
@@ -235,19 +216,71 @@ impl Dopri5 {
             } else {
                 stats.rejected += 1;
             }
-            let factor = if r == 0.0 {
-                MAX_GROWTH
-            } else if !r.is_finite() {
-                // Overflow inside the trial step: shrink as hard as allowed.
-                MAX_SHRINK
-            } else {
-                // Accepted steps never shrink; rejected ones shrink at most 5×.
-                let floor = if r < 1.0 { 1.0 } else { MAX_SHRINK };
-                (SAFETY * libm::pow(r, -1.0 / 5.0)).clamp(floor, MAX_GROWTH)
-            };
-            h = step * factor;
+            h = step * step_factor(r);
         }
     }
+
+    /// The next step of one system at `t` with proposed size `h`: `None` once
+    /// it has reached `t1`; errors when the step budget is spent or the step
+    /// underflows. The last step is clipped onto `t1` (torchdiffeq overshoots
+    /// and interpolates).
+    pub(crate) fn plan_step(
+        &self,
+        t: f64,
+        t1: f64,
+        h: f64,
+        span: f64,
+        stats: &Stats,
+    ) -> Result<Option<Step>, SolveError> {
+        let remaining = (t1 - t).abs();
+        if remaining == 0.0 {
+            return Ok(None);
+        }
+        let attempted = stats.accepted + stats.rejected;
+        if attempted >= self.max_steps {
+            return Err(SolveError::MaxStepsReached { t: t as f32, steps: attempted });
+        }
+        let last = h >= remaining;
+        let step = if last { remaining } else { h };
+        let dir = if t1 > t { 1.0 } else { -1.0 };
+        // `step` is finite here (h starts finite and factors are clamped).
+        if step < f64::from(self.min_step) || t + dir * step == t || step <= span * 1e-12 {
+            return Err(SolveError::StepSizeUnderflow { t: t as f32, h: (dir * step) as f32 });
+        }
+        Ok(Some(Step { step, last }))
+    }
+}
+
+/// One planned step: its size |h| and whether it lands on the end time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Step {
+    pub step: f64,
+    pub last: bool,
+}
+
+/// Step-size factor after a trial step with error ratio `r`: accepted steps
+/// never shrink, rejected ones shrink at most 5×, growth at most 10×.
+pub(crate) fn step_factor(r: f64) -> f64 {
+    if r == 0.0 {
+        MAX_GROWTH
+    } else if !r.is_finite() {
+        // Overflow inside the trial step: shrink as hard as allowed.
+        MAX_SHRINK
+    } else {
+        let floor = if r < 1.0 { 1.0 } else { MAX_SHRINK };
+        (SAFETY * libm::pow(r, -1.0 / 5.0)).clamp(floor, MAX_GROWTH)
+    }
+}
+
+/// First trial step of the initial-step selection (spec §4.3) from the norms
+/// of `y0` and `f0`.
+pub(crate) fn initial_h0(d0: f64, d1: f64) -> f64 {
+    if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 }
+}
+
+/// The order-4 estimate from `d1 = ‖f0‖` and `d2 = ‖f1 − f0‖ / h0`.
+pub(crate) fn initial_h1(h0: f64, d1: f64, d2: f64) -> f64 {
+    if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { libm::pow(0.01 / d1.max(d2), 1.0 / 5.0) }
 }
 
 /// Length and error split of each packed system.

@@ -12,6 +12,7 @@
 //! each evaluation, as torchdiffeq does; the state is `f32`.
 
 mod dopri5;
+mod lockstep;
 mod rk;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::SolveError;
 
 pub use dopri5::Dopri5;
+pub(crate) use lockstep::{MAX_LOCKSTEP_ROWS, RowDynamics, RowStream};
 
 /// A right-hand side `dy/dt = f(t, y)` that needs some scratch to evaluate.
 ///
