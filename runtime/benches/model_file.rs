@@ -4,8 +4,8 @@
 //! at several block sizes, in wall and CPU time; each path's largest error
 //! against a tight one-row reference (Dopri5 1e-7); and the arithmetic rate
 //! reached next to this machine's multiply-add ceiling for the same build
-//! (a register-resident loop of the kernel's shape), i.e. the fraction of
-//! the FLOP floor `NFE × (D + 1) lanes × net multiply-adds`. Prints one JSON
+//! (the kernel's register block over L1-resident data, nothing else), i.e.
+//! the fraction of the FLOP floor `NFE × (D + 1) lanes × net multiply-adds`. Prints one JSON
 //! line; with a fifth argument also writes the reference log p per row there.
 //!
 //! `cargo bench -p ffjord-runtime --bench model_file -- MODEL ROWS.csv [TOL] [REF_OUT.csv]`
@@ -25,25 +25,28 @@ fn thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// GFLOP/s of independent `acc += w · x` on 4 × 8 register-resident f32
-/// accumulators (the packed kernel's block), the ceiling for this build.
+/// GFLOP/s of the packed kernel's ideal inner loop for this build: a 4 × 8
+/// register block of `acc += w · x` over 256 L1-resident `x` rows (no
+/// activations, no solver) — the rate the FLOP floor could be done at.
 fn multiply_add_ceiling() -> f64 {
-    let mut acc = [[0.0f32; 8]; 4];
-    let x = black_box([1.0f32, 0.5, 0.25, 2.0, 1.5, 0.75, 0.125, 1.25]);
-    let w = black_box([1e-9f32, -1e-9, 2e-9, -2e-9]);
-    let reps = 20_000_000u64;
+    let x: Vec<[f32; 8]> = (0..256).map(|k| core::array::from_fn(|j| 1.0 + (k * 8 + j) as f32 * 1e-4)).collect();
+    let w: Vec<[f32; 4]> = (0..256).map(|k| core::array::from_fn(|i| 1e-3 * (k + i) as f32)).collect();
+    let (x, w) = (black_box(x), black_box(w));
+    let reps = 40_000u64;
     let c0 = thread_cpu_seconds();
     for _ in 0..reps {
-        for (a, &wi) in acc.iter_mut().zip(&w) {
-            for (aj, xj) in a.iter_mut().zip(&x) {
-                *aj += wi * xj;
+        let mut acc = [[0.0f32; 8]; 4];
+        for (xk, wk) in x.iter().zip(&w) {
+            for (a, &wi) in acc.iter_mut().zip(wk) {
+                for (aj, xj) in a.iter_mut().zip(xk) {
+                    *aj += wi * xj;
+                }
             }
         }
-        black_box(&mut acc);
+        black_box(acc);
     }
     let cpu = thread_cpu_seconds() - c0;
-    black_box(acc);
-    (reps * 4 * 8 * 2) as f64 / cpu * 1e-9
+    (reps * 256 * 4 * 8 * 2) as f64 / cpu * 1e-9
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
