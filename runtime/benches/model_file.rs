@@ -29,7 +29,8 @@ fn thread_cpu_seconds() -> f64 {
 /// register block of `acc += w · x` over 256 L1-resident `x` rows (no
 /// activations, no solver) — the rate the FLOP floor could be done at.
 fn multiply_add_ceiling() -> f64 {
-    let x: Vec<[f32; 8]> = (0..256).map(|k| core::array::from_fn(|j| 1.0 + (k * 8 + j) as f32 * 1e-4)).collect();
+    let x: Vec<[f32; 8]> =
+        (0..256).map(|k| core::array::from_fn(|j| 1.0 + (k * 8 + j) as f32 * 1e-4)).collect();
     let w: Vec<[f32; 4]> = (0..256).map(|k| core::array::from_fn(|i| 1e-3 * (k + i) as f32)).collect();
     let (x, w) = (black_box(x), black_box(w));
     let reps = 40_000u64;

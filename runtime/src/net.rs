@@ -160,6 +160,35 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// One layer's weight section, split as FORMAT.md lays it out.
+pub(crate) struct LayerWeights<'a> {
+    /// `W`, `d_out` rows of `cols` floats.
+    pub matrix: Weights<'a>,
+    /// Columns of `W`: `d_in`, plus the time column for concat.
+    pub cols: usize,
+    /// Whether `W`'s first column multiplies `t` (concat).
+    pub concat: bool,
+    /// Whether the gate and hyper-bias vectors follow (concatsquash).
+    pub squash: bool,
+    pub bias: Weights<'a>,
+    pub gate_w: Weights<'a>,
+    pub gate_b: Weights<'a>,
+    pub hyper_b: Weights<'a>,
+}
+
+impl<'a> LayerWeights<'a> {
+    pub(crate) fn split(kind: LayerKind, w: Weights<'a>, d_in: usize, d_out: usize) -> Self {
+        let concat = kind == LayerKind::Concat;
+        let squash = kind == LayerKind::ConcatSquash;
+        let cols = if concat { d_in + 1 } else { d_in };
+        let (matrix, rest) = w.split_at(d_out * cols);
+        let (bias, rest) = rest.split_at(d_out);
+        let (gate_w, rest) = rest.split_at(if squash { d_out } else { 0 });
+        let (gate_b, hyper_b) = rest.split_at(gate_w.len());
+        LayerWeights { matrix, cols, concat, squash, bias, gate_w, gate_b, hyper_b }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct LayerDims {
     d_in: usize,
@@ -182,13 +211,8 @@ fn apply_layer(
     scale: &mut [f32],
 ) {
     let LayerDims { d_in, d_out, lanes } = dims;
-    let concat = kind == LayerKind::Concat;
-    let cols = if concat { d_in + 1 } else { d_in };
-    let (matrix, rest) = w.split_at(d_out * cols);
-    let (bias, rest) = rest.split_at(d_out);
-    let squash = kind == LayerKind::ConcatSquash;
-    let (gate_w, rest) = rest.split_at(if squash { d_out } else { 0 });
-    let (gate_b, hyper_b) = rest.split_at(gate_w.len());
+    let LayerWeights { matrix, cols, concat, squash, bias, gate_w, gate_b, hyper_b } =
+        LayerWeights::split(kind, w, d_in, d_out);
 
     // 1. Every lane: y_l = W x_l (the t column of a concat layer skipped).
     let in_lanes = input.chunks_exact(d_in.max(1)).take(lanes);

@@ -16,7 +16,7 @@
 
 use crate::format::{Activation, LayerKind, Weights};
 use crate::math::{sigmoid, sigmoid_in_place, tanh_in_place};
-use crate::net::CnfBlock;
+use crate::net::{CnfBlock, LayerWeights};
 use crate::solver::{Dynamics, RowDynamics};
 
 /// Lanes per register block; the padded row count is a multiple of it.
@@ -192,13 +192,8 @@ fn packed_layer(
 ) {
     let Shape { d_in, d_out, rows, padded, .. } = shape;
     let stride = shape.stride();
-    let concat = kind == LayerKind::Concat;
-    let cols = if concat { d_in + 1 } else { d_in };
-    let (matrix, rest) = w.split_at(d_out * cols);
-    let (bias, rest) = rest.split_at(d_out);
-    let squash = kind == LayerKind::ConcatSquash;
-    let (gate_w, rest) = rest.split_at(if squash { d_out } else { 0 });
-    let (gate_b, hyper_b) = rest.split_at(gate_w.len());
+    let LayerWeights { matrix, cols, concat, squash, bias, gate_w, gate_b, hyper_b } =
+        LayerWeights::split(kind, w, d_in, d_out);
 
     // 1. Every lane: W x (the t column of a concat layer skipped).
     matmul(matrix, cols, usize::from(concat), d_in, d_out, stride, input, output);
