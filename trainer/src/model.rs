@@ -477,6 +477,29 @@ impl Cnf {
         create_graph: bool,
         reg: Regularization,
     ) -> Result<Rates> {
+        // No graph wanted and an exact trace the field computes in its forward
+        // pass (the adjoint's forward solve, evaluation): no autograd at all.
+        if !create_graph && noise.is_none() && reg.jacobian == 0.0 {
+            let z = z.detach();
+            let fast = tch::no_grad(|| {
+                let t_end = self.sqrt_end_time.square().to_kind(z.kind());
+                let fd = self.field.forward_with_trace(&(&t_end * tau), &z);
+                fd.map(|(f, div)| {
+                    let kinetic =
+                        (reg.kinetic != 0.0).then(|| f.square().mean_dim(1, false, f.kind()) * 0.5 * &t_end);
+                    Rates {
+                        dz: &f * &t_end,
+                        dl: -(div * &t_end),
+                        z: z.shallow_clone(),
+                        kinetic,
+                        jacobian: None,
+                    }
+                })
+            });
+            if let Some(rates) = fast {
+                return Ok(rates);
+            }
+        }
         tch::with_grad(|| {
             let z = if z.requires_grad() { z.shallow_clone() } else { z.detach().set_requires_grad(true) };
             let t_end = self.sqrt_end_time.square().to_kind(z.kind());
