@@ -642,6 +642,7 @@ impl FlowLayer for Cnf {
     ) -> Result<Tensor> {
         let noise = self.noise.borrow().as_ref().map(Tensor::shallow_clone);
         let params = self.parameters();
+        let n_net = self.field.parameters().len();
         // log|det| = −ℓ(1), so the cotangent of ℓ is −∂L/∂log|det| (constant in τ).
         let a_ell = -grad_log_det.detach();
         let reg = opts.regularization;
@@ -661,30 +662,57 @@ impl FlowLayer for Cnf {
             let mut inputs = vec![z];
             inputs.extend(params.iter().map(Tensor::shallow_clone));
             let grads = tch::with_grad(|| Tensor::f_run_backward(&[surrogate], &inputs, false, false))?;
+            let neg = |g: &Tensor, like: &Tensor| {
+                if g.defined() { -g.detach() } else { like.zeros_like().detach() }
+            };
+            let (g_z, g_params) = grads.split_at(1.min(grads.len()));
             let mut out = vec![gz.detach()];
-            for (g, like) in grads.iter().zip(&inputs) {
-                out.push(if g.defined() { -g.detach() } else { like.zeros_like().detach() });
+            out.extend(g_z.iter().zip(&inputs).map(|(g, like)| neg(g, like)));
+            // The network's parameter adjoints travel as one flat tensor: the
+            // solver then combines stages with a few kernels per stage instead
+            // of a few per parameter tensor.
+            let (g_net, g_rest) = g_params.split_at(n_net.min(g_params.len()));
+            let flat: Vec<Tensor> = g_net.iter().zip(&params).map(|(g, p)| neg(g, p).reshape([-1])).collect();
+            if !flat.is_empty() {
+                out.push(Tensor::cat(&flat, 0));
             }
+            out.extend(g_rest.iter().zip(params.iter().skip(n_net)).map(|(g, p)| neg(g, p)));
             Ok(out)
         };
         let mut state = vec![y.detach(), grad_y.detach()];
-        state.extend(params.iter().map(|p| p.zeros_like().detach()));
-        // Error control: z and a_z always; the network's a_θ unless `seminorm`; the
-        // quadrature for √T never (the reference gets dT from the endpoint term
-        // a(T)·f(T, z(T)), outside the backward solve's norm).
-        let n_net = self.field.parameters().len();
+        let net_numel: i64 = params.iter().take(n_net).map(|p| p.numel() as i64).sum();
+        if n_net > 0 {
+            state.push(Tensor::zeros([net_numel], (y.kind(), y.device())));
+        }
+        state.extend(params.iter().skip(n_net).map(|p| p.zeros_like().detach()));
+        // Error control: z and a_z always; the network's a_θ (RMS over all its
+        // entries) unless `seminorm`; the quadrature for √T never (the
+        // reference gets dT from the endpoint term a(T)·f(T, z(T)), outside the
+        // backward solve's norm).
         let mut controlled = vec![true, true];
-        controlled.extend((0..params.len()).map(|i| i < n_net && !opts.seminorm));
+        if n_net > 0 {
+            controlled.push(!opts.seminorm);
+        }
+        controlled.extend(params.iter().skip(n_net).map(|_| false));
         let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled, self.end_time())?;
         add_stats(&mut stats.backward, s);
         let mut out = out.into_iter();
         out.next(); // z(0), re-integrated
         let grad_x = out.next().context("adjoint state lost a_z")?;
+        let mut a_params: Vec<Tensor> = Vec::with_capacity(params.len());
+        if n_net > 0 {
+            let flat = out.next().context("adjoint state lost a_θ")?;
+            let sizes: Vec<i64> = params.iter().take(n_net).map(|p| p.numel() as i64).collect();
+            for (piece, p) in flat.split_with_sizes(&sizes, 0).into_iter().zip(&params) {
+                a_params.push(piece.reshape(p.size()));
+            }
+        }
+        a_params.extend(out);
         // Accumulate a_θ(0) into the parameters' .grad through a linear surrogate.
         if !params.is_empty() {
             let surrogate = params
                 .iter()
-                .zip(out)
+                .zip(a_params)
                 .map(|(p, g)| (p * g).sum(p.kind()))
                 .fold(Tensor::from(0.0).to_kind(y.kind()), |a, b| a + b);
             tch::with_grad(|| surrogate.f_backward())?;
