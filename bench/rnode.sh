@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # RNODE (kinetic + Jacobian-Frobenius regularization) against no
 # regularization: test NLL (data units, exact trace, from `fit`) and the
-# runtime's Dopri5 1e-5 NFE per row on 1,000 rows, for 8gaussians and the
-# shuttle training data. 3x32 concatsquash/tanh, Gaussian Hutchinson, batch
+# runtime's Dopri5 1e-5 NFE per row on 1,000 rows, for 8gaussians, the
+# shuttle training data and checkerboard (3x64 net). 3x32 concatsquash/tanh, Gaussian Hutchinson, batch
 # 512, T = 1 fixed (RNODE's recipe) unless the row says "learned T" (FFJORD's
 # default), 8,000 iterations per run on one thread: about 10 minutes a run on
 # the 2-vCPU machine, two runs at a time.
@@ -32,12 +32,18 @@ wait
 (shuttle l0 $fixed; shuttle l0.1 $fixed --kinetic 0.1 --jacobian 0.1) &
 (shuttle l0.01 $fixed --kinetic 0.01 --jacobian 0.01) &
 wait
+# A harder toy with a wider net, 6,000 iterations.
+board="--toy checkerboard --hidden 64,64,64 --trace gaussian --iterations 6000 --valid-every 1000 --batch 512"
+(run checkerboard-l0 $board $fixed) &
+(run checkerboard-l0.05 $board $fixed --kinetic 0.05 --jacobian 0.05) &
+wait
 # Evaluation rows: 1,000 toy draws, and the first 1,000 shuttle training rows.
 [ -f "$out/toy-rows.csv" ] || scripts/trainer toy 8gaussians --n 1000 --seed 11 --out "$out/toy-rows.csv"
+[ -f "$out/checkerboard-rows.csv" ] || scripts/trainer toy checkerboard --n 1000 --seed 11 --out "$out/checkerboard-rows.csv"
 head -1001 "$data/shuttle/train.csv" >"$out/shuttle-rows.csv"
 echo "| data | end time | λ (kinetic = Jacobian) | test NLL (nats) | runtime NFE per row (Dopri5 1e-5) |"
 echo "|---|---|---|---|---|"
-for f in "$out"/toy-*.ffjd "$out"/shuttle-*.ffjd; do
+for f in "$out"/toy-*.ffjd "$out"/shuttle-*.ffjd "$out"/checkerboard-*.ffjd; do
   name=$(basename "$f" .ffjd)
   set=${name%%-*}
   nll=$(sed -n 's/.*(\([0-9.-]*\) nats in data units).*/\1/p' "$out/$name.log" | tail -1)
