@@ -4,7 +4,7 @@ use rand_core::Rng;
 
 use crate::error::SolveError;
 use crate::format::Stage;
-use crate::math::standard_normal_log_prob;
+use crate::math::{copy, standard_normal_log_prob};
 use crate::model::Model;
 use crate::solver::{RowStream, Solver, Stats, take};
 
@@ -524,13 +524,6 @@ impl RowStream for ChainStream<'_, '_, '_> {
             *o += base + log_det;
         }
         self.stats = self.stats.merge(stats);
-    }
-}
-
-/// Copies the common prefix (lengths agree by construction; never panics).
-fn copy(dst: &mut [f32], src: &[f32]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = v;
     }
 }
 

@@ -127,6 +127,14 @@ impl core::fmt::Display for Decimal {
     }
 }
 
+/// Copies the common prefix of `src` into `dst` (callers size both alike;
+/// unlike `copy_from_slice` this never panics).
+pub(crate) fn copy(dst: &mut [f32], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s;
+    }
+}
+
 /// Whether every value is finite; `Err(index)` of the first that is not.
 pub(crate) fn check_finite(xs: &[f32]) -> Result<(), usize> {
     match xs.iter().position(|v| !v.is_finite()) {

@@ -10,7 +10,7 @@
 //! tangent lanes as one scale factor per unit.
 
 use crate::format::{Activation, CnfSpec, LayerKind, Weights};
-use crate::math::{sigmoid, softplus};
+use crate::math::{copy, sigmoid, softplus};
 use crate::solver::Dynamics;
 
 /// One CNF block as dynamics of the augmented state `[z (D values), ℓ]` with
@@ -151,13 +151,6 @@ impl Dynamics for CnfBlock<'_> {
 /// and one per-unit scale vector.
 pub(crate) fn net_work_len(max_width: usize, lanes: usize) -> usize {
     (2 * lanes + 1) * max_width
-}
-
-/// Copies the common prefix (lengths are checked by the callers; this never panics).
-fn copy(dst: &mut [f32], src: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = *s;
-    }
 }
 
 /// One layer's weight section, split as FORMAT.md lays it out.

@@ -3,9 +3,10 @@
 //! [`crate::net::CnfBlock`] evaluates one row on its `D + 1` forward-mode
 //! lanes with one dot product per unit and lane — the right shape for a
 //! microcontroller. On a server, rows arrive in thousands; here `R` rows are
-//! packed into one system that shares the solver's time steps (the error norm
-//! is the maximum over rows, so every row meets the tolerance on every step)
-//! and the net runs once on all `R · (D + 1)` lanes as small matrix products.
+//! packed side by side, each evaluated at its own time (Dopri5 keeps one
+//! controller per row, see [`crate::solver::RowDynamics`]; fixed-step solvers
+//! share their times), and the net runs once on all `R · (D + 1)` lanes as
+//! small matrix products.
 //!
 //! Activations are stored **unit-major** (`buffer[unit · stride + lane]`) with
 //! lanes ordered by direction, then row: lane `j · R + r` is row `r`'s value
@@ -59,6 +60,9 @@ pub(crate) fn packed_work_len(max_width: usize, dim: usize, rows: usize) -> usiz
     max_width.saturating_mul(stride).saturating_mul(2).saturating_add(2 * padded)
 }
 
+/// As [`Dynamics`] (one time for all rows) the packed block serves the
+/// fixed-step solvers only: its error split is not per row. Dopri5 runs it
+/// through [`RowDynamics`], one controller per row.
 impl Dynamics for PackedBlock<'_, '_> {
     fn dim(&self) -> usize {
         self.rows * (self.block.data_dim() + 1)
@@ -67,14 +71,6 @@ impl Dynamics for PackedBlock<'_, '_> {
     /// [`RowDynamics::rows_work_len`] plus the shared time copied per row.
     fn work_len(&self) -> usize {
         self.rows_work_len().saturating_add(self.rows)
-    }
-
-    fn error_split(&self) -> usize {
-        self.block.data_dim()
-    }
-
-    fn groups(&self) -> usize {
-        self.rows
     }
 
     fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]) {
@@ -88,6 +84,14 @@ impl Dynamics for PackedBlock<'_, '_> {
 }
 
 impl RowDynamics for PackedBlock<'_, '_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn row_error_split(&self) -> usize {
+        self.block.data_dim()
+    }
+
     fn rows_work_len(&self) -> usize {
         packed_work_len(self.block.max_width(), self.block.data_dim(), self.rows)
     }

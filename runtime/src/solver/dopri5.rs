@@ -89,9 +89,8 @@ impl Dopri5 {
         if ok { Ok(()) } else { Err(SolveError::InvalidSolver) }
     }
 
-    /// The error ratio ‖v / (atol + rtol · max(|a|, |b|))‖ of one system
-    /// with the mixed norm.
-    pub(crate) fn group_ratio(&self, v: &[f32], a: &[f32], b: &[f32], split: usize) -> f64 {
+    /// The error ratio ‖v / (atol + rtol · max(|a|, |b|))‖ with the mixed norm.
+    pub(crate) fn ratio(&self, v: &[f32], a: &[f32], b: &[f32], split: usize) -> f64 {
         let (mut s0, mut s1) = (0.0f64, 0.0f64);
         for (i, ((&vi, &ai), &bi)) in v.iter().zip(a).zip(b).enumerate() {
             let sc = self.atol + self.rtol * ai.abs().max(bi.abs());
@@ -104,29 +103,8 @@ impl Dopri5 {
         rms0.max(rms1)
     }
 
-    /// The error ratio of every packed system (see [`Dynamics::groups`]).
-    fn group_ratios<'s>(
-        &'s self,
-        v: &'s [f32],
-        a: &'s [f32],
-        b: &'s [f32],
-        shape: GroupShape,
-    ) -> impl Iterator<Item = f64> + 's {
-        let len = shape.len.max(1);
-        v.chunks(len)
-            .zip(a.chunks(len))
-            .zip(b.chunks(len))
-            .map(move |((v, a), b)| self.group_ratio(v, a, b, shape.split))
-    }
-
-    /// The largest error ratio over the packed systems (NaN wins).
-    fn ratio(&self, v: &[f32], a: &[f32], b: &[f32], shape: GroupShape) -> f64 {
-        self.group_ratios(v, a, b, shape).fold(0.0, |m, r| if r.is_nan() || r > m { r } else { m })
-    }
-
-    /// Initial step (spec §4.3, order 4), the smallest over the packed
-    /// systems. `f0` holds f(t0, y0); uses `y1` and `f1` as scratch. Returns
-    /// |h| and spends one NFE.
+    /// Initial step (spec §4.3, order 4). `f0` holds f(t0, y0); uses `y1` and
+    /// `f1` as scratch. Returns |h| and spends one NFE.
     #[allow(clippy::too_many_arguments)]
     fn initial_step<D: Dynamics>(
         &self,
@@ -139,24 +117,17 @@ impl Dopri5 {
         f1: &mut [f32],
         fwork: &mut [f32],
     ) -> f64 {
-        let shape = GroupShape::of(f);
-        let h0 = self
-            .group_ratios(y0, y0, y0, shape)
-            .zip(self.group_ratios(f0, y0, y0, shape))
-            .map(|(d0, d1)| initial_h0(d0, d1))
-            .fold(f64::INFINITY, f64::min);
-        let h0 = if h0.is_finite() { h0 } else { 1e-6 };
+        let split = f.error_split();
+        let d0 = self.ratio(y0, y0, y0, split);
+        let d1 = self.ratio(f0, y0, y0, split);
+        let h0 = initial_h0(d0, d1);
         combine(y1, y0, (dir * h0) as f32, &[1.0], f0);
         f.eval((t0 + dir * h0) as f32, y1, f1, fwork);
         for (a, &b) in f1.iter_mut().zip(f0) {
             *a -= b;
         }
-        let h1 = self
-            .group_ratios(f0, y0, y0, shape)
-            .zip(self.group_ratios(f1, y0, y0, shape))
-            .map(|(d1, d2)| initial_h1(h0, d1, d2 / h0))
-            .fold(f64::INFINITY, f64::min);
-        (100.0 * h0).min(h1)
+        let d2 = self.ratio(f1, y0, y0, split) / h0;
+        (100.0 * h0).min(initial_h1(h0, d1, d2))
     }
 
     pub(crate) fn integrate<D: Dynamics>(
@@ -168,7 +139,7 @@ impl Dopri5 {
         work: &mut [f32],
     ) -> Result<Stats, SolveError> {
         let n = y.len();
-        let shape = GroupShape::of(f);
+        let split = f.error_split();
         let (ks, rest) = take(work, STAGES * n)?;
         let (ytmp, rest) = take(rest, n)?;
         let (err, fwork) = take(rest, n)?;
@@ -202,7 +173,7 @@ impl Dopri5 {
             // ytmp holds y₁, the input of stage 7 (FSAL); the error is h Σ ERR_i k_i.
             err.fill(0.0);
             axpy_stages(err, hs as f32, &ERR, ks);
-            let r = self.ratio(err, y, ytmp, shape);
+            let r = self.ratio(err, y, ytmp, split);
             if r <= 1.0 {
                 if crate::math::check_finite(ytmp).is_err() {
                     return Err(SolveError::NonFiniteState { t: (t + hs) as f32 });
@@ -281,17 +252,4 @@ pub(crate) fn initial_h0(d0: f64, d1: f64) -> f64 {
 /// The order-4 estimate from `d1 = ‖f0‖` and `d2 = ‖f1 − f0‖ / h0`.
 pub(crate) fn initial_h1(h0: f64, d1: f64, d2: f64) -> f64 {
     if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { libm::pow(0.01 / d1.max(d2), 1.0 / 5.0) }
-}
-
-/// Length and error split of each packed system.
-#[derive(Clone, Copy)]
-struct GroupShape {
-    len: usize,
-    split: usize,
-}
-
-impl GroupShape {
-    fn of<D: Dynamics>(f: &D) -> Self {
-        GroupShape { len: f.dim() / f.groups().max(1), split: f.error_split() }
-    }
 }

@@ -8,14 +8,19 @@
 use super::dopri5::{ERR, STAGES, Step, TABLEAU, initial_h0, initial_h1, step_factor};
 use super::{Dopri5, Dynamics, Stats, take};
 use crate::error::SolveError;
+use crate::math::copy;
 
 /// Most rows one lockstep integration carries at a time (their controller
 /// state lives on the stack: no allocator).
 pub(crate) const MAX_LOCKSTEP_ROWS: usize = 64;
 
-/// Dynamics of [`Dynamics::groups`] independent rows (slots) that can be
-/// evaluated at a different time for each.
+/// Dynamics of independent rows (slots) of equal length, packed one after
+/// another in the state, that can be evaluated at a different time for each.
 pub(crate) trait RowDynamics: Dynamics {
+    /// Number of rows (slots) in the state.
+    fn rows(&self) -> usize;
+    /// The error split (see [`Dynamics::error_split`]) inside one row.
+    fn row_error_split(&self) -> usize;
     /// Scratch floats of one [`RowDynamics::eval_rows`].
     fn rows_work_len(&self) -> usize;
     /// Writes `f(times[r], y_r)` for every slot `r` into `dy`.
@@ -69,7 +74,7 @@ impl Dopri5 {
     }
 
     /// Integrates every row of `stream` from `t0` to `t1` with its own steps
-    /// on `f.groups()` slots. Returns the statistics summed over rows, or the
+    /// on `f.rows()` slots. Returns the statistics summed over rows, or the
     /// failing row and why.
     pub(crate) fn integrate_stream<D: RowDynamics, S: RowStream>(
         &self,
@@ -81,13 +86,13 @@ impl Dopri5 {
     ) -> Result<Stats, (usize, SolveError)> {
         let fail = |e: SolveError| (0usize, e);
         self.validate().map_err(fail)?;
-        let slots = f.groups();
+        let slots = f.rows();
         let n = f.dim();
         if slots == 0 || slots > MAX_LOCKSTEP_ROWS || !n.is_multiple_of(slots) {
             return Err(fail(SolveError::InvalidSolver));
         }
         let len = n / slots;
-        let split = f.error_split();
+        let split = f.row_error_split();
         let needed = Self::stream_work_len(slots, len).saturating_add(f.rows_work_len());
         if work.len() < needed {
             return Err(fail(super::scratch_error(needed, work.len())));
@@ -176,8 +181,8 @@ impl Dopri5 {
                             }
                             None => {
                                 let (y0, f0) = (chunk(y, s, len), chunk(stage(ks, 0, n), s, len));
-                                let d0 = self.group_ratio(y0, y0, y0, split);
-                                let d1 = self.group_ratio(f0, y0, y0, split);
+                                let d0 = self.ratio(y0, y0, y0, split);
+                                let d1 = self.ratio(f0, y0, y0, split);
                                 slot.h = initial_h0(d0, d1);
                                 slot.phase = Phase::Probe;
                             }
@@ -191,8 +196,8 @@ impl Dopri5 {
                             *d = a - b;
                         }
                         let h0 = slot.h;
-                        let d1 = self.group_ratio(f0, y0, y0, split);
-                        let d2 = self.group_ratio(diff, y0, y0, split) / h0;
+                        let d1 = self.ratio(f0, y0, y0, split);
+                        let d2 = self.ratio(diff, y0, y0, split) / h0;
                         slot.h = (100.0 * h0).min(initial_h1(h0, d1, d2));
                         slot.phase = Phase::Stage(1);
                     }
@@ -216,7 +221,7 @@ impl Dopri5 {
                             }
                         }
                         let y1 = chunk(input, s, len);
-                        let ratio = self.group_ratio(e, chunk(y, s, len), y1, split);
+                        let ratio = self.ratio(e, chunk(y, s, len), y1, split);
                         if ratio <= 1.0 {
                             if crate::math::check_finite(y1).is_err() {
                                 let t = (slot.t + slot.hs) as f32;
@@ -264,11 +269,4 @@ fn chunk(buf: &[f32], s: usize, len: usize) -> &[f32] {
 
 fn chunk_mut(buf: &mut [f32], s: usize, len: usize) -> &mut [f32] {
     buf.get_mut(s * len..(s + 1) * len).unwrap_or(&mut [])
-}
-
-/// Copies the common prefix (lengths agree by construction; never panics).
-fn copy(dst: &mut [f32], src: &[f32]) {
-    for (d, &v) in dst.iter_mut().zip(src) {
-        *d = v;
-    }
 }

@@ -33,16 +33,9 @@ pub trait Dynamics {
     fn work_len(&self) -> usize;
     /// The adaptive error norm is the maximum of the RMS over `y[..split]` and
     /// over `y[split..]` (torchdiffeq's norm over the tuple `(z, Δ)`); equal to
-    /// [`Dynamics::dim`] for one plain vector. With several
-    /// [`Dynamics::groups`] the split applies inside each group.
+    /// [`Dynamics::dim`] for one plain vector.
     fn error_split(&self) -> usize {
-        self.dim() / self.groups().max(1)
-    }
-    /// Number of independent systems packed one after another in `y` (equal
-    /// lengths) that share the time steps: the adaptive error norm is the
-    /// maximum over groups, so every group meets the tolerance on every step.
-    fn groups(&self) -> usize {
-        1
+        self.dim()
     }
     /// Writes `f(t, y)` into `dy`.
     fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]);
