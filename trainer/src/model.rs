@@ -479,25 +479,15 @@ impl Cnf {
     ) -> Result<Rates> {
         // No graph wanted and an exact trace the field computes in its forward
         // pass (the adjoint's forward solve, evaluation): no autograd at all.
-        if !create_graph && noise.is_none() && reg.jacobian == 0.0 {
+        if !create_graph && noise.is_none() {
             let z = z.detach();
             let fast = tch::no_grad(|| {
                 let t_end = self.sqrt_end_time.square().to_kind(z.kind());
                 let fd = self.field.forward_with_trace(&(&t_end * tau), &z);
-                fd.map(|(f, div)| {
-                    let kinetic =
-                        (reg.kinetic != 0.0).then(|| f.square().mean_dim(1, false, f.kind()) * 0.5 * &t_end);
-                    Rates {
-                        dz: &f * &t_end,
-                        dl: -(div * &t_end),
-                        z: z.shallow_clone(),
-                        kinetic,
-                        jacobian: None,
-                    }
-                })
+                fd.map(|(f, div)| Rates::new(f, div, None, z.shallow_clone(), &t_end, reg))
             });
             if let Some(rates) = fast {
-                return Ok(rates);
+                return rates;
             }
         }
         tch::with_grad(|| {
@@ -513,17 +503,7 @@ impl Cnf {
                     (f, div, vjp)
                 }
             };
-            let d = z.size()[1] as f64;
-            let kinetic =
-                (reg.kinetic != 0.0).then(|| f.square().mean_dim(1, false, f.kind()) * 0.5 * &t_end);
-            let jacobian = match (reg.jacobian != 0.0, &vjp) {
-                (false, _) => None,
-                (true, Some(v)) => Some(v.square().sum_dim_intlist(1, false, v.kind()) / d * &t_end),
-                (true, None) => {
-                    bail!("the Jacobian regularizer needs a Hutchinson trace (--trace gaussian|rademacher)")
-                }
-            };
-            Ok(Rates { dz: &f * &t_end, dl: -(div * &t_end), z, kinetic, jacobian })
+            Rates::new(f, div, vjp, z, &t_end, reg)
         })
     }
 
@@ -587,6 +567,30 @@ struct Rates {
     z: Tensor,
     kinetic: Option<Tensor>,
     jacobian: Option<Tensor>,
+}
+
+impl Rates {
+    /// From `f(Tτ, z)`, `Tr ∂f/∂z` and (Hutchinson) `eᵀ ∂f/∂z`: the rates in τ
+    /// (scaled by `T`) and the regularizer integrands asked for.
+    fn new(
+        f: Tensor,
+        div: Tensor,
+        vjp: Option<Tensor>,
+        z: Tensor,
+        t_end: &Tensor,
+        reg: Regularization,
+    ) -> Result<Self> {
+        let d = z.size()[1] as f64;
+        let kinetic = (reg.kinetic != 0.0).then(|| f.square().mean_dim(1, false, f.kind()) * 0.5 * t_end);
+        let jacobian = match (reg.jacobian != 0.0, &vjp) {
+            (false, _) => None,
+            (true, Some(v)) => Some(v.square().sum_dim_intlist(1, false, v.kind()) / d * t_end),
+            (true, None) => {
+                bail!("the Jacobian regularizer needs a Hutchinson trace (--trace gaussian|rademacher)")
+            }
+        };
+        Ok(Rates { dz: &f * t_end, dl: -(div * t_end), z, kinetic, jacobian })
+    }
 }
 
 /// `Tr(∂f/∂z)` per row: exact (D VJPs) or Hutchinson `eᵀ (∂f/∂z) e` with fixed `e`.
