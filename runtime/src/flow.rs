@@ -452,7 +452,7 @@ impl RowStream for BlockStream<'_> {
         Some(row)
     }
 
-    fn finish_row(&mut self, row: usize, slot: &[f32], _: Stats) {
+    fn finish_row(&mut self, row: usize, slot: &mut [f32], _: Stats) {
         if let Some(dst) = self.y.get_mut(row * self.len..(row + 1) * self.len) {
             copy(dst, slot);
         }
@@ -502,26 +502,22 @@ impl RowStream for ChainStream<'_, '_, '_> {
         Some(row)
     }
 
-    fn finish_row(&mut self, row: usize, y: &[f32], stats: Stats) {
+    fn finish_row(&mut self, row: usize, y: &mut [f32], stats: Stats) {
         let model = self.model;
         let d = model.dim();
         // ℓ(T) = −log|det| of the CNF block.
         let mut log_det = -y.get(d).copied().unwrap_or(f32::NAN);
-        let mut base = 0.0f32;
-        let after =
-            || model.stages().skip_while(|&(i, _)| i <= self.cnf).filter_map(|(i, _)| model.affine(i));
-        for (_, _, ld) in after() {
-            log_det += ld;
-        }
-        for (k, &v) in y.iter().take(d).enumerate() {
-            let mut v = v;
-            for (scale, shift, _) in after() {
-                v = v * scale.get(k).unwrap_or(f32::NAN) + shift.get(k).unwrap_or(f32::NAN);
+        let (z, _) = y.split_at_mut(d.min(y.len()));
+        for (i, _) in model.stages().skip_while(|&(i, _)| i <= self.cnf) {
+            if let Some((scale, shift, ld)) = model.affine(i) {
+                for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {
+                    *v = *v * a + b;
+                }
+                log_det += ld;
             }
-            base += -crate::math::HALF_LN_2PI - 0.5 * v * v;
         }
         if let Some(o) = self.out.get_mut(row) {
-            *o += base + log_det;
+            *o += standard_normal_log_prob(z) + log_det;
         }
         self.stats = self.stats.merge(stats);
     }

@@ -32,8 +32,9 @@ pub(crate) trait RowStream {
     /// Writes the next row's initial state into `y` and returns its index,
     /// or `None` when no rows are left.
     fn next_row(&mut self, y: &mut [f32]) -> Option<usize>;
-    /// Receives row `row`'s final state and its solver statistics.
-    fn finish_row(&mut self, row: usize, y: &[f32], stats: Stats);
+    /// Receives row `row`'s final state (the slot's, free to overwrite: it is
+    /// reloaded next) and its solver statistics.
+    fn finish_row(&mut self, row: usize, y: &mut [f32], stats: Stats);
 }
 
 /// What a slot evaluates in the next round.
@@ -127,7 +128,7 @@ impl Dopri5 {
                             break;
                         }
                     }
-                    stream.finish_row(slot.row, chunk(y, s, len), slot.stats);
+                    stream.finish_row(slot.row, chunk_mut(y, s, len), slot.stats);
                     total = total.merge(slot.stats);
                     load(slot, stream, chunk_mut(y, s, len), t0);
                 }
