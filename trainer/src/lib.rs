@@ -8,6 +8,7 @@ pub mod budget;
 pub mod config;
 pub mod data;
 pub mod json;
+pub mod kernel;
 pub mod model;
 pub mod modelfile;
 pub mod ode;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use ffjord_runtime::{Activation, LayerKind, LayerSpec, Stage};
 use tch::{Kind, Tensor, nn};
 
+use crate::kernel::{LayerShape, Mlp, Real};
 use crate::ode::{Method, SolveStats, all_controlled, odeint};
 
 /// `f(t, z)`: the right-hand side of a CNF, batched over rows of `z`.
@@ -26,6 +27,33 @@ pub trait VectorField {
     fn forward_with_trace(&self, _t: &Tensor, _z: &Tensor) -> Option<(Tensor, Tensor)> {
         None
     }
+    /// Graph-free `f(t, z)` and exact `Tr(∂f/∂z)` from a hand-written kernel,
+    /// if the field has one for `z`'s device and dtype. `None` makes the
+    /// caller run [`VectorField::forward_with_trace`] under `no_grad`.
+    fn eval_exact(&self, _t: f64, _z: &Tensor) -> Option<Result<(Tensor, Tensor)>> {
+        None
+    }
+    /// What the adjoint asks at each evaluation, from a hand-written kernel
+    /// without autograd: `f`, the exact trace, and the VJP of
+    /// `Σ a_f·f + Σ a_tr·Tr(∂f/∂z)` w.r.t. `z`, the parameters and `t`.
+    /// `None` makes the caller differentiate with autograd.
+    fn vjp_exact(&self, _t: f64, _z: &Tensor, _a_f: &Tensor, _a_tr: &Tensor) -> Option<Result<FieldVjp>> {
+        None
+    }
+}
+
+/// [`VectorField::vjp_exact`]'s results.
+pub struct FieldVjp {
+    /// `f(t, z)`, `[B, D]`.
+    pub f: Tensor,
+    /// `Tr(∂f/∂z)`, `[B]`.
+    pub trace: Tensor,
+    /// `a_fᵀ ∂f/∂z + a_tr ∂tr/∂z`, `[B, D]`.
+    pub grad_z: Tensor,
+    /// The same w.r.t. [`VectorField::parameters`], flattened and concatenated, summed over rows.
+    pub grad_params: Tensor,
+    /// The same w.r.t. `t`, summed over rows.
+    pub grad_t: f64,
 }
 
 /// How the divergence `Tr(∂f/∂z)` is computed.
@@ -240,6 +268,81 @@ fn activate_with_derivative(a: Activation, x: Tensor) -> (Tensor, Tensor) {
     }
 }
 
+/// The kernel's results for one evaluation: `f`, the trace, and the VJP if asked.
+type KernelOut = (Tensor, Tensor, Option<(Tensor, Tensor, f64)>);
+
+impl OdeNet {
+    /// The layer shapes for the hand-written kernel, if it covers this net
+    /// (every layer with a bias, as the constructors make them).
+    fn kernel_shapes(&self) -> Option<Vec<LayerShape>> {
+        let mut d_in = usize::try_from(self.layers.first()?.linear.ws.size()[1]).ok()?;
+        if self.layers[0].kind == LayerKind::Concat {
+            d_in -= 1;
+        }
+        let mut shapes = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let has_biases = l.linear.bs.is_some() && l.hyper_gate.as_ref().is_none_or(|g| g.bs.is_some());
+            if !has_biases {
+                return None;
+            }
+            let d_out = usize::try_from(l.d_out).ok()?;
+            shapes.push(LayerShape { kind: l.kind, d_in, d_out });
+            d_in = d_out;
+        }
+        Some(shapes)
+    }
+
+    /// Runs the kernel in `z`'s float type if it is a CPU `f32`/`f64` tensor.
+    fn run_kernel(&self, t: f64, z: &Tensor, cot: Option<(&Tensor, &Tensor)>) -> Option<Result<KernelOut>> {
+        if z.device() != tch::Device::Cpu || z.dim() != 2 {
+            return None;
+        }
+        let shapes = self.kernel_shapes()?;
+        match z.kind() {
+            Kind::Float => Some(self.kernel_pass::<f32>(&shapes, t, z, cot)),
+            Kind::Double => Some(self.kernel_pass::<f64>(&shapes, t, z, cot)),
+            _ => None,
+        }
+    }
+
+    fn kernel_pass<T: Real + tch::kind::Element>(
+        &self,
+        shapes: &[LayerShape],
+        t: f64,
+        z: &Tensor,
+        cot: Option<(&Tensor, &Tensor)>,
+    ) -> Result<KernelOut> {
+        fn values<T: tch::kind::Element>(x: &Tensor, kind: Kind) -> Result<Vec<T>> {
+            let x = x.detach().to_kind(kind).contiguous();
+            let mut out = vec![T::ZERO; x.numel()];
+            x.f_copy_data(&mut out, x.numel())?;
+            Ok(out)
+        }
+        let kind = z.kind();
+        let flat: Vec<Tensor> = self.parameters().iter().map(|p| p.detach().reshape([-1])).collect();
+        let params = values::<T>(&Tensor::cat(&flat, 0), kind)?;
+        let t_at = T::from(t).context("time out of range")?;
+        let mlp = Mlp::at(shapes, self.activation, &params, t_at)?;
+        let (rows, d) = (z.size()[0], z.size()[1]);
+        let pass = mlp.forward(&values::<T>(z, kind)?, rows as usize);
+        let f = Tensor::from_slice(&pass.f).view([rows, d]);
+        let trace = Tensor::from_slice(&pass.trace);
+        let vjp = match cot {
+            None => None,
+            Some((a_f, a_tr)) => {
+                let v = mlp.vjp(&pass, &values::<T>(a_f, kind)?, &values::<T>(a_tr, kind)?);
+                let grad_t = v.grad_t.to_f64().context("non-finite time gradient")?;
+                Some((
+                    Tensor::from_slice(&v.grad_z).view([rows, d]),
+                    Tensor::from_slice(&v.grad_params),
+                    grad_t,
+                ))
+            }
+        };
+        Ok((f, trace, vjp))
+    }
+}
+
 impl VectorField for OdeNet {
     fn forward(&self, t: &Tensor, z: &Tensor) -> Tensor {
         let n = self.layers.len();
@@ -276,6 +379,18 @@ impl VectorField for OdeNet {
             }
         }
         p
+    }
+
+    fn eval_exact(&self, t: f64, z: &Tensor) -> Option<Result<(Tensor, Tensor)>> {
+        self.run_kernel(t, z, None).map(|r| r.map(|(f, trace, _)| (f, trace)))
+    }
+
+    fn vjp_exact(&self, t: f64, z: &Tensor, a_f: &Tensor, a_tr: &Tensor) -> Option<Result<FieldVjp>> {
+        self.run_kernel(t, z, Some((a_f, a_tr))).map(|r| {
+            let (f, trace, vjp) = r?;
+            let (grad_z, grad_params, grad_t) = vjp.context("the kernel returned no VJP")?;
+            Ok(FieldVjp { f, trace, grad_z, grad_params, grad_t })
+        })
     }
 
     /// Carries `J = ∂x/∂z` (`[B, D, width]`, batch-free `[1, D, width]` until
@@ -481,6 +596,12 @@ impl Cnf {
         // pass (the adjoint's forward solve, evaluation): no autograd at all.
         if !create_graph && noise.is_none() {
             let z = z.detach();
+            let end_time = self.end_time();
+            if let Some(fd) = self.field.eval_exact(end_time * tau, &z) {
+                let (f, div) = fd?;
+                let t_end = Tensor::from(end_time).to_kind(z.kind());
+                return Rates::new(f, div, None, z, &t_end, reg);
+            }
             let fast = tch::no_grad(|| {
                 let t_end = self.sqrt_end_time.square().to_kind(z.kind());
                 let fd = self.field.forward_with_trace(&(&t_end * tau), &z);
@@ -548,6 +669,33 @@ impl Cnf {
             stats.add_regularization(integral.mean(integral.kind()) * c);
         }
         Ok((z, ell))
+    }
+
+    /// The adjoint's rates `[g_z, −∂S/∂z, −∂S/∂θ (flat), −∂S/∂√T if trained]`
+    /// for the surrogate `S = Σ a_z·g_z + Σ a_ℓ·g_ℓ` from the field's VJP at
+    /// `t = Tτ` with cotangents `(T a_z, −T a_ℓ)`. `g = T·f(Tτ, z)` gives
+    /// `∂S/∂T = Σ a_z·f − Σ a_ℓ·Tr + τ ∂S/∂t`, and `∂/∂√T = 2√T ∂/∂T`.
+    fn adjoint_rates(
+        &self,
+        vjp: FieldVjp,
+        a_z: &Tensor,
+        a_ell: &Tensor,
+        tau: f64,
+        sqrt_t: f64,
+        net_params: bool,
+    ) -> Result<Vec<Tensor>> {
+        let FieldVjp { f, trace, grad_z, grad_params, grad_t } = vjp;
+        let end_time = sqrt_t * sqrt_t;
+        let mut out = vec![&f * end_time, -grad_z];
+        if net_params {
+            out.push(-grad_params);
+        }
+        if self.sqrt_end_time.requires_grad() {
+            let sum = |x: Tensor| f64::try_from(x.sum(Kind::Double));
+            let d_end = sum(a_z * &f)? - sum(a_ell * &trace)? + tau * grad_t;
+            out.push(Tensor::from(-2.0 * sqrt_t * d_end).to_kind(self.sqrt_end_time.kind()));
+        }
+        Ok(out)
     }
 
     /// The trainable tensors of this block (network and, if trained, √T).
@@ -652,7 +800,17 @@ impl FlowLayer for Cnf {
         let reg = opts.regularization;
         // The loss holds c · mean over rows of each regularizer integral.
         let rows = y.size()[0] as f64;
+        // An exact trace without regularizers: the field's hand-written VJP if it has one.
+        let kernel = noise.is_none() && !reg.active();
+        let (sqrt_t, end_time) = (self.sqrt_end_time.double_value(&[]), self.end_time());
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
+            if kernel {
+                let (z, a_z) = (&state[0], &state[1]);
+                let (a_f, a_tr) = (a_z * end_time, &a_ell * -end_time);
+                if let Some(vjp) = self.field.vjp_exact(end_time * tau, z, &a_f, &a_tr) {
+                    return self.adjoint_rates(vjp?, a_z, &a_ell, tau, sqrt_t, n_net > 0);
+                }
+            }
             let Rates { dz: gz, dl: gl, z, kinetic, jacobian } =
                 self.dynamics(tau, &state[0], noise.as_ref(), true, reg)?;
             let a_z = &state[1];
@@ -992,6 +1150,74 @@ mod tests {
                     assert!(
                         !g[0].defined() || f64::try_from(g[0].abs().sum(Kind::Double)).unwrap().is_finite()
                     );
+                }
+            }
+        }
+    }
+
+    /// The hand-written kernel's `f`, trace and VJP (w.r.t. `z`, every
+    /// parameter and `t`) equal autograd's through `forward_with_trace`, for
+    /// every layer kind and activation: float64 to 1e-10, and the float32
+    /// kernel against the float64 autograd reference to 1e-4 relative.
+    #[test]
+    fn kernel_vjp_equals_autograd() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(5);
+        let acts = [
+            Activation::Tanh,
+            Activation::Softplus,
+            Activation::Elu,
+            Activation::Swish { beta: 0.7 },
+            Activation::Identity,
+        ];
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale = f64::try_from(b.abs().max()).unwrap().max(1e-3);
+            f64::try_from((a.to_kind(Kind::Double) - b).abs().max()).unwrap() / scale
+        };
+        for kind in [LayerKind::ConcatSquash, LayerKind::Concat, LayerKind::Ignore] {
+            for act in acts {
+                let mut vs = nn::VarStore::new(Device::Cpu);
+                let net = OdeNet::new(&vs.root(), 3, &[8, 5], kind, act);
+                vs.double();
+                for t in [0.0, 0.3, 1.7] {
+                    let t_leaf = Tensor::from(t).to_kind(Kind::Double).set_requires_grad(true);
+                    let z = Tensor::randn([6, 3], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+                    let a_f = Tensor::randn([6, 3], (Kind::Double, Device::Cpu));
+                    let a_tr = Tensor::randn([6], (Kind::Double, Device::Cpu));
+                    let (f, tr) = net.forward_with_trace(&t_leaf, &z).unwrap();
+                    let surrogate = (&f * &a_f).sum(Kind::Double) + (&tr * &a_tr).sum(Kind::Double);
+                    let mut inputs = vec![z.shallow_clone(), t_leaf.shallow_clone()];
+                    inputs.extend(net.parameters());
+                    let g = Tensor::run_backward(&[surrogate], &inputs, false, true);
+                    let grad =
+                        |i: usize| if g[i].defined() { g[i].shallow_clone() } else { inputs[i].zeros_like() };
+                    let flat: Vec<Tensor> = (2..inputs.len()).map(|i| grad(i).reshape([-1])).collect();
+                    let (g_z, g_t, g_params) = (grad(0), grad(1), Tensor::cat(&flat, 0));
+                    let case = format!("{kind:?} {act:?} t={t}");
+                    let v = net.vjp_exact(t, &z.detach(), &a_f, &a_tr).expect("OdeNet has a kernel").unwrap();
+                    for (got, want, what) in [
+                        (&v.f, &f, "f"),
+                        (&v.trace, &tr, "trace"),
+                        (&v.grad_z, &g_z, "∂z"),
+                        (&v.grad_params, &g_params, "∂θ"),
+                    ] {
+                        assert!(rel(got, &want.detach()) < 1e-10, "{case}: {what}");
+                    }
+                    assert!(rel(&Tensor::from(v.grad_t), &g_t) < 1e-10, "{case}: ∂t {} vs {g_t}", v.grad_t);
+                    let z32 = z.detach().to_kind(Kind::Float);
+                    let (a_f32, a_tr32) = (a_f.to_kind(Kind::Float), a_tr.to_kind(Kind::Float));
+                    vs.float();
+                    let v32 = net.vjp_exact(t, &z32, &a_f32, &a_tr32).unwrap().unwrap();
+                    vs.double();
+                    assert_eq!(v32.grad_params.kind(), Kind::Float);
+                    for (got, want, what) in
+                        [(&v32.f, &f, "f"), (&v32.trace, &tr, "trace"), (&v32.grad_z, &g_z, "∂z")]
+                    {
+                        assert!(rel(got, &want.detach()) < 1e-4, "{case} f32: {what}");
+                    }
+                    assert!(rel(&v32.grad_params, &g_params) < 1e-4, "{case} f32: ∂θ");
+                    let (ef, etr) = net.eval_exact(t, &z.detach()).unwrap().unwrap();
+                    assert!(rel(&ef, &f.detach()) < 1e-12 && rel(&etr, &tr.detach()) < 1e-12, "{case}: eval");
                 }
             }
         }
