@@ -1,20 +1,23 @@
 //! A hand-written CPU kernel for [`OdeNet`](crate::model::OdeNet)'s
-//! dynamics: `f(t, z)`, the exact trace `Tr ∂f/∂z` by forward-mode tangent
-//! lanes, and the vector-Jacobian product of both w.r.t. `z`, the parameters
-//! and `t` — what every evaluation of the adjoint's backward solve asks for —
+//! dynamics: `f(t, z)`, the divergence `Tr ∂f/∂z` — exact, by forward-mode
+//! tangent lanes, or Hutchinson's `eᵀ(∂f/∂z)e` from one tangent lane `e` —
+//! and the vector-Jacobian product of both w.r.t. `z`, the parameters and
+//! `t` — what every evaluation of the adjoint's backward solve asks for —
 //! without an autograd graph or a dispatcher call per operation, with each
 //! layer's elementwise work fused into one pass. Matrix products go through
 //! the `gemm` crate, one thread.
 //!
-//! Layout: a layer's lanes are one row-major matrix `[(1 + D)·B, width]`:
+//! Layout: a layer's lanes are one row-major matrix `[(1 + K)·B, width]`:
 //! rows `0..B` hold the values, rows `k·B..(k+1)·B` the tangents
-//! `∂x/∂z_k`, so one matrix product per layer serves every lane (the same
-//! scheme as the runtime's packed kernel and `OdeNet::forward_with_trace`).
+//! `(∂x/∂z) p_k` along the probes `p_k` (the `K = D` unit vectors for the
+//! exact trace, the noise `e` for Hutchinson's), so one matrix product per
+//! layer serves every lane (the same scheme as the runtime's packed kernel
+//! and `OdeNet::forward_with_trace`). The divergence is `Σ_k p_kᵀ ȧ_{L,k}`.
 //!
 //! The forward pass of layer `l` (folded at time `t` into `A = X W_effᵀ + c`,
 //! as `DiffeqLayer::affine_at` does) is `A_l = X_{l−1} W_lᵀ` on all lanes
 //! plus `c_l` on the values; then `x = σ(a)` on the values and
-//! `ẋ_k = σ'(a) ⊙ ȧ_k` on the tangents. The trace is `Σ_k ȧ_{L,k}[k]`.
+//! `ẋ_k = σ'(a) ⊙ ȧ_k` on the tangents.
 //! Its reverse pass needs `σ''` for the tangents' dependence on `a`.
 
 use anyhow::{Result, ensure};
@@ -193,9 +196,11 @@ pub struct Mlp<'p, T> {
 /// What the forward pass keeps for the reverse pass.
 pub struct Pass<T> {
     rows: usize,
+    /// Tangent lanes (probes) per row.
+    lanes: usize,
     /// `f(t, z)`, `[B, D]`.
     pub f: Vec<T>,
-    /// `Tr ∂f/∂z` per row.
+    /// The divergence per row (exact, or Hutchinson's estimate).
     pub trace: Vec<T>,
     /// Per layer: its input lanes, pre-activation lanes, and `σ'` of the values.
     inputs: Vec<Vec<T>>,
@@ -253,17 +258,27 @@ impl<'p, T: Real> Mlp<'p, T> {
         Ok(Mlp { dim, act, t, layers })
     }
 
-    /// `f(t, z)` and the exact trace for `z` `[rows, D]` (row-major).
-    pub fn forward(&self, z: &[T], rows: usize) -> Pass<T> {
+    /// `f(t, z)` and the divergence for `z` `[rows, D]` (row-major): exact,
+    /// or with `noise` `[rows, D]` Hutchinson's `eᵀ(∂f/∂z)e`.
+    pub fn forward(&self, z: &[T], rows: usize, noise: Option<&[T]>) -> Pass<T> {
         let d = self.dim;
         assert_eq!(z.len(), rows * d, "z is not [rows, D]");
-        let m = (1 + d) * rows;
-        // Input lanes: the values, then the unit tangents e_k.
+        let lanes = if noise.is_some() { 1 } else { d };
+        let m = (1 + lanes) * rows;
+        // Input lanes: the values, then the probes.
         let mut x = vec![T::zero(); m * d];
         x[..rows * d].copy_from_slice(z);
-        for k in 0..d {
-            for r in 0..rows {
-                x[((1 + k) * rows + r) * d + k] = T::one();
+        match noise {
+            Some(e) => {
+                assert_eq!(e.len(), rows * d, "noise is not [rows, D]");
+                x[rows * d..].copy_from_slice(e);
+            }
+            None => {
+                for k in 0..d {
+                    for r in 0..rows {
+                        x[((1 + k) * rows + r) * d + k] = T::one();
+                    }
+                }
             }
         }
         let n_layers = self.layers.len();
@@ -298,8 +313,18 @@ impl<'p, T: Real> Mlp<'p, T> {
         }
         let out = pre.last().expect("at least one layer");
         let f = out[..rows * d].to_vec();
-        let trace = (0..rows).map(|r| (0..d).map(|k| out[((1 + k) * rows + r) * d + k]).sum()).collect();
-        Pass { rows, f, trace, inputs, pre, slopes }
+        let probes = &inputs[0][rows * d..];
+        let trace = (0..rows)
+            .map(|r| {
+                let lane = |k: usize| (k * rows + r) * d..(k * rows + r + 1) * d;
+                (0..lanes)
+                    .map(|k| {
+                        probes[lane(k)].iter().zip(&out[rows * d..][lane(k)]).map(|(&p, &v)| p * v).sum()
+                    })
+                    .sum()
+            })
+            .collect();
+        Pass { rows, lanes, f, trace, inputs, pre, slopes }
     }
 
     /// The reverse pass of [`Mlp::forward`] for cotangents `a_f` `[rows, D]`
@@ -307,13 +332,15 @@ impl<'p, T: Real> Mlp<'p, T> {
     pub fn vjp(&self, pass: &Pass<T>, a_f: &[T], a_tr: &[T]) -> Vjp<T> {
         let (d, rows) = (self.dim, pass.rows);
         assert!(a_f.len() == rows * d && a_tr.len() == rows, "cotangents do not match the pass");
-        let m = (1 + d) * rows;
-        // Cotangent of the last pre-activation lanes.
-        let mut bar = vec![T::zero(); m * d];
+        let m = (1 + pass.lanes) * rows;
+        // Cotangent of the last pre-activation lanes: a_f on the values, and
+        // a_tr times the probe on each tangent lane (the divergence is Σ_k p_kᵀ ȧ_k).
+        let mut bar = pass.inputs[0].clone();
         bar[..rows * d].copy_from_slice(a_f);
-        for k in 0..d {
-            for (r, &g) in a_tr.iter().enumerate() {
-                bar[((1 + k) * rows + r) * d + k] = g;
+        for (i, row) in bar[rows * d..].chunks_exact_mut(d).enumerate() {
+            let g = a_tr[i % rows];
+            for v in row {
+                *v = *v * g;
             }
         }
         let mut grad_params: Vec<Vec<T>> = Vec::with_capacity(self.layers.len());

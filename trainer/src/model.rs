@@ -27,26 +27,34 @@ pub trait VectorField {
     fn forward_with_trace(&self, _t: &Tensor, _z: &Tensor) -> Option<(Tensor, Tensor)> {
         None
     }
-    /// Graph-free `f(t, z)` and exact `Tr(∂f/∂z)` from a hand-written kernel,
-    /// if the field has one for `z`'s device and dtype. `None` makes the
-    /// caller run [`VectorField::forward_with_trace`] under `no_grad`.
-    fn eval_exact(&self, _t: f64, _z: &Tensor) -> Option<Result<(Tensor, Tensor)>> {
+    /// Graph-free `f(t, z)` and the divergence — exact, or with `noise` `e`
+    /// Hutchinson's `eᵀ(∂f/∂z)e` — from a hand-written kernel, if the field
+    /// has one for `z`'s device and dtype. `None` makes the caller use
+    /// autograd.
+    fn eval_kernel(&self, _t: f64, _z: &Tensor, _noise: Option<&Tensor>) -> Option<Result<(Tensor, Tensor)>> {
         None
     }
     /// What the adjoint asks at each evaluation, from a hand-written kernel
-    /// without autograd: `f`, the exact trace, and the VJP of
-    /// `Σ a_f·f + Σ a_tr·Tr(∂f/∂z)` w.r.t. `z`, the parameters and `t`.
-    /// `None` makes the caller differentiate with autograd.
-    fn vjp_exact(&self, _t: f64, _z: &Tensor, _a_f: &Tensor, _a_tr: &Tensor) -> Option<Result<FieldVjp>> {
+    /// without autograd: `f`, the divergence (as [`VectorField::eval_kernel`]),
+    /// and the VJP of `Σ a_f·f + Σ a_tr·div` w.r.t. `z`, the parameters and
+    /// `t`. `None` makes the caller differentiate with autograd.
+    fn vjp_kernel(
+        &self,
+        _t: f64,
+        _z: &Tensor,
+        _noise: Option<&Tensor>,
+        _a_f: &Tensor,
+        _a_tr: &Tensor,
+    ) -> Option<Result<FieldVjp>> {
         None
     }
 }
 
-/// [`VectorField::vjp_exact`]'s results.
+/// [`VectorField::vjp_kernel`]'s results.
 pub struct FieldVjp {
     /// `f(t, z)`, `[B, D]`.
     pub f: Tensor,
-    /// `Tr(∂f/∂z)`, `[B]`.
+    /// The divergence, `[B]`.
     pub trace: Tensor,
     /// `a_fᵀ ∂f/∂z + a_tr ∂tr/∂z`, `[B, D]`.
     pub grad_z: Tensor,
@@ -293,14 +301,20 @@ impl OdeNet {
     }
 
     /// Runs the kernel in `z`'s float type if it is a CPU `f32`/`f64` tensor.
-    fn run_kernel(&self, t: f64, z: &Tensor, cot: Option<(&Tensor, &Tensor)>) -> Option<Result<KernelOut>> {
+    fn run_kernel(
+        &self,
+        t: f64,
+        z: &Tensor,
+        noise: Option<&Tensor>,
+        cot: Option<(&Tensor, &Tensor)>,
+    ) -> Option<Result<KernelOut>> {
         if z.device() != tch::Device::Cpu || z.dim() != 2 {
             return None;
         }
         let shapes = self.kernel_shapes()?;
         match z.kind() {
-            Kind::Float => Some(self.kernel_pass::<f32>(&shapes, t, z, cot)),
-            Kind::Double => Some(self.kernel_pass::<f64>(&shapes, t, z, cot)),
+            Kind::Float => Some(self.kernel_pass::<f32>(&shapes, t, z, noise, cot)),
+            Kind::Double => Some(self.kernel_pass::<f64>(&shapes, t, z, noise, cot)),
             _ => None,
         }
     }
@@ -310,6 +324,7 @@ impl OdeNet {
         shapes: &[LayerShape],
         t: f64,
         z: &Tensor,
+        noise: Option<&Tensor>,
         cot: Option<(&Tensor, &Tensor)>,
     ) -> Result<KernelOut> {
         fn values<T: tch::kind::Element>(x: &Tensor, kind: Kind) -> Result<Vec<T>> {
@@ -324,7 +339,8 @@ impl OdeNet {
         let t_at = T::from(t).context("time out of range")?;
         let mlp = Mlp::at(shapes, self.activation, &params, t_at)?;
         let (rows, d) = (z.size()[0], z.size()[1]);
-        let pass = mlp.forward(&values::<T>(z, kind)?, rows as usize);
+        let noise = noise.map(|e| values::<T>(e, kind)).transpose()?;
+        let pass = mlp.forward(&values::<T>(z, kind)?, rows as usize, noise.as_deref());
         let f = Tensor::from_slice(&pass.f).view([rows, d]);
         let trace = Tensor::from_slice(&pass.trace);
         let vjp = match cot {
@@ -381,12 +397,19 @@ impl VectorField for OdeNet {
         p
     }
 
-    fn eval_exact(&self, t: f64, z: &Tensor) -> Option<Result<(Tensor, Tensor)>> {
-        self.run_kernel(t, z, None).map(|r| r.map(|(f, trace, _)| (f, trace)))
+    fn eval_kernel(&self, t: f64, z: &Tensor, noise: Option<&Tensor>) -> Option<Result<(Tensor, Tensor)>> {
+        self.run_kernel(t, z, noise, None).map(|r| r.map(|(f, trace, _)| (f, trace)))
     }
 
-    fn vjp_exact(&self, t: f64, z: &Tensor, a_f: &Tensor, a_tr: &Tensor) -> Option<Result<FieldVjp>> {
-        self.run_kernel(t, z, Some((a_f, a_tr))).map(|r| {
+    fn vjp_kernel(
+        &self,
+        t: f64,
+        z: &Tensor,
+        noise: Option<&Tensor>,
+        a_f: &Tensor,
+        a_tr: &Tensor,
+    ) -> Option<Result<FieldVjp>> {
+        self.run_kernel(t, z, noise, Some((a_f, a_tr))).map(|r| {
             let (f, trace, vjp) = r?;
             let (grad_z, grad_params, grad_t) = vjp.context("the kernel returned no VJP")?;
             Ok(FieldVjp { f, trace, grad_z, grad_params, grad_t })
@@ -592,23 +615,29 @@ impl Cnf {
         create_graph: bool,
         reg: Regularization,
     ) -> Result<Rates> {
-        // No graph wanted and an exact trace the field computes in its forward
-        // pass (the adjoint's forward solve, evaluation): no autograd at all.
-        if !create_graph && noise.is_none() {
+        // No graph wanted (the adjoint's forward solve, evaluation): the
+        // field's kernel if it has one (not with the Jacobian regularizer,
+        // which needs Hutchinson's eᵀ∂f/∂z itself), else for the exact trace
+        // its forward-mode pass under no_grad. No autograd either way.
+        if !create_graph {
             let z = z.detach();
-            let end_time = self.end_time();
-            if let Some(fd) = self.field.eval_exact(end_time * tau, &z) {
-                let (f, div) = fd?;
-                let t_end = Tensor::from(end_time).to_kind(z.kind());
-                return Rates::new(f, div, None, z, &t_end, reg);
+            if reg.jacobian == 0.0 {
+                let end_time = self.end_time();
+                if let Some(fd) = self.field.eval_kernel(end_time * tau, &z, noise) {
+                    let (f, div) = fd?;
+                    let t_end = Tensor::from(end_time).to_kind(z.kind());
+                    return Rates::new(f, div, None, z, &t_end, reg);
+                }
             }
-            let fast = tch::no_grad(|| {
-                let t_end = self.sqrt_end_time.square().to_kind(z.kind());
-                let fd = self.field.forward_with_trace(&(&t_end * tau), &z);
-                fd.map(|(f, div)| Rates::new(f, div, None, z.shallow_clone(), &t_end, reg))
-            });
-            if let Some(rates) = fast {
-                return rates;
+            if noise.is_none() {
+                let fast = tch::no_grad(|| {
+                    let t_end = self.sqrt_end_time.square().to_kind(z.kind());
+                    let fd = self.field.forward_with_trace(&(&t_end * tau), &z);
+                    fd.map(|(f, div)| Rates::new(f, div, None, z.shallow_clone(), &t_end, reg))
+                });
+                if let Some(rates) = fast {
+                    return rates;
+                }
             }
         }
         tch::with_grad(|| {
@@ -800,14 +829,14 @@ impl FlowLayer for Cnf {
         let reg = opts.regularization;
         // The loss holds c · mean over rows of each regularizer integral.
         let rows = y.size()[0] as f64;
-        // An exact trace without regularizers: the field's hand-written VJP if it has one.
-        let kernel = noise.is_none() && !reg.active();
+        // Without regularizers: the field's hand-written VJP if it has one.
+        let kernel = !reg.active();
         let (sqrt_t, end_time) = (self.sqrt_end_time.double_value(&[]), self.end_time());
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
             if kernel {
                 let (z, a_z) = (&state[0], &state[1]);
                 let (a_f, a_tr) = (a_z * end_time, &a_ell * -end_time);
-                if let Some(vjp) = self.field.vjp_exact(end_time * tau, z, &a_f, &a_tr) {
+                if let Some(vjp) = self.field.vjp_kernel(end_time * tau, z, noise.as_ref(), &a_f, &a_tr) {
                     return self.adjoint_rates(vjp?, a_z, &a_ell, tau, sqrt_t, n_net > 0);
                 }
             }
@@ -1155,8 +1184,9 @@ mod tests {
         }
     }
 
-    /// The hand-written kernel's `f`, trace and VJP (w.r.t. `z`, every
-    /// parameter and `t`) equal autograd's through `forward_with_trace`, for
+    /// The hand-written kernel's `f`, divergence and VJP (w.r.t. `z`, every
+    /// parameter and `t`) equal autograd's — through `forward_with_trace` for
+    /// the exact trace, through the VJP `eᵀ∂f/∂z` for Hutchinson's — for
     /// every layer kind and activation: float64 to 1e-10, and the float32
     /// kernel against the float64 autograd reference to 1e-4 relative.
     #[test]
@@ -1179,12 +1209,20 @@ mod tests {
                 let mut vs = nn::VarStore::new(Device::Cpu);
                 let net = OdeNet::new(&vs.root(), 3, &[8, 5], kind, act);
                 vs.double();
-                for t in [0.0, 0.3, 1.7] {
+                for (t, hutchinson) in [(0.0, false), (0.3, false), (1.7, false), (0.0, true), (0.9, true)] {
                     let t_leaf = Tensor::from(t).to_kind(Kind::Double).set_requires_grad(true);
                     let z = Tensor::randn([6, 3], (Kind::Double, Device::Cpu)).set_requires_grad(true);
                     let a_f = Tensor::randn([6, 3], (Kind::Double, Device::Cpu));
                     let a_tr = Tensor::randn([6], (Kind::Double, Device::Cpu));
-                    let (f, tr) = net.forward_with_trace(&t_leaf, &z).unwrap();
+                    let e = Tensor::randn([6, 3], (Kind::Double, Device::Cpu));
+                    let noise = hutchinson.then_some(&e);
+                    let (f, tr) = if hutchinson {
+                        let f = net.forward(&t_leaf, &z);
+                        let (tr, _) = divergence(&f, &z, noise, true).unwrap();
+                        (f, tr)
+                    } else {
+                        net.forward_with_trace(&t_leaf, &z).unwrap()
+                    };
                     let surrogate = (&f * &a_f).sum(Kind::Double) + (&tr * &a_tr).sum(Kind::Double);
                     let mut inputs = vec![z.shallow_clone(), t_leaf.shallow_clone()];
                     inputs.extend(net.parameters());
@@ -1193,8 +1231,11 @@ mod tests {
                         |i: usize| if g[i].defined() { g[i].shallow_clone() } else { inputs[i].zeros_like() };
                     let flat: Vec<Tensor> = (2..inputs.len()).map(|i| grad(i).reshape([-1])).collect();
                     let (g_z, g_t, g_params) = (grad(0), grad(1), Tensor::cat(&flat, 0));
-                    let case = format!("{kind:?} {act:?} t={t}");
-                    let v = net.vjp_exact(t, &z.detach(), &a_f, &a_tr).expect("OdeNet has a kernel").unwrap();
+                    let case = format!("{kind:?} {act:?} t={t} hutchinson={hutchinson}");
+                    let v = net
+                        .vjp_kernel(t, &z.detach(), noise, &a_f, &a_tr)
+                        .expect("OdeNet has a kernel")
+                        .unwrap();
                     for (got, want, what) in [
                         (&v.f, &f, "f"),
                         (&v.trace, &tr, "trace"),
@@ -1207,7 +1248,11 @@ mod tests {
                     let z32 = z.detach().to_kind(Kind::Float);
                     let (a_f32, a_tr32) = (a_f.to_kind(Kind::Float), a_tr.to_kind(Kind::Float));
                     vs.float();
-                    let v32 = net.vjp_exact(t, &z32, &a_f32, &a_tr32).unwrap().unwrap();
+                    let e32 = e.to_kind(Kind::Float);
+                    let v32 = net
+                        .vjp_kernel(t, &z32, hutchinson.then_some(&e32), &a_f32, &a_tr32)
+                        .unwrap()
+                        .unwrap();
                     vs.double();
                     assert_eq!(v32.grad_params.kind(), Kind::Float);
                     for (got, want, what) in
@@ -1216,7 +1261,7 @@ mod tests {
                         assert!(rel(got, &want.detach()) < 1e-4, "{case} f32: {what}");
                     }
                     assert!(rel(&v32.grad_params, &g_params) < 1e-4, "{case} f32: ∂θ");
-                    let (ef, etr) = net.eval_exact(t, &z.detach()).unwrap().unwrap();
+                    let (ef, etr) = net.eval_kernel(t, &z.detach(), noise).unwrap().unwrap();
                     assert!(rel(&ef, &f.detach()) < 1e-12 && rel(&etr, &tr.detach()) < 1e-12, "{case}: eval");
                 }
             }
