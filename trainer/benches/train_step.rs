@@ -65,20 +65,14 @@ fn main() -> anyhow::Result<()> {
         create_graph: true,
         seminorm: false,
         regularization: Default::default(),
+        record_steps: false,
     };
     let (mut wall, mut cpu, mut nfe_f, mut nfe_b) = (0.0, 0.0, 0u64, 0u64);
     for it in 0..iterations + 2 {
         let x = data::toy("8gaussians", 512)?.to_kind(Kind::Float);
         let (t0, c0) = (Instant::now(), cpu_seconds());
         opt.zero_grad();
-        let stats = match gradient {
-            Gradient::Adjoint => chain.backward_by_layers(&x, &opts)?.1,
-            Gradient::Backprop => {
-                let out = chain.log_prob(&x, &opts)?;
-                (-out.log_p.mean(Kind::Float)).f_backward()?;
-                out.stats
-            }
-        };
+        let (_, stats) = chain.loss_and_gradients(&x, &opts, gradient)?;
         opt.step();
         if it >= 2 {
             // The first two iterations warm up allocators and caches.

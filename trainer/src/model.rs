@@ -11,7 +11,7 @@ use ffjord_runtime::{Activation, LayerKind, LayerSpec, Stage};
 use tch::{Kind, Tensor, nn};
 
 use crate::kernel::{LayerShape, Mlp, Real};
-use crate::ode::{Method, SolveStats, all_controlled, odeint};
+use crate::ode::{Method, SolveStats, Step, all_controlled, odeint};
 
 /// `f(t, z)`: the right-hand side of a CNF, batched over rows of `z`.
 pub trait VectorField {
@@ -26,6 +26,11 @@ pub trait VectorField {
     /// makes the caller take `D` vector-Jacobian products instead.
     fn forward_with_trace(&self, _t: &Tensor, _z: &Tensor) -> Option<(Tensor, Tensor)> {
         None
+    }
+    /// Whether [`VectorField::eval_kernel`] and [`VectorField::vjp_kernel`]
+    /// answer for tensors like `z` (device and dtype).
+    fn has_kernel(&self, _z: &Tensor) -> bool {
+        false
     }
     /// Graph-free `f(t, z)` and the divergence — exact, or with `noise` `e`
     /// Hutchinson's `eᵀ(∂f/∂z)e` — from a hand-written kernel, if the field
@@ -397,6 +402,12 @@ impl VectorField for OdeNet {
         p
     }
 
+    fn has_kernel(&self, z: &Tensor) -> bool {
+        z.device() == tch::Device::Cpu
+            && matches!(z.kind(), Kind::Float | Kind::Double)
+            && self.kernel_shapes().is_some()
+    }
+
     fn eval_kernel(&self, t: f64, z: &Tensor, noise: Option<&Tensor>) -> Option<Result<(Tensor, Tensor)>> {
         self.run_kernel(t, z, noise, None).map(|r| r.map(|(f, trace, _)| (f, trace)))
     }
@@ -475,6 +486,10 @@ pub struct SolveOptions {
     pub seminorm: bool,
     /// RNODE regularization (zero: off).
     pub regularization: Regularization,
+    /// Graph-free forward solves keep their accepted steps, so that
+    /// [`FlowLayer::backward`] backpropagates through the solver by reversing
+    /// them with the field's hand-written VJP instead of the adjoint solve.
+    pub record_steps: bool,
 }
 
 /// RNODE's regularizers (Finlay et al. 2020), integrated along the solve as
@@ -503,6 +518,7 @@ impl SolveOptions {
             create_graph: false,
             seminorm: false,
             regularization: Regularization::default(),
+            record_steps: false,
         }
     }
 }
@@ -546,6 +562,13 @@ pub trait FlowLayer {
     /// The runtime stage and its weights.
     fn export(&self) -> Result<(Stage, Vec<f32>)>;
 
+    /// Whether [`FlowLayer::backward`] gives the backprop-through-the-solver
+    /// gradient for inputs like `x` with `record_steps` set (layers without a
+    /// solver always do).
+    fn reverses_steps(&self, _x: &Tensor, _opts: &SolveOptions) -> bool {
+        true
+    }
+
     /// Given the input `x` of the last [`FlowLayer::forward`], its output `y` and
     /// the loss gradients w.r.t. `y` and the log-determinant, accumulates the
     /// parameter gradients (into `.grad()`) and returns the gradient w.r.t. `x`.
@@ -559,13 +582,35 @@ pub trait FlowLayer {
         opts: &SolveOptions,
         stats: &mut PassStats,
     ) -> Result<Tensor> {
-        let x = x.detach().set_requires_grad(true);
-        let graph_opts = SolveOptions { create_graph: true, ..*opts };
-        let (y, ld) = tch::with_grad(|| self.forward(&x, &graph_opts, stats))?;
-        tch::with_grad(|| ((y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind())).f_backward())?;
-        let g = x.grad();
-        Ok(if g.defined() { g.detach() } else { x.zeros_like() })
+        backward_by_recompute(self, x, grad_y, grad_log_det, opts, stats)
     }
+}
+
+/// [`FlowLayer::backward`] by autograd: the forward pass again with a graph,
+/// then backpropagation of `Σ y·ḡ_y + Σ log|det|·ḡ_ld` (+ the layer's
+/// regularizers, whose weight in the loss is one).
+fn backward_by_recompute<L: FlowLayer + ?Sized>(
+    layer: &L,
+    x: &Tensor,
+    grad_y: &Tensor,
+    grad_log_det: &Tensor,
+    opts: &SolveOptions,
+    stats: &mut PassStats,
+) -> Result<Tensor> {
+    let x = x.detach().set_requires_grad(true);
+    let graph_opts = SolveOptions { create_graph: true, record_steps: false, ..*opts };
+    let mut local = PassStats::default();
+    let (y, ld) = tch::with_grad(|| layer.forward(&x, &graph_opts, &mut local))?;
+    add_stats(&mut stats.backward, local.solve);
+    tch::with_grad(|| {
+        let mut surrogate = (y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind());
+        if let Some(r) = &local.regularization {
+            surrogate = &surrogate + r.to_kind(x.kind());
+        }
+        surrogate.f_backward()
+    })?;
+    let g = x.grad();
+    Ok(if g.defined() { g.detach() } else { x.zeros_like() })
 }
 
 /// A continuous normalizing flow block over `t ∈ [0, T]`, `T = s²`.
@@ -575,6 +620,8 @@ pub struct Cnf {
     /// Hutchinson noise of the last forward solve, reused by the adjoint
     /// (as the reference ODEfunc keeps `e` between forward and backward).
     noise: std::cell::RefCell<Option<Tensor>>,
+    /// The last forward solve's accepted steps, if it recorded them.
+    tape: std::cell::RefCell<Option<Vec<Step>>>,
 }
 
 impl Cnf {
@@ -586,7 +633,7 @@ impl Cnf {
         } else {
             p.var_copy("sqrt_end_time", &init).set_requires_grad(false)
         };
-        Cnf { field, sqrt_end_time, noise: std::cell::RefCell::new(None) }
+        Cnf { field, sqrt_end_time, noise: Default::default(), tape: Default::default() }
     }
 
     /// The end time `T`.
@@ -687,7 +734,12 @@ impl Cnf {
             state.push(zero());
             controlled.push(false);
         }
-        let (out, s) = odeint(&mut rhs, state, tau0, tau1, opts.method, &controlled, self.end_time())?;
+        let mut tape = Vec::new();
+        let record = (opts.record_steps && !create_graph && extra == 0).then_some(&mut tape);
+        let recording = record.is_some();
+        let (out, s) =
+            odeint(&mut rhs, state, tau0, tau1, opts.method, &controlled, self.end_time(), record)?;
+        *self.tape.borrow_mut() = recording.then_some(tape);
         stats.add(s);
         let mut out = out.into_iter();
         let (Some(z), Some(ell)) = (out.next(), out.next()) else {
@@ -700,10 +752,33 @@ impl Cnf {
         Ok((z, ell))
     }
 
+    /// From the field's VJP at `t = Tτ` with cotangents `(T a_z, −T a_ℓ)`:
+    /// the gradients of the surrogate `S = Σ a_z·g_z + Σ a_ℓ·g_ℓ` of the
+    /// rates `g = (T f(Tτ, z), −T Tr)` w.r.t. `z`, the network (flat) and, if
+    /// trained, `√T` — `∂S/∂T = Σ a_z·f − Σ a_ℓ·Tr + τ ∂S/∂t` and `∂/∂√T =
+    /// 2√T ∂/∂T` — with `g_z` first.
+    fn rate_gradients(
+        &self,
+        vjp: FieldVjp,
+        a_z: &Tensor,
+        a_ell: &Tensor,
+        tau: f64,
+        sqrt_t: f64,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<f64>)> {
+        let FieldVjp { f, trace, grad_z, grad_params, grad_t } = vjp;
+        let end_time = sqrt_t * sqrt_t;
+        let grad_sqrt_t = if self.sqrt_end_time.requires_grad() {
+            let sum = |x: Tensor| f64::try_from(x.sum(Kind::Double));
+            let d_end = sum(a_z * &f)? - sum(a_ell * &trace)? + tau * grad_t;
+            Some(2.0 * sqrt_t * d_end)
+        } else {
+            None
+        };
+        Ok((&f * end_time, grad_z, grad_params, grad_sqrt_t))
+    }
+
     /// The adjoint's rates `[g_z, −∂S/∂z, −∂S/∂θ (flat), −∂S/∂√T if trained]`
-    /// for the surrogate `S = Σ a_z·g_z + Σ a_ℓ·g_ℓ` from the field's VJP at
-    /// `t = Tτ` with cotangents `(T a_z, −T a_ℓ)`. `g = T·f(Tτ, z)` gives
-    /// `∂S/∂T = Σ a_z·f − Σ a_ℓ·Tr + τ ∂S/∂t`, and `∂/∂√T = 2√T ∂/∂T`.
+    /// ([`Cnf::rate_gradients`]).
     fn adjoint_rates(
         &self,
         vjp: FieldVjp,
@@ -713,18 +788,101 @@ impl Cnf {
         sqrt_t: f64,
         net_params: bool,
     ) -> Result<Vec<Tensor>> {
-        let FieldVjp { f, trace, grad_z, grad_params, grad_t } = vjp;
-        let end_time = sqrt_t * sqrt_t;
-        let mut out = vec![&f * end_time, -grad_z];
+        let (g_z, grad_z, grad_params, grad_sqrt_t) = self.rate_gradients(vjp, a_z, a_ell, tau, sqrt_t)?;
+        let mut out = vec![g_z, -grad_z];
         if net_params {
             out.push(-grad_params);
         }
-        if self.sqrt_end_time.requires_grad() {
-            let sum = |x: Tensor| f64::try_from(x.sum(Kind::Double));
-            let d_end = sum(a_z * &f)? - sum(a_ell * &trace)? + tau * grad_t;
-            out.push(Tensor::from(-2.0 * sqrt_t * d_end).to_kind(self.sqrt_end_time.kind()));
+        if let Some(g) = grad_sqrt_t {
+            out.push(Tensor::from(-g).to_kind(self.sqrt_end_time.kind()));
         }
         Ok(out)
+    }
+
+    /// Backpropagation through the recorded steps of the forward solve, with
+    /// the field's hand-written VJP at every stage (recomputing its forward
+    /// pass there) instead of an autograd graph: per step `y' = y + h Σ b_i
+    /// k_i`, `k_i = g(τ + c_i h, Y_i)`, `Y_i = y + h Σ_{j<i} a_ij k_j`, the
+    /// stage cotangents `k̄_i = h b_i ȳ' + Σ_{j>i} h a_ji Ȳ_j` are taken in
+    /// reverse. The step sizes are constants (the solver computes them from
+    /// detached values), so this equals autograd's gradient. Accumulates into
+    /// the parameters' `.grad` and returns `∂L/∂x`; `None` if the field has no
+    /// kernel.
+    fn backward_through_steps(
+        &self,
+        tape: &[Step],
+        grad_y: &Tensor,
+        grad_log_det: &Tensor,
+        stats: &mut PassStats,
+    ) -> Result<Option<Tensor>> {
+        let noise = self.noise.borrow().as_ref().map(Tensor::shallow_clone);
+        let a_ell = -grad_log_det.detach();
+        let (sqrt_t, end_time) = (self.sqrt_end_time.double_value(&[]), self.end_time());
+        let mut y_bar = grad_y.detach();
+        let mut theta_bar: Option<Tensor> = None;
+        let mut sqrt_t_bar = 0.0;
+        for Step { t, h, tableau, stages } in tape.iter().rev() {
+            let mut k_bar: Vec<Tensor> = tableau.b.iter().map(|&b| &y_bar * (h * b)).collect();
+            for i in (0..stages.len()).rev() {
+                let tau = t + tableau.c[i] * h;
+                let a_ell_i = &a_ell * (h * tableau.b[i]);
+                let (a_f, a_tr) = (&k_bar[i] * end_time, &a_ell_i * -end_time);
+                let Some(vjp) =
+                    self.field.vjp_kernel(end_time * tau, &stages[i][0], noise.as_ref(), &a_f, &a_tr)
+                else {
+                    return Ok(None);
+                };
+                stats.backward.nfe += 1;
+                let (_, grad_z, grad_params, grad_sqrt_t) =
+                    self.rate_gradients(vjp?, &k_bar[i], &a_ell_i, tau, sqrt_t)?;
+                for (j, &a) in tableau.a[i].iter().enumerate() {
+                    if a != 0.0 {
+                        k_bar[j] = &k_bar[j] + &grad_z * (h * a);
+                    }
+                }
+                y_bar = &y_bar + grad_z;
+                theta_bar = Some(match theta_bar {
+                    Some(acc) => acc + grad_params,
+                    None => grad_params,
+                });
+                sqrt_t_bar += grad_sqrt_t.unwrap_or(0.0);
+            }
+            stats.backward.accepted += 1;
+        }
+        let n_net = self.field.parameters().len();
+        let mut rest = Vec::new();
+        if self.sqrt_end_time.requires_grad() {
+            rest.push(Tensor::from(sqrt_t_bar).to_kind(self.sqrt_end_time.kind()));
+        }
+        self.accumulate_gradients(theta_bar.filter(|_| n_net > 0), rest)?;
+        Ok(Some(y_bar))
+    }
+
+    /// Adds `∂L/∂θ` — the network's as one flat tensor, then one tensor per
+    /// further parameter (√T) — to the parameters' `.grad`, through the
+    /// linear surrogate `Σ θ·ḡ`.
+    fn accumulate_gradients(&self, flat_net: Option<Tensor>, rest: Vec<Tensor>) -> Result<()> {
+        let params = self.parameters();
+        let n_net = self.field.parameters().len();
+        let mut grads: Vec<Tensor> = Vec::with_capacity(params.len());
+        if let Some(flat) = flat_net {
+            let sizes: Vec<i64> = params.iter().take(n_net).map(|p| p.numel() as i64).collect();
+            for (piece, p) in flat.split_with_sizes(&sizes, 0).into_iter().zip(&params) {
+                grads.push(piece.reshape(p.size()));
+            }
+        }
+        grads.extend(rest);
+        if params.is_empty() {
+            return Ok(());
+        }
+        let kind = params[0].kind();
+        let surrogate = params
+            .iter()
+            .zip(grads)
+            .map(|(p, g)| (p * g.to_kind(p.kind())).sum(kind))
+            .fold(Tensor::from(0.0).to_kind(kind), |a, b| a + b);
+        tch::with_grad(|| surrogate.f_backward())?;
+        Ok(())
     }
 
     /// The trainable tensors of this block (network and, if trained, √T).
@@ -809,18 +967,34 @@ impl FlowLayer for Cnf {
         self.solve(y, 1.0, 0.0, noise.as_ref(), opts, stats)
     }
 
-    /// The continuous adjoint (spec §5.1): integrate [z, a_z, a_θ] from τ = 1
-    /// back to 0 with a_z' = −a_zᵀ ∂g_z/∂z − a_ℓ ∂g_ℓ/∂z and
-    /// a_θ' = −(the same VJP w.r.t. θ), reusing the forward solve's noise.
+    fn reverses_steps(&self, x: &Tensor, opts: &SolveOptions) -> bool {
+        !opts.regularization.active() && self.field.has_kernel(x)
+    }
+
+    /// With `record_steps`: backprop through the recorded solver steps
+    /// ([`Cnf::backward_through_steps`]; autograd on a recomputed forward
+    /// pass if the field has no kernel). Otherwise the continuous adjoint
+    /// (spec §5.1): integrate [z, a_z, a_θ] from τ = 1 back to 0 with
+    /// a_z' = −a_zᵀ ∂g_z/∂z − a_ℓ ∂g_ℓ/∂z and a_θ' = −(the same VJP w.r.t.
+    /// θ), reusing the forward solve's noise.
     fn backward(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         y: &Tensor,
         grad_y: &Tensor,
         grad_log_det: &Tensor,
         opts: &SolveOptions,
         stats: &mut PassStats,
     ) -> Result<Tensor> {
+        if opts.record_steps {
+            let tape = self.tape.borrow_mut().take();
+            if let Some(tape) = tape
+                && let Some(grad_x) = self.backward_through_steps(&tape, grad_y, grad_log_det, stats)?
+            {
+                return Ok(grad_x);
+            }
+            return backward_by_recompute(self, x, grad_y, grad_log_det, opts, stats);
+        }
         let noise = self.noise.borrow().as_ref().map(Tensor::shallow_clone);
         let params = self.parameters();
         let n_net = self.field.parameters().len();
@@ -885,29 +1059,13 @@ impl FlowLayer for Cnf {
             controlled.push(!opts.seminorm);
         }
         controlled.extend(params.iter().skip(n_net).map(|_| false));
-        let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled, self.end_time())?;
+        let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled, self.end_time(), None)?;
         add_stats(&mut stats.backward, s);
         let mut out = out.into_iter();
         out.next(); // z(0), re-integrated
         let grad_x = out.next().context("adjoint state lost a_z")?;
-        let mut a_params: Vec<Tensor> = Vec::with_capacity(params.len());
-        if n_net > 0 {
-            let flat = out.next().context("adjoint state lost a_θ")?;
-            let sizes: Vec<i64> = params.iter().take(n_net).map(|p| p.numel() as i64).collect();
-            for (piece, p) in flat.split_with_sizes(&sizes, 0).into_iter().zip(&params) {
-                a_params.push(piece.reshape(p.size()));
-            }
-        }
-        a_params.extend(out);
-        // Accumulate a_θ(0) into the parameters' .grad through a linear surrogate.
-        if !params.is_empty() {
-            let surrogate = params
-                .iter()
-                .zip(a_params)
-                .map(|(p, g)| (p * g).sum(p.kind()))
-                .fold(Tensor::from(0.0).to_kind(y.kind()), |a, b| a + b);
-            tch::with_grad(|| surrogate.f_backward())?;
-        }
+        let flat = if n_net > 0 { Some(out.next().context("adjoint state lost a_θ")?) } else { None };
+        self.accumulate_gradients(flat, out.collect())?;
         Ok(grad_x)
     }
 
@@ -1059,9 +1217,43 @@ impl Chain {
         Ok(ChainOutput { z, log_p, stats })
     }
 
+    /// The training loss `−mean log p(x)` (+ RNODE's terms) and its parameter
+    /// gradients, accumulated into `.grad`, by `gradient`: the continuous
+    /// adjoint, or backprop through the solver — by reversing the recorded
+    /// steps with the fields' hand-written VJPs where every layer can, else by
+    /// autograd over the whole pass. A non-finite loss is returned without
+    /// gradients.
+    pub fn loss_and_gradients(
+        &self,
+        x: &Tensor,
+        opts: &SolveOptions,
+        gradient: Gradient,
+    ) -> Result<(f64, PassStats)> {
+        match gradient {
+            Gradient::Adjoint => self.backward_by_layers(x, opts),
+            Gradient::Backprop if self.layers.iter().all(|l| l.reverses_steps(x, opts)) => {
+                self.backward_by_layers(x, &SolveOptions { record_steps: true, ..*opts })
+            }
+            Gradient::Backprop => {
+                let out = self.log_prob(x, &SolveOptions { create_graph: true, ..*opts })?;
+                let nll = -out.log_p.mean(out.log_p.kind());
+                let loss = match &out.stats.regularization {
+                    Some(r) => &nll + r.to_kind(nll.kind()),
+                    None => nll,
+                };
+                let value = loss.double_value(&[]);
+                if value.is_finite() {
+                    loss.f_backward()?;
+                }
+                Ok((value, out.stats))
+            }
+        }
+    }
+
     /// Computes the NLL loss `−mean log p(x)` and accumulates its parameter
     /// gradients layer by layer through [`FlowLayer::backward`] (the adjoint for
-    /// CNF blocks), without keeping a graph of the forward solves.
+    /// CNF blocks, or the reversed steps with `record_steps`), without keeping
+    /// a graph of the forward solves.
     pub fn backward_by_layers(&self, x: &Tensor, opts: &SolveOptions) -> Result<(f64, PassStats)> {
         let fwd_opts = SolveOptions { create_graph: false, ..*opts };
         let mut stats = PassStats::default();

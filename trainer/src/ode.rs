@@ -5,7 +5,10 @@
 //! Shampine error weights, max-over-components RMS norm, controller, initial
 //! step, last step clipped onto the end time), so the two agree step for step
 //! up to float rounding. Gradients flow through the steps when the inputs
-//! require them (backprop through the solver); the adjoint lives in `adjoint.rs`.
+//! require them (backprop through the solver); a solve can instead record its
+//! accepted steps ([`Step`]) for a hand-written reverse pass (`model.rs`).
+//! Step sizes come from detached values either way: they are constants to the
+//! gradient.
 
 use anyhow::{Result, bail};
 use tch::Tensor;
@@ -87,10 +90,13 @@ fn axpy(y: &[Tensor], h: f64, coeffs: &[f64], ks: &[Vec<Tensor>]) -> Vec<Tensor>
         .collect()
 }
 
-struct Tableau {
-    c: &'static [f64],
-    a: &'static [&'static [f64]],
-    b: &'static [f64],
+/// An explicit Runge–Kutta scheme: stage times `c`, stage weights `a`
+/// (row `i` combines the stages before `i`), solution weights `b`.
+#[derive(Debug)]
+pub struct Tableau {
+    pub c: &'static [f64],
+    pub a: &'static [&'static [f64]],
+    pub b: &'static [f64],
 }
 
 const EULER: Tableau = Tableau { c: &[0.0], a: &[&[]], b: &[1.0] };
@@ -110,6 +116,23 @@ const DOPRI_A: [&[f64]; 6] = [
     &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
     &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
 ];
+/// Dopri5's accepted step as a plain scheme: the six stages the fifth-order
+/// solution combines (the seventh, at the new point, is the next step's first).
+const DOPRI5: Tableau = Tableau {
+    c: &[0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0],
+    a: &[&[], DOPRI_A[0], DOPRI_A[1], DOPRI_A[2], DOPRI_A[3], DOPRI_A[4]],
+    b: DOPRI_A[5],
+};
+
+/// One accepted step, as a reverse pass needs it: `y_{n+1} = y_n + h Σ_i
+/// b_i f(t + c_i h, Y_i)` with the stage inputs `Y_i`.
+pub struct Step {
+    pub t: f64,
+    pub h: f64,
+    pub tableau: &'static Tableau,
+    pub stages: Vec<Vec<Tensor>>,
+}
+
 const DOPRI_ERR: [f64; 7] = [
     35.0 / 384.0 - 1951.0 / 21600.0,
     0.0,
@@ -126,6 +149,8 @@ const DOPRI_ERR: [f64; 7] = [
 /// only Dopri5's initial step depends on it (the rest of the algorithm is
 /// invariant under rescaling time), so the step sequence equals that of the
 /// same problem solved in physical time — as the runtime solves it.
+/// `tape`, if given, receives the accepted steps in order.
+#[allow(clippy::too_many_arguments)]
 pub fn odeint(
     f: &mut Rhs<'_>,
     y0: Vec<Tensor>,
@@ -134,15 +159,20 @@ pub fn odeint(
     method: Method,
     controlled: &[bool],
     time_scale: f64,
+    tape: Option<&mut Vec<Step>>,
 ) -> Result<(Vec<Tensor>, SolveStats)> {
     match method {
-        Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER),
-        Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT),
-        Method::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4),
+        Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER, tape),
+        Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT, tape),
+        Method::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4, tape),
         Method::Dopri5 { rtol, atol, max_steps } => {
-            dopri5(f, y0, t0, t1, Tolerances { rtol, atol, max_steps }, controlled, time_scale)
+            dopri5(f, y0, t0, t1, Tolerances { rtol, atol, max_steps }, controlled, time_scale, tape)
         }
     }
+}
+
+fn shallow(y: &[Tensor]) -> Vec<Tensor> {
+    y.iter().map(Tensor::shallow_clone).collect()
 }
 
 /// Dopri5 settings, grouped.
@@ -159,7 +189,8 @@ fn fixed(
     t0: f64,
     t1: f64,
     steps: u32,
-    tab: &Tableau,
+    tab: &'static Tableau,
+    mut tape: Option<&mut Vec<Step>>,
 ) -> Result<(Vec<Tensor>, SolveStats)> {
     if steps == 0 {
         bail!("a fixed-step solver needs at least one step");
@@ -169,10 +200,17 @@ fn fixed(
     for s in 0..steps {
         let t = t0 + f64::from(s) * h;
         let mut ks: Vec<Vec<Tensor>> = Vec::with_capacity(tab.c.len());
+        let mut stages = Vec::new();
         for (c, a) in tab.c.iter().zip(tab.a) {
             let yi = axpy(&y, h, a, &ks);
             ks.push(f(t + c * h, &yi)?);
             stats.nfe += 1;
+            if tape.is_some() {
+                stages.push(yi);
+            }
+        }
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.push(Step { t, h, tableau: tab, stages });
         }
         y = axpy(&y, h, tab.b, &ks);
         stats.accepted += 1;
@@ -194,6 +232,7 @@ fn ratio(v: &[Tensor], a: &[Tensor], b: &[Tensor], rtol: f64, atol: f64, control
     r
 }
 
+#[allow(clippy::too_many_arguments)] // odeint's arguments, passed through
 fn dopri5(
     f: &mut Rhs<'_>,
     mut y: Vec<Tensor>,
@@ -202,6 +241,7 @@ fn dopri5(
     tol: Tolerances,
     controlled: &[bool],
     time_scale: f64,
+    mut tape: Option<&mut Vec<Step>>,
 ) -> Result<(Vec<Tensor>, SolveStats)> {
     let Tolerances { rtol, atol, max_steps } = tol;
     let mut stats = SolveStats::default();
@@ -250,16 +290,26 @@ fn dopri5(
         let hs = dir * step;
         let mut ks: Vec<Vec<Tensor>> = vec![k1.iter().map(|k| k.shallow_clone()).collect()];
         let mut y_new = Vec::new();
+        let mut stages = Vec::new();
         for (c, a) in DOPRI_C.iter().zip(DOPRI_A) {
             let yi = axpy(&y, hs, a, &ks);
             ks.push(f(t + c * hs, &yi)?);
             stats.nfe += 1;
+            if tape.is_some() {
+                stages.push(shallow(&yi));
+            }
             y_new = yi;
         }
         let zeros: Vec<Tensor> = y.iter().map(|c| c.zeros_like()).collect();
         let err = axpy(&zeros, hs, &DOPRI_ERR, &ks);
         let r = ratio(&err, &y, &y_new, rtol, atol, controlled);
         if r <= 1.0 {
+            if let Some(tape) = tape.as_deref_mut() {
+                // Stage 1 is y itself; the last recorded input is y_new.
+                stages.pop();
+                stages.insert(0, shallow(&y));
+                tape.push(Step { t, h: hs, tableau: &DOPRI5, stages });
+            }
             y = y_new;
             k1 = ks.pop().unwrap_or_default();
             t = if last { t1 } else { t + hs };

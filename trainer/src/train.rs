@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
-use crate::model::{Chain, Cnf, FlowLayer, Gradient, MovingBatchNorm, OdeNet, SolveOptions};
+use crate::model::{Chain, Cnf, FlowLayer, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 use crate::optim::Adam;
 
@@ -164,6 +164,7 @@ pub fn fit(
         create_graph: true,
         seminorm: cfg.seminorm,
         regularization: crate::model::Regularization { kinetic: cfg.kinetic, jacobian: cfg.jacobian },
+        record_steps: false,
     };
     let bar = indicatif::ProgressBar::new(iterations);
     bar.set_style(
@@ -188,21 +189,7 @@ pub fn fit(
         };
         let t0 = Instant::now();
         opt.zero_grad();
-        let (loss_value, stats) = match cfg.gradient {
-            Gradient::Backprop => {
-                let out = chain.log_prob(&batch, &train_opts)?;
-                let nll = -out.log_p.mean(Kind::Float);
-                let loss = match &out.stats.regularization {
-                    Some(r) => &nll + r.to_kind(Kind::Float),
-                    None => nll.shallow_clone(),
-                };
-                if loss.double_value(&[]).is_finite() {
-                    loss.f_backward()?;
-                }
-                (loss.double_value(&[]), out.stats)
-            }
-            Gradient::Adjoint => chain.backward_by_layers(&batch, &train_opts)?,
-        };
+        let (loss_value, stats) = chain.loss_and_gradients(&batch, &train_opts, cfg.gradient)?;
         if !loss_value.is_finite() {
             let last = run.path("last.ot");
             let kept = if last.exists() {
