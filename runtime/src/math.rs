@@ -31,7 +31,9 @@ pub fn standard_normal_log_prob(z: &[f32]) -> f32 {
 /// `derivative`, branch-free so the compiler vectorises it: the packed
 /// kernel's activation. Max error 2e-7 absolute and 1e-6 relative against
 /// float64 (tested); `libm::tanhf`, used by the one-row path, is a call per
-/// value with branches.
+/// value with branches. `#[inline]` so that a caller compiled for wider
+/// vectors (the trainer's AVX2 path) gets this loop compiled for them too.
+#[inline]
 pub fn tanh_in_place(values: &mut [f32], derivative: &mut [f32]) {
     for (v, d) in values.iter_mut().zip(derivative.iter_mut()) {
         let x = *v;
@@ -47,8 +49,10 @@ pub fn tanh_in_place(values: &mut [f32], derivative: &mut [f32]) {
         let small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))));
         let t = if a < 0.1 { small } else { large };
         let y = f32::from_bits(t.to_bits() | (x.to_bits() & 0x8000_0000));
-        // NaN propagates (the clamp above turns it into 9).
-        let y = if x.is_nan() { x } else { y };
+        // NaN propagates (the clamp above turns it into 9). A fresh NaN, not
+        // `x`: "keep the old value" would let LLVM emit a masked store,
+        // microcoded and slow on AMD, where this is a blend.
+        let y = if x.is_nan() { f32::NAN } else { y };
         *v = y;
         *d = 1.0 - y * y;
     }
@@ -67,7 +71,7 @@ pub fn sigmoid_in_place(values: &mut [f32]) {
         let e = exp_nonpositive(-a);
         let p = 1.0 / (1.0 + e);
         let y = if x >= 0.0 { p } else { e * p };
-        *v = if x.is_nan() { x } else { y };
+        *v = if x.is_nan() { f32::NAN } else { y };
     }
 }
 

@@ -40,7 +40,7 @@ impl Real for f32 {
     fn activate(act: Activation, values: &mut [f32], slope: &mut [f32]) {
         match act {
             // The runtime's branch-free tanh (vectorised; 2e-7 absolute).
-            Activation::Tanh => ffjord_runtime::math::tanh_in_place(values, slope),
+            Activation::Tanh => tanh_f32(values, slope),
             _ => {
                 for (v, s) in values.iter_mut().zip(slope.iter_mut()) {
                     (*v, *s) = activate_scalar(act, *v);
@@ -51,6 +51,26 @@ impl Real for f32 {
 }
 
 impl Real for f64 {}
+
+/// The runtime's `tanh_in_place`, compiled for AVX2 where the CPU has it
+/// (eight lanes instead of SSE2's four: tanh was 13% of an adjoint step).
+/// Without fused multiply-adds (Rust never contracts `a * b + c`), so the
+/// values are the portable build's, bit for bit.
+fn tanh_f32(values: &mut [f32], slope: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { tanh_avx2(values, slope) };
+        return;
+    }
+    ffjord_runtime::math::tanh_in_place(values, slope);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn tanh_avx2(values: &mut [f32], slope: &mut [f32]) {
+    ffjord_runtime::math::tanh_in_place(values, slope);
+}
 
 fn c<T: Real>(x: f64) -> T {
     T::from(x).expect("a float constant fits every Real")
@@ -474,6 +494,24 @@ mod tests {
                 assert_eq!(dst, want.map(|v| 2.0 * v));
             }
         }
+    }
+
+    /// The AVX2 build of the runtime's tanh gives the portable build's bits.
+    #[test]
+    fn dispatched_tanh_equals_the_portable_one() {
+        let xs: Vec<f32> =
+            (-4000..4000).map(|i| i as f32 * 2.5e-3).chain([f32::INFINITY, -0.0, 1e-30]).collect();
+        let (mut fast, mut fast_d) = (xs.clone(), vec![0.0; xs.len()]);
+        let (mut portable, mut portable_d) = (xs.clone(), vec![0.0; xs.len()]);
+        tanh_f32(&mut fast, &mut fast_d);
+        ffjord_runtime::math::tanh_in_place(&mut portable, &mut portable_d);
+        for i in 0..xs.len() {
+            assert_eq!(fast[i].to_bits(), portable[i].to_bits(), "tanh({})", xs[i]);
+            assert_eq!(fast_d[i].to_bits(), portable_d[i].to_bits(), "tanh'({})", xs[i]);
+        }
+        let (mut nan, mut d) = ([f32::NAN], [0.0]);
+        tanh_f32(&mut nan, &mut d);
+        assert!(nan[0].is_nan());
     }
 
     #[test]
