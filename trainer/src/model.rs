@@ -1308,6 +1308,15 @@ mod tests {
     use crate::ode::Method;
     use tch::Device;
 
+    /// Every activation the runtime knows.
+    const ACTIVATIONS: [Activation; 5] = [
+        Activation::Tanh,
+        Activation::Softplus,
+        Activation::Elu,
+        Activation::Swish { beta: 0.7 },
+        Activation::Identity,
+    ];
+
     /// libtorch's generator is global; tests on other threads must not draw in between.
     static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -1345,15 +1354,8 @@ mod tests {
     fn forward_mode_trace_equals_the_vjp_trace() {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
-        let acts = [
-            Activation::Tanh,
-            Activation::Softplus,
-            Activation::Elu,
-            Activation::Swish { beta: 0.7 },
-            Activation::Identity,
-        ];
         for kind in [LayerKind::ConcatSquash, LayerKind::Concat, LayerKind::Ignore] {
-            for act in acts {
+            for act in ACTIVATIONS {
                 let mut vs = nn::VarStore::new(Device::Cpu);
                 let net = OdeNet::new(&vs.root(), 3, &[8, 5], kind, act);
                 vs.double();
@@ -1385,19 +1387,12 @@ mod tests {
     fn kernel_vjp_equals_autograd() {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(5);
-        let acts = [
-            Activation::Tanh,
-            Activation::Softplus,
-            Activation::Elu,
-            Activation::Swish { beta: 0.7 },
-            Activation::Identity,
-        ];
         let rel = |a: &Tensor, b: &Tensor| {
             let scale = f64::try_from(b.abs().max()).unwrap().max(1e-3);
             f64::try_from((a.to_kind(Kind::Double) - b).abs().max()).unwrap() / scale
         };
         for kind in [LayerKind::ConcatSquash, LayerKind::Concat, LayerKind::Ignore] {
-            for act in acts {
+            for act in ACTIVATIONS {
                 let mut vs = nn::VarStore::new(Device::Cpu);
                 let net = OdeNet::new(&vs.root(), 3, &[8, 5], kind, act);
                 vs.double();
