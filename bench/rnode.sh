@@ -37,17 +37,26 @@ board="--toy checkerboard --hidden 64,64,64 --trace gaussian --iterations 6000 -
 (run checkerboard-l0 $board $fixed) &
 (run checkerboard-l0.05 $board $fixed --kinetic 0.05 --jacobian 0.05) &
 wait
+# RNODE_LONG=1: the toy at λ = 0 and 0.1 for 24,000 iterations (about 45
+# minutes more): does the unregularized NFE grow with longer training?
+if [ "${RNODE_LONG:-0}" = 1 ]; then
+  long="--toy 8gaussians --hidden 32,32,32 --trace gaussian --iterations 24000 --valid-every 2000 --batch 512"
+  (run toy24k-l0 $long $fixed) &
+  (run toy24k-l0.1 $long $fixed --kinetic 0.1 --jacobian 0.1) &
+  wait
+fi
 # Evaluation rows: 1,000 toy draws, and the first 1,000 shuttle training rows.
 [ -f "$out/toy-rows.csv" ] || scripts/trainer toy 8gaussians --n 1000 --seed 11 --out "$out/toy-rows.csv"
 [ -f "$out/checkerboard-rows.csv" ] || scripts/trainer toy checkerboard --n 1000 --seed 11 --out "$out/checkerboard-rows.csv"
 head -1001 "$data/shuttle/train.csv" >"$out/shuttle-rows.csv"
 echo "| data | end time | λ (kinetic = Jacobian) | test NLL (nats) | runtime NFE per row (Dopri5 1e-5) |"
 echo "|---|---|---|---|---|"
-for f in "$out"/toy-*.ffjd "$out"/shuttle-*.ffjd "$out"/checkerboard-*.ffjd; do
+for f in "$out"/toy-*.ffjd "$out"/toy24k-*.ffjd "$out"/shuttle-*.ffjd "$out"/checkerboard-*.ffjd; do
+  [ -f "$f" ] || continue
   name=$(basename "$f" .ffjd)
   set=${name%%-*}
   nll=$(sed -n 's/.*(\([0-9.-]*\) nats in data units).*/\1/p' "$out/$name.log" | tail -1)
-  nfe=$(scripts/trainer score --model "$f" --data "$out/$set-rows.csv" --solver dopri5 --tol 1e-5 2>/dev/null |
+  nfe=$(scripts/trainer score --model "$f" --data "$out/${set%24k}-rows.csv" --solver dopri5 --tol 1e-5 2>/dev/null |
     awk -F, 'NR > 1 { s += $5; n++ } END { printf "%.1f", s / n }')
   case "$name" in
     *learned-T) t="learned"; lambda=0 ;;
