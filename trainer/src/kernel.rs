@@ -218,6 +218,8 @@ pub struct Pass<T> {
     rows: usize,
     /// Tangent lanes (probes) per row.
     lanes: usize,
+    /// Whether the probe is Hutchinson's noise (else the unit vectors).
+    hutchinson: bool,
     /// `f(t, z)`, `[B, D]`.
     pub f: Vec<T>,
     /// The divergence per row (exact, or Hutchinson's estimate).
@@ -226,6 +228,25 @@ pub struct Pass<T> {
     inputs: Vec<Vec<T>>,
     pre: Vec<Vec<T>>,
     slopes: Vec<Vec<T>>,
+}
+
+impl<T: Real> Pass<T> {
+    /// Whether this pass was computed for `z` (and `noise`, if given):
+    /// its input lanes are `[z; probes]`.
+    pub fn matches(&self, z: &[T], noise: Option<&[T]>) -> bool {
+        let x0 = &self.inputs[0];
+        let n = z.len();
+        self.hutchinson == noise.is_some()
+            && x0.len() >= n
+            && x0[..n] == *z
+            && noise.is_none_or(|e| x0[n..] == *e)
+    }
+
+    /// Memory held, in bytes.
+    pub fn bytes(&self) -> usize {
+        let vecs = self.inputs.iter().chain(&self.pre).chain(&self.slopes);
+        (vecs.map(Vec::len).sum::<usize>() + self.f.len() + self.trace.len()) * std::mem::size_of::<T>()
+    }
 }
 
 /// The reverse pass's results for cotangents `(ā_f, ā_tr)` on `(f, trace)`.
@@ -344,7 +365,7 @@ impl<'p, T: Real> Mlp<'p, T> {
                     .sum()
             })
             .collect();
-        Pass { rows, lanes, f, trace, inputs, pre, slopes }
+        Pass { rows, lanes, hutchinson: noise.is_some(), f, trace, inputs, pre, slopes }
     }
 
     /// The reverse pass of [`Mlp::forward`] for cotangents `a_f` `[rows, D]`

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use ffjord_runtime::{Activation, LayerKind, LayerSpec, Stage};
 use tch::{Kind, Tensor, nn};
 
-use crate::kernel::{LayerShape, Mlp, Real};
+use crate::kernel::{LayerShape, Mlp, Pass, Real};
 use crate::ode::{Method, SolveStats, Step, all_controlled, odeint};
 
 /// `f(t, z)`: the right-hand side of a CNF, batched over rows of `z`.
@@ -36,13 +36,24 @@ pub trait VectorField {
     /// Hutchinson's `eᵀ(∂f/∂z)e` — from a hand-written kernel, if the field
     /// has one for `z`'s device and dtype. `None` makes the caller use
     /// autograd.
-    fn eval_kernel(&self, _t: f64, _z: &Tensor, _noise: Option<&Tensor>) -> Option<Result<(Tensor, Tensor)>> {
+    /// `keep` also returns the forward pass, to hand back to
+    /// [`VectorField::vjp_kernel`] at the same point (its memory is the
+    /// caller's to budget: [`KeptPass::bytes`]).
+    fn eval_kernel(
+        &self,
+        _t: f64,
+        _z: &Tensor,
+        _noise: Option<&Tensor>,
+        _keep: bool,
+    ) -> Option<Result<KernelEval>> {
         None
     }
     /// What the adjoint asks at each evaluation, from a hand-written kernel
     /// without autograd: `f`, the divergence (as [`VectorField::eval_kernel`]),
     /// and the VJP of `Σ a_f·f + Σ a_tr·div` w.r.t. `z`, the parameters and
-    /// `t`. `None` makes the caller differentiate with autograd.
+    /// `t`. `None` makes the caller differentiate with autograd. `kept`: a
+    /// pass `eval_kernel` kept at this same `(t, z, noise)`, used instead of
+    /// recomputing it (one from anywhere else is ignored and recomputed).
     fn vjp_kernel(
         &self,
         _t: f64,
@@ -50,9 +61,48 @@ pub trait VectorField {
         _noise: Option<&Tensor>,
         _a_f: &Tensor,
         _a_tr: &Tensor,
+        _kept: Option<KeptPass>,
     ) -> Option<Result<FieldVjp>> {
         None
     }
+}
+
+/// A field kernel's forward pass at one point, kept for a later
+/// [`VectorField::vjp_kernel`] there (backprop through recorded steps).
+pub struct KeptPass {
+    pass: Box<dyn std::any::Any>,
+    t: f64,
+    bytes: usize,
+}
+
+impl KeptPass {
+    /// Wraps a field's own pass type, computed at time `t`, holding `bytes`.
+    pub fn new<P: 'static>(pass: P, t: f64, bytes: usize) -> Self {
+        KeptPass { pass: Box::new(pass), t, bytes }
+    }
+
+    /// Memory held, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The pass, if it was computed at time `t` and is a `P`.
+    pub fn take<P: 'static>(self, t: f64) -> Option<P> {
+        if self.t != t {
+            return None;
+        }
+        self.pass.downcast::<P>().ok().map(|p| *p)
+    }
+}
+
+/// [`VectorField::eval_kernel`]'s results.
+pub struct KernelEval {
+    /// `f(t, z)`, `[B, D]`.
+    pub f: Tensor,
+    /// The divergence, `[B]`.
+    pub div: Tensor,
+    /// The forward pass, if asked to keep it.
+    pub kept: Option<KeptPass>,
 }
 
 /// [`VectorField::vjp_kernel`]'s results.
@@ -281,8 +331,18 @@ fn activate_with_derivative(a: Activation, x: Tensor) -> (Tensor, Tensor) {
     }
 }
 
-/// The kernel's results for one evaluation: `f`, the trace, and the VJP if asked.
-type KernelOut = (Tensor, Tensor, Option<(Tensor, Tensor, f64)>);
+/// The kernel's results for one evaluation: `f`, the trace, the VJP if asked
+/// and the forward pass if asked to keep it.
+type KernelOut = (Tensor, Tensor, Option<(Tensor, Tensor, f64)>, Option<KeptPass>);
+
+/// What the kernel is asked besides `f` and the trace.
+struct KernelAsk<'a> {
+    noise: Option<&'a Tensor>,
+    /// Cotangents `(a_f, a_tr)`: compute the VJP.
+    cot: Option<(&'a Tensor, &'a Tensor)>,
+    keep: bool,
+    kept: Option<KeptPass>,
+}
 
 impl OdeNet {
     /// The layer shapes for the hand-written kernel, if it covers this net
@@ -306,20 +366,14 @@ impl OdeNet {
     }
 
     /// Runs the kernel in `z`'s float type if it is a CPU `f32`/`f64` tensor.
-    fn run_kernel(
-        &self,
-        t: f64,
-        z: &Tensor,
-        noise: Option<&Tensor>,
-        cot: Option<(&Tensor, &Tensor)>,
-    ) -> Option<Result<KernelOut>> {
+    fn run_kernel(&self, t: f64, z: &Tensor, ask: KernelAsk<'_>) -> Option<Result<KernelOut>> {
         if z.device() != tch::Device::Cpu || z.dim() != 2 {
             return None;
         }
         let shapes = self.kernel_shapes()?;
         match z.kind() {
-            Kind::Float => Some(self.kernel_pass::<f32>(&shapes, t, z, noise, cot)),
-            Kind::Double => Some(self.kernel_pass::<f64>(&shapes, t, z, noise, cot)),
+            Kind::Float => Some(self.kernel_pass::<f32>(&shapes, t, z, ask)),
+            Kind::Double => Some(self.kernel_pass::<f64>(&shapes, t, z, ask)),
             _ => None,
         }
     }
@@ -329,8 +383,7 @@ impl OdeNet {
         shapes: &[LayerShape],
         t: f64,
         z: &Tensor,
-        noise: Option<&Tensor>,
-        cot: Option<(&Tensor, &Tensor)>,
+        ask: KernelAsk<'_>,
     ) -> Result<KernelOut> {
         fn values<T: tch::kind::Element>(x: &Tensor, kind: Kind) -> Result<Vec<T>> {
             let x = x.detach().to_kind(kind).contiguous();
@@ -344,11 +397,16 @@ impl OdeNet {
         let t_at = T::from(t).context("time out of range")?;
         let mlp = Mlp::at(shapes, self.activation, &params, t_at)?;
         let (rows, d) = (z.size()[0], z.size()[1]);
-        let noise = noise.map(|e| values::<T>(e, kind)).transpose()?;
-        let pass = mlp.forward(&values::<T>(z, kind)?, rows as usize, noise.as_deref());
+        let noise = ask.noise.map(|e| values::<T>(e, kind)).transpose()?;
+        let zs = values::<T>(z, kind)?;
+        let kept = ask.kept.and_then(|k| k.take::<Pass<T>>(t)).filter(|p| p.matches(&zs, noise.as_deref()));
+        let pass = match kept {
+            Some(pass) => pass,
+            None => mlp.forward(&zs, rows as usize, noise.as_deref()),
+        };
         let f = Tensor::from_slice(&pass.f).view([rows, d]);
         let trace = Tensor::from_slice(&pass.trace);
-        let vjp = match cot {
+        let vjp = match ask.cot {
             None => None,
             Some((a_f, a_tr)) => {
                 let v = mlp.vjp(&pass, &values::<T>(a_f, kind)?, &values::<T>(a_tr, kind)?);
@@ -360,7 +418,11 @@ impl OdeNet {
                 ))
             }
         };
-        Ok((f, trace, vjp))
+        let kept = ask.keep.then(|| {
+            let bytes = pass.bytes();
+            KeptPass::new(pass, t, bytes)
+        });
+        Ok((f, trace, vjp, kept))
     }
 }
 
@@ -408,8 +470,15 @@ impl VectorField for OdeNet {
             && self.kernel_shapes().is_some()
     }
 
-    fn eval_kernel(&self, t: f64, z: &Tensor, noise: Option<&Tensor>) -> Option<Result<(Tensor, Tensor)>> {
-        self.run_kernel(t, z, noise, None).map(|r| r.map(|(f, trace, _)| (f, trace)))
+    fn eval_kernel(
+        &self,
+        t: f64,
+        z: &Tensor,
+        noise: Option<&Tensor>,
+        keep: bool,
+    ) -> Option<Result<KernelEval>> {
+        let ask = KernelAsk { noise, cot: None, keep, kept: None };
+        self.run_kernel(t, z, ask).map(|r| r.map(|(f, div, _, kept)| KernelEval { f, div, kept }))
     }
 
     fn vjp_kernel(
@@ -419,9 +488,11 @@ impl VectorField for OdeNet {
         noise: Option<&Tensor>,
         a_f: &Tensor,
         a_tr: &Tensor,
+        kept: Option<KeptPass>,
     ) -> Option<Result<FieldVjp>> {
-        self.run_kernel(t, z, noise, Some((a_f, a_tr))).map(|r| {
-            let (f, trace, vjp) = r?;
+        let ask = KernelAsk { noise, cot: Some((a_f, a_tr)), keep: false, kept };
+        self.run_kernel(t, z, ask).map(|r| {
+            let (f, trace, vjp, _) = r?;
             let (grad_z, grad_params, grad_t) = vjp.context("the kernel returned no VJP")?;
             Ok(FieldVjp { f, trace, grad_z, grad_params, grad_t })
         })
@@ -620,9 +691,21 @@ pub struct Cnf {
     /// Hutchinson noise of the last forward solve, reused by the adjoint
     /// (as the reference ODEfunc keeps `e` between forward and backward).
     noise: std::cell::RefCell<Option<Tensor>>,
-    /// The last forward solve's accepted steps, if it recorded them.
-    tape: std::cell::RefCell<Option<Vec<Step>>>,
+    /// The last forward solve's record, if it kept one.
+    tape: std::cell::RefCell<Option<Tape>>,
+    /// Bytes of kernel forward passes a recorded solve may keep.
+    kept_pass_budget: std::cell::Cell<usize>,
 }
+
+/// A recorded forward solve: its accepted steps, and per call of the field
+/// the kernel's forward pass if it was kept.
+struct Tape {
+    steps: Vec<Step>,
+    kept: Vec<Option<KeptPass>>,
+}
+
+/// Default of [`Cnf::set_kept_pass_budget`].
+pub const KEPT_PASS_BUDGET: usize = 256 << 20;
 
 impl Cnf {
     /// `end_time` is T₀; `train_end_time` makes `s = √T` a parameter.
@@ -633,7 +716,20 @@ impl Cnf {
         } else {
             p.var_copy("sqrt_end_time", &init).set_requires_grad(false)
         };
-        Cnf { field, sqrt_end_time, noise: Default::default(), tape: Default::default() }
+        Cnf {
+            field,
+            sqrt_end_time,
+            noise: Default::default(),
+            tape: Default::default(),
+            kept_pass_budget: std::cell::Cell::new(KEPT_PASS_BUDGET),
+        }
+    }
+
+    /// Memory for the field's forward passes kept from a recorded solve
+    /// until its reversal (default [`KEPT_PASS_BUDGET`]): within it the
+    /// reverse pass reuses them, beyond it it recomputes them.
+    pub fn set_kept_pass_budget(&self, bytes: usize) {
+        self.kept_pass_budget.set(bytes);
     }
 
     /// The end time `T`.
@@ -661,19 +757,21 @@ impl Cnf {
         noise: Option<&Tensor>,
         create_graph: bool,
         reg: Regularization,
+        keep: bool,
     ) -> Result<Rates> {
         // No graph wanted (the adjoint's forward solve, evaluation): the
         // field's kernel if it has one (not with the Jacobian regularizer,
-        // which needs Hutchinson's eᵀ∂f/∂z itself), else for the exact trace
-        // its forward-mode pass under no_grad. No autograd either way.
+        // which needs Hutchinson's eᵀ∂f/∂z itself; `keep` keeps its forward
+        // pass), else for the exact trace its forward-mode pass under
+        // no_grad. No autograd either way.
         if !create_graph {
             let z = z.detach();
             if reg.jacobian == 0.0 {
                 let end_time = self.end_time();
-                if let Some(fd) = self.field.eval_kernel(end_time * tau, &z, noise) {
-                    let (f, div) = fd?;
+                if let Some(eval) = self.field.eval_kernel(end_time * tau, &z, noise, keep) {
+                    let KernelEval { f, div, kept } = eval?;
                     let t_end = Tensor::from(end_time).to_kind(z.kind());
-                    return Rates::new(f, div, None, z, &t_end, reg);
+                    return Ok(Rates { kept, ..Rates::new(f, div, None, z, &t_end, reg)? });
                 }
             }
             if noise.is_none() {
@@ -717,8 +815,16 @@ impl Cnf {
     ) -> Result<(Tensor, Tensor)> {
         let create_graph = opts.create_graph;
         let reg = opts.regularization;
+        let extra = [reg.kinetic, reg.jacobian].iter().filter(|&&c| c != 0.0).count();
+        let recording = opts.record_steps && !create_graph && extra == 0;
+        // Per call of the field, its kept forward pass (while within budget).
+        let (mut kept, mut budget) = (Vec::new(), self.kept_pass_budget.get());
         let mut rhs = |tau: f64, state: &[Tensor]| -> Result<Vec<Tensor>> {
-            let r = self.dynamics(tau, &state[0], noise, create_graph, reg)?;
+            let mut r = self.dynamics(tau, &state[0], noise, create_graph, reg, recording && budget > 0)?;
+            if recording {
+                budget = budget.saturating_sub(r.kept.as_ref().map_or(0, KeptPass::bytes));
+                kept.push(r.kept.take());
+            }
             let mut out = vec![r.dz, r.dl];
             out.extend(r.kinetic);
             out.extend(r.jacobian);
@@ -728,18 +834,16 @@ impl Cnf {
         let zero = || Tensor::zeros([rows], (z.kind(), z.device()));
         let mut state = vec![z.shallow_clone(), zero()];
         let mut controlled = all_controlled(2);
-        let extra = [reg.kinetic, reg.jacobian].iter().filter(|&&c| c != 0.0).count();
         for _ in 0..extra {
             // Regularizer channels are quadratures: excluded from error control (RNODE).
             state.push(zero());
             controlled.push(false);
         }
-        let mut tape = Vec::new();
-        let record = (opts.record_steps && !create_graph && extra == 0).then_some(&mut tape);
-        let recording = record.is_some();
+        let mut steps = Vec::new();
+        let record = recording.then_some(&mut steps);
         let (out, s) =
             odeint(&mut rhs, state, tau0, tau1, opts.method, &controlled, self.end_time(), record)?;
-        *self.tape.borrow_mut() = recording.then_some(tape);
+        *self.tape.borrow_mut() = recording.then(|| Tape { steps, kept });
         stats.add(s);
         let mut out = out.into_iter();
         let (Some(z), Some(ell)) = (out.next(), out.next()) else {
@@ -810,7 +914,7 @@ impl Cnf {
     /// kernel.
     fn backward_through_steps(
         &self,
-        tape: &[Step],
+        tape: Tape,
         grad_y: &Tensor,
         grad_log_det: &Tensor,
         stats: &mut PassStats,
@@ -821,14 +925,17 @@ impl Cnf {
         let mut y_bar = grad_y.detach();
         let mut theta_bar: Option<Tensor> = None;
         let mut sqrt_t_bar = 0.0;
-        for Step { t, h, tableau, stages } in tape.iter().rev() {
+        let Tape { steps, mut kept } = tape;
+        for Step { t, h, tableau, stages, evals } in steps.iter().rev() {
             let mut k_bar: Vec<Tensor> = tableau.b.iter().map(|&b| &y_bar * (h * b)).collect();
             for i in (0..stages.len()).rev() {
                 let tau = t + tableau.c[i] * h;
                 let a_ell_i = &a_ell * (h * tableau.b[i]);
                 let (a_f, a_tr) = (&k_bar[i] * end_time, &a_ell_i * -end_time);
-                let Some(vjp) =
-                    self.field.vjp_kernel(end_time * tau, &stages[i][0], noise.as_ref(), &a_f, &a_tr)
+                // The forward solve's pass at this stage, if it kept one.
+                let pass = evals.get(i).and_then(|&call| kept.get_mut(call)).and_then(Option::take);
+                let z_i = &stages[i][0];
+                let Some(vjp) = self.field.vjp_kernel(end_time * tau, z_i, noise.as_ref(), &a_f, &a_tr, pass)
                 else {
                     return Ok(None);
                 };
@@ -902,6 +1009,8 @@ struct Rates {
     z: Tensor,
     kinetic: Option<Tensor>,
     jacobian: Option<Tensor>,
+    /// The field kernel's forward pass, if asked to keep it.
+    kept: Option<KeptPass>,
 }
 
 impl Rates {
@@ -924,7 +1033,7 @@ impl Rates {
                 bail!("the Jacobian regularizer needs a Hutchinson trace (--trace gaussian|rademacher)")
             }
         };
-        Ok(Rates { dz: &f * t_end, dl: -(div * t_end), z, kinetic, jacobian })
+        Ok(Rates { dz: &f * t_end, dl: -(div * t_end), z, kinetic, jacobian, kept: None })
     }
 }
 
@@ -989,7 +1098,7 @@ impl FlowLayer for Cnf {
         if opts.record_steps {
             let tape = self.tape.borrow_mut().take();
             if let Some(tape) = tape
-                && let Some(grad_x) = self.backward_through_steps(&tape, grad_y, grad_log_det, stats)?
+                && let Some(grad_x) = self.backward_through_steps(tape, grad_y, grad_log_det, stats)?
             {
                 return Ok(grad_x);
             }
@@ -1010,12 +1119,13 @@ impl FlowLayer for Cnf {
             if kernel {
                 let (z, a_z) = (&state[0], &state[1]);
                 let (a_f, a_tr) = (a_z * end_time, &a_ell * -end_time);
-                if let Some(vjp) = self.field.vjp_kernel(end_time * tau, z, noise.as_ref(), &a_f, &a_tr) {
+                if let Some(vjp) = self.field.vjp_kernel(end_time * tau, z, noise.as_ref(), &a_f, &a_tr, None)
+                {
                     return self.adjoint_rates(vjp?, a_z, &a_ell, tau, sqrt_t, n_net > 0);
                 }
             }
-            let Rates { dz: gz, dl: gl, z, kinetic, jacobian } =
-                self.dynamics(tau, &state[0], noise.as_ref(), true, reg)?;
+            let Rates { dz: gz, dl: gl, z, kinetic, jacobian, .. } =
+                self.dynamics(tau, &state[0], noise.as_ref(), true, reg, false)?;
             let a_z = &state[1];
             let mut surrogate = (&gz * a_z).sum(gz.kind()) + (&gl * &a_ell).sum(gl.kind());
             if let Some(k) = kinetic {
@@ -1420,7 +1530,7 @@ mod tests {
                     let (g_z, g_t, g_params) = (grad(0), grad(1), Tensor::cat(&flat, 0));
                     let case = format!("{kind:?} {act:?} t={t} hutchinson={hutchinson}");
                     let v = net
-                        .vjp_kernel(t, &z.detach(), noise, &a_f, &a_tr)
+                        .vjp_kernel(t, &z.detach(), noise, &a_f, &a_tr, None)
                         .expect("OdeNet has a kernel")
                         .unwrap();
                     for (got, want, what) in [
@@ -1437,7 +1547,7 @@ mod tests {
                     vs.float();
                     let e32 = e.to_kind(Kind::Float);
                     let v32 = net
-                        .vjp_kernel(t, &z32, hutchinson.then_some(&e32), &a_f32, &a_tr32)
+                        .vjp_kernel(t, &z32, hutchinson.then_some(&e32), &a_f32, &a_tr32, None)
                         .unwrap()
                         .unwrap();
                     vs.double();
@@ -1448,8 +1558,19 @@ mod tests {
                         assert!(rel(got, &want.detach()) < 1e-4, "{case} f32: {what}");
                     }
                     assert!(rel(&v32.grad_params, &g_params) < 1e-4, "{case} f32: ∂θ");
-                    let (ef, etr) = net.eval_kernel(t, &z.detach(), noise).unwrap().unwrap();
+                    let KernelEval { f: ef, div: etr, kept } =
+                        net.eval_kernel(t, &z.detach(), noise, true).unwrap().unwrap();
                     assert!(rel(&ef, &f.detach()) < 1e-12 && rel(&etr, &tr.detach()) < 1e-12, "{case}: eval");
+                    // A kept pass gives the recomputed VJP exactly; one kept at
+                    // another time is not used (the VJP is still right).
+                    let kept = kept.expect("asked to keep the pass");
+                    assert!(kept.bytes() > 0);
+                    let elsewhere = net.eval_kernel(t + 0.5, &z.detach(), noise, true).unwrap().unwrap().kept;
+                    for pass in [Some(kept), elsewhere] {
+                        let w = net.vjp_kernel(t, &z.detach(), noise, &a_f, &a_tr, pass).unwrap().unwrap();
+                        assert_eq!(rel(&w.grad_params, &v.grad_params), 0.0, "{case}: kept pass");
+                        assert_eq!(rel(&w.grad_z, &v.grad_z), 0.0, "{case}: kept pass");
+                    }
                 }
             }
         }

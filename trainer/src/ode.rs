@@ -125,12 +125,14 @@ const DOPRI5: Tableau = Tableau {
 };
 
 /// One accepted step, as a reverse pass needs it: `y_{n+1} = y_n + h Σ_i
-/// b_i f(t + c_i h, Y_i)` with the stage inputs `Y_i`.
+/// b_i f(t + c_i h, Y_i)` with the stage inputs `Y_i`, and for each stage
+/// which call of `f` (counting from 0 in this solve) evaluated it.
 pub struct Step {
     pub t: f64,
     pub h: f64,
     pub tableau: &'static Tableau,
     pub stages: Vec<Vec<Tensor>>,
+    pub evals: Vec<usize>,
 }
 
 const DOPRI_ERR: [f64; 7] = [
@@ -200,17 +202,19 @@ fn fixed(
     for s in 0..steps {
         let t = t0 + f64::from(s) * h;
         let mut ks: Vec<Vec<Tensor>> = Vec::with_capacity(tab.c.len());
-        let mut stages = Vec::new();
+        let (mut stages, mut evals) = (Vec::new(), Vec::new());
         for (c, a) in tab.c.iter().zip(tab.a) {
             let yi = axpy(&y, h, a, &ks);
+            let call = stats.nfe as usize;
             ks.push(f(t + c * h, &yi)?);
             stats.nfe += 1;
             if tape.is_some() {
                 stages.push(yi);
+                evals.push(call);
             }
         }
         if let Some(tape) = tape.as_deref_mut() {
-            tape.push(Step { t, h, tableau: tab, stages });
+            tape.push(Step { t, h, tableau: tab, stages, evals });
         }
         y = axpy(&y, h, tab.b, &ks);
         stats.accepted += 1;
@@ -251,6 +255,7 @@ fn dopri5(
     let dir = if t1 > t0 { 1.0 } else { -1.0 };
     let span = (t1 - t0).abs();
     let mut k1 = f(t0, &y)?;
+    let mut k1_call = 0;
     stats.nfe += 1;
     // Initial step (Hairer–Nørsett–Wanner II.4, order 4), as in the runtime,
     // computed in physical time (derivatives divided by `time_scale`).
@@ -290,9 +295,10 @@ fn dopri5(
         let hs = dir * step;
         let mut ks: Vec<Vec<Tensor>> = vec![k1.iter().map(|k| k.shallow_clone()).collect()];
         let mut y_new = Vec::new();
-        let mut stages = Vec::new();
+        let (mut stages, mut evals) = (Vec::new(), Vec::new());
         for (c, a) in DOPRI_C.iter().zip(DOPRI_A) {
             let yi = axpy(&y, hs, a, &ks);
+            evals.push(stats.nfe as usize);
             ks.push(f(t + c * hs, &yi)?);
             stats.nfe += 1;
             if tape.is_some() {
@@ -304,12 +310,16 @@ fn dopri5(
         let err = axpy(&zeros, hs, &DOPRI_ERR, &ks);
         let r = ratio(&err, &y, &y_new, rtol, atol, controlled);
         if r <= 1.0 {
+            // The last call was at y_new: the next step's first stage (FSAL).
+            let last_call = evals.pop().unwrap_or_default();
             if let Some(tape) = tape.as_deref_mut() {
                 // Stage 1 is y itself; the last recorded input is y_new.
                 stages.pop();
                 stages.insert(0, shallow(&y));
-                tape.push(Step { t, h: hs, tableau: &DOPRI5, stages });
+                evals.insert(0, k1_call);
+                tape.push(Step { t, h: hs, tableau: &DOPRI5, stages, evals });
             }
+            k1_call = last_call;
             y = y_new;
             k1 = ks.pop().unwrap_or_default();
             t = if last { t1 } else { t + hs };

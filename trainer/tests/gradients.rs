@@ -4,7 +4,9 @@
 //! tight tolerances).
 
 use ffjord_runtime::{Activation, LayerKind};
-use ffjord_trainer::model::{Chain, Cnf, FlowLayer, Gradient, OdeNet, SolveOptions, TraceMode};
+use ffjord_trainer::model::{
+    Chain, Cnf, FlowLayer, Gradient, KEPT_PASS_BUDGET, OdeNet, SolveOptions, TraceMode,
+};
 use ffjord_trainer::ode::Method;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -19,12 +21,15 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn chain(vs: &nn::VarStore, dim: i64, blocks: usize, kind: LayerKind) -> Chain {
+/// CNF blocks that may keep `budget` bytes of forward passes for backprop.
+fn chain(vs: &nn::VarStore, dim: i64, blocks: usize, kind: LayerKind, budget: usize) -> Chain {
     let layers: Vec<Box<dyn FlowLayer>> = (0..blocks)
         .map(|b| {
             let p = vs.root() / "chain" / b;
             let net = OdeNet::new(&(&p / "odefunc"), dim, &[8, 8], kind, Activation::Tanh);
-            Box::new(Cnf::new(&p, Box::new(net), 0.5, true)) as Box<dyn FlowLayer>
+            let cnf = Cnf::new(&p, Box::new(net), 0.5, true);
+            cnf.set_kept_pass_budget(budget);
+            Box::new(cnf) as Box<dyn FlowLayer>
         })
         .collect();
     Chain { layers, dim }
@@ -80,9 +85,19 @@ fn backprop_loss(c: &Chain, x: &Tensor, trace: TraceMode) -> Tensor {
 }
 
 fn setup(dim: i64, blocks: usize, kind: LayerKind, seed: i64) -> (nn::VarStore, Chain, Tensor) {
+    setup_with_budget(dim, blocks, kind, seed, KEPT_PASS_BUDGET)
+}
+
+fn setup_with_budget(
+    dim: i64,
+    blocks: usize,
+    kind: LayerKind,
+    seed: i64,
+    budget: usize,
+) -> (nn::VarStore, Chain, Tensor) {
     tch::manual_seed(seed);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let c = chain(&vs, dim, blocks, kind);
+    let c = chain(&vs, dim, blocks, kind, budget);
     vs.double();
     let x = Tensor::randn([16, dim], (Kind::Double, Device::Cpu));
     (vs, c, x)
@@ -91,18 +106,24 @@ fn setup(dim: i64, blocks: usize, kind: LayerKind, seed: i64) -> (nn::VarStore, 
 /// Backprop through the solver by reversing its recorded steps with the
 /// kernel's VJPs is the same computation as autograd through the same steps:
 /// loss to 1e-12 and every parameter's gradient to 1e-9 relative (float64),
-/// for Dopri5 and RK4, exact and Hutchinson traces, one and two blocks.
+/// for Dopri5 and RK4, exact and Hutchinson traces, one and two blocks —
+/// with every stage's forward pass kept from the forward solve, none (all
+/// recomputed), and some.
 #[test]
 fn reversed_steps_equal_autograd_backprop() {
     let _rng = lock();
     let rk4 = Method::Rk4 { steps: 5 };
-    for (dim, blocks, kind, trace, method) in [
+    let cases = [
         (2, 1, LayerKind::ConcatSquash, TraceMode::Exact, None),
         (3, 2, LayerKind::Concat, TraceMode::Gaussian, None),
         (3, 1, LayerKind::Ignore, TraceMode::Rademacher, Some(rk4)),
         (2, 2, LayerKind::ConcatSquash, TraceMode::Exact, Some(rk4)),
-    ] {
-        let (vs, c, x) = setup(dim, blocks, kind, 9);
+    ];
+    let budgets = [KEPT_PASS_BUDGET, 0, 20_000];
+    for ((dim, blocks, kind, trace, method), budget) in
+        cases.into_iter().flat_map(|c| budgets.map(|b| (c, b)))
+    {
+        let (vs, c, x) = setup_with_budget(dim, blocks, kind, 9, budget);
         let o = SolveOptions { method: method.unwrap_or(opts(trace, true).method), ..opts(trace, true) };
         zero_grads(&vs);
         tch::manual_seed(100);
@@ -113,7 +134,7 @@ fn reversed_steps_equal_autograd_backprop() {
         tch::manual_seed(100); // the same Hutchinson noise
         let (loss, stats) = c.loss_and_gradients(&x, &o, Gradient::Backprop).unwrap();
         let reversed = grads(&vs);
-        let case = format!("{dim}-D {blocks} blocks {kind:?} {trace:?} {:?}", o.method);
+        let case = format!("{dim}-D {blocks} blocks {kind:?} {trace:?} {:?} budget {budget}", o.method);
         assert!((loss_graph.double_value(&[]) - loss).abs() < 1e-12, "{case}: loss");
         // One kernel VJP per stage of every accepted step: no fallback ran.
         let stages = if method.is_some() { 4 } else { 6 };
