@@ -17,10 +17,10 @@ export PATH="$tools/bin:$PATH"
 [ -x "$here/node_modules/.bin/wasm-opt" ] || (cd "$here" && npm ci --no-audit --no-fund --loglevel=error)
 rustup target add wasm32-unknown-unknown >/dev/null
 cd "$here"
-cargo build --quiet --release --target wasm32-unknown-unknown -p ffjord-wasm
+RUSTFLAGS="-C target-feature=+simd128" cargo build --quiet --profile wasm-release --target wasm32-unknown-unknown -p ffjord-wasm
 rm -rf www/pkg
-wasm-bindgen --target web --no-typescript --out-dir www/pkg "$here/../target/wasm32-unknown-unknown/release/ffjord_wasm.wasm"
-node_modules/.bin/wasm-opt -Oz --strip-debug --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-reference-types --enable-multivalue \
+wasm-bindgen --target web --no-typescript --out-dir www/pkg "$here/../target/wasm32-unknown-unknown/wasm-release/ffjord_wasm.wasm"
+node_modules/.bin/wasm-opt -Oz --strip-debug --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-reference-types --enable-multivalue --enable-simd \
   www/pkg/ffjord_wasm_bg.wasm -o www/pkg/ffjord_wasm_bg.opt.wasm
 mv www/pkg/ffjord_wasm_bg.opt.wasm www/pkg/ffjord_wasm_bg.wasm
 mkdir -p www/models

@@ -18,6 +18,8 @@ pub struct Detector {
     bytes: Vec<u8>,
     solver: Solver,
     scratch: Vec<f32>,
+    /// Working memory of the packed path.
+    packed_scratch: Vec<f32>,
     stats: Stats,
     // Read once at construction (the bytes never change afterwards).
     dim: usize,
@@ -53,6 +55,7 @@ impl Detector {
             bytes,
             solver: default_solver,
             scratch: Vec::new(),
+            packed_scratch: Vec::new(),
             stats: Stats::default(),
             dim,
             name,
@@ -138,6 +141,22 @@ impl Detector {
         let stats =
             self.with_flow(|flow, scratch| flow.log_density_batch(xs, &mut out, scratch).map_err(js))?;
         self.stats = stats;
+        Ok(out)
+    }
+
+    /// `log p` of each row of `xs` by the packed path, `rows_per_block` rows
+    /// at a time (at most the runtime's `MAX_PACKED_ROWS`): the same
+    /// per-row Dopri5 control, several times the throughput; agrees with
+    /// [`Detector::log_density_batch`] to about 1e-4 relative (vectorisable
+    /// tanh, another summation order). `last_nfe()` is then the total.
+    pub fn log_density_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
+        let d = self.dim();
+        let mut out = vec![0.0; xs.len() / d.max(1)];
+        let model = Model::from_bytes(&self.bytes).map_err(js)?;
+        let flow = Flow::new(&model, self.solver).map_err(js)?;
+        self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
+        self.stats =
+            flow.log_density_packed(xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
         Ok(out)
     }
 

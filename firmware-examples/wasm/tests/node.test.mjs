@@ -34,6 +34,22 @@ for (const g of goldens) {
     det.free();
   });
 
+  test(`${g.model}: the packed path equals the host's packed path`, () => {
+    const det = new Detector(readFileSync(g.model));
+    const xs = new Float32Array(g.rows.flatMap((r) => r.x));
+    // Blocks of 32 rows (the page's setting, the host's too) and of 3:
+    // every row keeps its own step control, so the block size does not
+    // change its value.
+    for (const block of [32, 3]) {
+      const lp = det.log_density_packed(xs, block);
+      lp.forEach((v, i) => assert.ok(close(v, g.rows[i].log_p_packed), `block ${block} row ${i}: ${v} vs host ${g.rows[i].log_p_packed}`));
+      if (block === 32) assert.equal(det.last_nfe(), g.packed_nfe);
+    }
+    assert.throws(() => det.log_density_packed(xs, 0), /row 0/);
+    assert.throws(() => det.log_density_packed(new Float32Array(g.dim + 1), 32), /row 1/);
+    det.free();
+  });
+
   test(`${g.model}: seeded samples equal the host's`, () => {
     const det = new Detector(readFileSync(g.model));
     for (const s of g.samples) {

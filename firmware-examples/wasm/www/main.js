@@ -12,6 +12,8 @@ function setStatus(text, isError = false) {
 }
 
 const nextFrame = () => new Promise((resolve) => setTimeout(resolve, 0));
+// Rows scored together by the runtime's packed path (each keeps its own step control).
+const PACKED_ROWS = 32;
 
 function applySolver() {
   if (!detector) return;
@@ -104,7 +106,7 @@ async function scoreRows() {
     for (let start = 0; start < rows.length; start += chunk) {
       const part = rows.slice(start, start + chunk);
       const flat = new Float32Array(part.flat());
-      const logp = detector.log_density_batch(flat);
+      const logp = detector.log_density_packed(flat, PACKED_ROWS);
       nfe += detector.last_nfe();
       part.forEach((x, k) => {
         const i = start + k;
@@ -158,7 +160,7 @@ async function drawDensity() {
       row[2 * c] = x0 + (c + 0.5) / n * (x1 - x0);
       row[2 * c + 1] = y1 - (r + 0.5) / n * (y1 - y0);
     }
-    logp.set(detector.log_density_batch(row), r * n);
+    logp.set(detector.log_density_packed(row, PACKED_ROWS), r * n);
     if (r % 10 === 9) { $("density-status").textContent = `drawing… ${r + 1}/${n}`; await nextFrame(); }
   }
   const max = Math.max(...logp);

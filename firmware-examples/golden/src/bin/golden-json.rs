@@ -1,6 +1,7 @@
 //! Prints a model's golden values as JSON, computed by the host runtime with
 //! the model's default solver: the rows (from a labelled CSV, or the 2-D demo
-//! rows), log p, score, verdict and NFE per row, and seeded samples.
+//! rows), log p, score, verdict and NFE per row — one row at a time, and by
+//! the packed path (32 rows at a time, what the page uses) — and seeded samples.
 //! Usage: golden-json MODEL [ROWS.csv]
 
 use ffjord_runtime::{Flow, Model, Verdict};
@@ -11,6 +12,9 @@ fn list(v: &[f32]) -> String {
     let items: Vec<String> = v.iter().map(|x| format!("{x:?}")).collect();
     format!("[{}]", items.join(", "))
 }
+
+/// Rows per block of the packed path (the page's setting).
+const PACKED_ROWS: usize = 32;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -23,16 +27,26 @@ fn main() {
     let model = Model::from_bytes(&bytes).expect("valid model");
     let flow = Flow::new(&model, model.default_solver()).expect("solver");
     let mut scratch = vec![0.0; flow.scratch_len()];
+    let xs: Vec<f32> = rows.iter().flat_map(|(x, _)| x.iter().copied()).collect();
+    let mut packed = vec![0.0f32; rows.len()];
+    let mut packed_scratch = vec![0.0; flow.packed_scratch_len(PACKED_ROWS)];
+    let packed_stats =
+        flow.log_density_packed(&xs, &mut packed, PACKED_ROWS, &mut packed_scratch).expect("host packed");
     let mut entries = Vec::new();
-    for (x, anomalous) in &rows {
+    for ((x, anomalous), &lp_packed) in rows.iter().zip(&packed) {
         let s = flow.score(x, &mut scratch).expect("host score");
         let verdict = match s.verdict {
             Verdict::Anomaly => "anomaly",
             Verdict::Normal => "normal",
             Verdict::Uncalibrated => "uncalibrated",
         };
+        let verdict_packed = match model.threshold() {
+            None => "uncalibrated",
+            Some(t) if -lp_packed > t.score => "anomaly",
+            Some(_) => "normal",
+        };
         entries.push(format!(
-            "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}}}",
+            "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}, \"log_p_packed\": {lp_packed:?}, \"verdict_packed\": \"{verdict_packed}\"}}",
             list(x),
             s.log_density.log_p,
             s.score,
@@ -47,9 +61,10 @@ fn main() {
         samples.push(format!("    {{\"seed\": {seed}, \"x\": {}, \"log_p\": {:?}}}", list(&x), s.log_p));
     }
     println!(
-        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"threshold\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
+        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"threshold\": {},\n  \"packed_nfe\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
         model.dim(),
         model.threshold().map_or("null".to_string(), |t| format!("{:?}", t.score)),
+        packed_stats.nfe,
         entries.join(",\n"),
         samples.join(",\n")
     );
