@@ -615,10 +615,16 @@ fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, d
     let bytes = modelfile::read_model_bytes(path)?;
     let dim = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.dim();
     let table = data.load()?;
-    if table.dim() != dim {
-        bail!("data has {} columns, the model {} expects {dim}", table.dim(), path.display());
-    }
+    check_width("data", &table, path, dim)?;
     Ok((bytes, table))
+}
+
+/// `what` ("data", "test data") must have the model's `dim` feature columns.
+fn check_width(what: &str, table: &data::Table, model: &std::path::Path, dim: usize) -> Result<()> {
+    if table.dim() != dim {
+        bail!("{what} has {} columns, the model {} expects {dim}", table.dim(), model.display());
+    }
+    Ok(())
 }
 
 fn eval(args: &EvalArgs) -> Result<()> {
@@ -634,14 +640,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         }
     };
     let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if table.dim() != model.dim() {
-        bail!(
-            "data has {} feature columns, the model {} expects {}",
-            table.dim(),
-            args.model.display(),
-            model.dim()
-        );
-    }
+    check_width("data", &table, &args.model, model.dim())?;
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
@@ -721,14 +720,7 @@ fn budget(args: &BudgetArgs) -> Result<()> {
         (None, Some(_)) => DataArgs { seed: args.data.seed + 1, ..args.data.clone() }.load()?,
         (None, None) => bail!("--test is needed with --data (the choice is checked on other rows)"),
     };
-    if test.dim() != model.dim() {
-        bail!(
-            "test data has {} columns, the model {} expects {}",
-            test.dim(),
-            args.model.display(),
-            model.dim()
-        );
-    }
+    check_width("test data", &test, &args.model, model.dim())?;
     let test = rows_f32(&test, 1000);
     let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method.to_runtime())?;
     let flops = model.flops_per_evaluation() as f64 * acc.mean_nfe;

@@ -110,8 +110,8 @@ pub struct FieldVjp {
     /// `f(t, z)`, `[B, D]`.
     pub f: Tensor,
     /// The divergence, `[B]`.
-    pub trace: Tensor,
-    /// `a_fᵀ ∂f/∂z + a_tr ∂tr/∂z`, `[B, D]`.
+    pub div: Tensor,
+    /// `a_fᵀ ∂f/∂z + a_tr ∂div/∂z`, `[B, D]`.
     pub grad_z: Tensor,
     /// The same w.r.t. [`VectorField::parameters`], flattened and concatenated, summed over rows.
     pub grad_params: Tensor,
@@ -492,9 +492,9 @@ impl VectorField for OdeNet {
     ) -> Option<Result<FieldVjp>> {
         let ask = KernelAsk { noise, cot: Some((a_f, a_tr)), keep: false, kept };
         self.run_kernel(t, z, ask).map(|r| {
-            let (f, trace, vjp, _) = r?;
+            let (f, div, vjp, _) = r?;
             let (grad_z, grad_params, grad_t) = vjp.context("the kernel returned no VJP")?;
-            Ok(FieldVjp { f, trace, grad_z, grad_params, grad_t })
+            Ok(FieldVjp { f, div, grad_z, grad_params, grad_t })
         })
     }
 
@@ -869,11 +869,11 @@ impl Cnf {
         tau: f64,
         sqrt_t: f64,
     ) -> Result<(Tensor, Tensor, Tensor, Option<f64>)> {
-        let FieldVjp { f, trace, grad_z, grad_params, grad_t } = vjp;
+        let FieldVjp { f, div, grad_z, grad_params, grad_t } = vjp;
         let end_time = sqrt_t * sqrt_t;
         let grad_sqrt_t = if self.sqrt_end_time.requires_grad() {
             let sum = |x: Tensor| f64::try_from(x.sum(Kind::Double));
-            let d_end = sum(a_z * &f)? - sum(a_ell * &trace)? + tau * grad_t;
+            let d_end = sum(a_z * &f)? - sum(a_ell * &div)? + tau * grad_t;
             Some(2.0 * sqrt_t * d_end)
         } else {
             None
@@ -1535,7 +1535,7 @@ mod tests {
                         .unwrap();
                     for (got, want, what) in [
                         (&v.f, &f, "f"),
-                        (&v.trace, &tr, "trace"),
+                        (&v.div, &tr, "trace"),
                         (&v.grad_z, &g_z, "∂z"),
                         (&v.grad_params, &g_params, "∂θ"),
                     ] {
@@ -1553,7 +1553,7 @@ mod tests {
                     vs.double();
                     assert_eq!(v32.grad_params.kind(), Kind::Float);
                     for (got, want, what) in
-                        [(&v32.f, &f, "f"), (&v32.trace, &tr, "trace"), (&v32.grad_z, &g_z, "∂z")]
+                        [(&v32.f, &f, "f"), (&v32.div, &tr, "trace"), (&v32.grad_z, &g_z, "∂z")]
                     {
                         assert!(rel(got, &want.detach()) < 1e-4, "{case} f32: {what}");
                     }

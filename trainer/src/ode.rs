@@ -293,7 +293,7 @@ fn dopri5(
             );
         }
         let hs = dir * step;
-        let mut ks: Vec<Vec<Tensor>> = vec![k1.iter().map(|k| k.shallow_clone()).collect()];
+        let mut ks: Vec<Vec<Tensor>> = vec![shallow(&k1)];
         let mut y_new = Vec::new();
         let (mut stages, mut evals) = (Vec::new(), Vec::new());
         for (c, a) in DOPRI_C.iter().zip(DOPRI_A) {
