@@ -70,9 +70,20 @@ pub struct TrainConfig {
     pub data: Option<PathBuf>,
     /// Columns to use (names or 0-based indices); all by default.
     pub columns: Option<Vec<String>>,
-    /// Explicit validation and test files (instead of fractions of `data`).
+    /// A label column in the data files (0 = normal, 1 = anomaly): it is not a
+    /// feature; training uses only the rows labelled normal.
+    pub label: Option<String>,
+    /// Explicit validation and test files (instead of fractions of `data`);
+    /// the test file is optional.
     pub valid_data: Option<PathBuf>,
     pub test_data: Option<PathBuf>,
+    /// Dequantize columns quantized on a decimal grid with ties (integers,
+    /// counts, rates to three decimals) with fresh uniform noise of one grid
+    /// step in every training batch; also gives constant columns a scale.
+    pub dequantize: bool,
+    /// Standard deviation of Gaussian noise added to every training batch, in
+    /// standardized units (0: none). Smooths the learned density at that scale.
+    pub input_noise: f64,
     /// Use at most this many (seeded, random) validation / test rows.
     pub valid_rows: Option<usize>,
     pub test_rows: Option<usize>,
@@ -125,8 +136,11 @@ impl Default for TrainConfig {
             toy: None,
             data: None,
             columns: None,
+            label: None,
             valid_data: None,
             test_data: None,
+            dequantize: true,
+            input_noise: 0.0,
             valid_rows: None,
             test_rows: None,
             valid_fraction: 0.1,
@@ -180,6 +194,14 @@ impl TrainConfig {
             "weight_decay must be ≥ 0"
         );
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
+        anyhow::ensure!(
+            self.test_data.is_none() || self.valid_data.is_some(),
+            "--test-data needs --valid-data"
+        );
+        anyhow::ensure!(
+            self.input_noise.is_finite() && self.input_noise >= 0.0,
+            "input_noise must be finite and ≥ 0"
+        );
         anyhow::ensure!(
             self.kinetic.is_finite()
                 && self.kinetic >= 0.0

@@ -30,6 +30,14 @@ impl Table {
         Ok(Table { columns, rows, values })
     }
 
+    /// The rows for which `keep(row index)` holds.
+    pub fn keep_rows(&self, keep: impl Fn(usize) -> bool) -> Table {
+        let d = self.dim();
+        let kept: Vec<usize> = (0..self.rows).filter(|&i| keep(i)).collect();
+        let values = kept.iter().flat_map(|&i| self.values[i * d..(i + 1) * d].iter().copied()).collect();
+        Table { columns: self.columns.clone(), rows: kept.len(), values }
+    }
+
     pub fn row(&self, i: usize) -> &[f64] {
         let d = self.dim();
         &self.values[i * d..(i + 1) * d]
@@ -152,11 +160,21 @@ pub struct Splits {
     pub test: Tensor,
     pub mean: Tensor,
     pub std: Tensor,
+    /// Width of the uniform dequantization noise per column, in standardized
+    /// units (0 for a continuous column). Training batches get
+    /// `(U(0, 1) − ½) · noise`; validation, test and scoring use the rows as
+    /// they are, i.e. the centres of the quantization cells.
+    pub noise: Tensor,
 }
 
 impl Splits {
-    /// Shuffles (seeded) and splits `table` by fractions.
-    pub fn from_table(table: &Table, valid_fraction: f64, test_fraction: f64) -> Result<Self> {
+    /// Shuffles (seeded) and splits `table` by fractions; `widths` as in [`Splits::dequantized`].
+    pub fn from_table(
+        table: &Table,
+        valid_fraction: f64,
+        test_fraction: f64,
+        widths: &[f64],
+    ) -> Result<Self> {
         let x = table.to_tensor();
         let n = table.rows as i64;
         let perm = Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu));
@@ -170,19 +188,36 @@ impl Splits {
         let train = x.narrow(0, 0, n_train);
         let valid = x.narrow(0, n_train, n_valid);
         let test = x.narrow(0, n_train + n_valid, n_test);
-        Ok(Self::standardized(train, valid, test))
+        Ok(Self::dequantized(train, valid, test, widths))
     }
 
-    /// Standardizes with train statistics (std floored at 1e-8 of the mean magnitude).
+    /// Standardizes with train statistics (std floored at 1e-12), no dequantization.
     pub fn standardized(train: Tensor, valid: Tensor, test: Tensor) -> Self {
+        let d = train.size()[1] as usize;
+        Self::dequantized(train, valid, test, &vec![0.0; d])
+    }
+
+    /// Standardizes with the statistics of the training rows *as the flow sees
+    /// them*: a column dequantized with uniform noise of width `w` (data units)
+    /// has variance `var + w²/12`, so a constant or nearly constant quantized
+    /// column keeps a finite scale.
+    pub fn dequantized(train: Tensor, valid: Tensor, test: Tensor, widths: &[f64]) -> Self {
+        let w = Tensor::from_slice(widths).to_kind(Kind::Double);
         let mean = train.mean_dim(0, false, Kind::Double);
-        let std = train.std_dim(0, true, false).clamp_min(1e-12);
+        let var = if train.size()[0] > 1 { train.var_dim(0, true, false) } else { mean.zeros_like() };
+        let std = (var + w.square() / 12.0).sqrt().clamp_min(1e-12);
         let f = |x: &Tensor| (x - &mean) / &std;
-        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std }
+        let noise = &w / &std;
+        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std, noise }
     }
 
     pub fn dim(&self) -> i64 {
         self.mean.size()[0]
+    }
+
+    /// Whether any column is dequantized.
+    pub fn dequantizes(&self) -> bool {
+        self.noise.abs().max().double_value(&[]) > 0.0
     }
 }
 

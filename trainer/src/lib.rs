@@ -5,6 +5,7 @@ pub mod allocator;
 pub mod anomaly;
 pub mod baselines;
 pub mod budget;
+pub mod columns;
 pub mod config;
 pub mod data;
 pub mod json;

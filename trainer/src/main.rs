@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use ffjord_runtime::{Flow, Model, Solver, Verdict};
 use tch::{Device, Kind};
@@ -69,6 +69,8 @@ enum Command {
     Prepare(PrepareArgs),
     /// Anomaly detection table: the model against Gaussian, mixture and isolation-forest baselines.
     Benchmark(BenchmarkArgs),
+    /// Mean ± sd over several `benchmark --json` files (e.g. split seeds 0, 1, 2).
+    BenchmarkSummary(BenchmarkSummaryArgs),
     /// Density baselines: test NLL of a full-covariance Gaussian and Gaussian mixtures.
     DensityBaselines(DensityBaselineArgs),
 }
@@ -106,19 +108,36 @@ struct BenchmarkArgs {
     /// Components of the Gaussian-mixture baseline.
     #[arg(long, default_value_t = 8)]
     components: i64,
+    /// Also write the rows as JSON (for `benchmark-summary`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchmarkSummaryArgs {
+    /// `benchmark --json` files, one per split seed.
+    files: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// Data set: shuttle, satellite, cardio (anomaly splits) or power (MAF preprocessing; use --seed 42).
+    /// Data set: shuttle, satellite, cardio (anomaly presets), csv (your own labelled CSV,
+    /// with --label and --outlier) or power (MAF preprocessing; use --seed 42).
     name: String,
     /// The raw file (`scripts/fetch-data NAME` prints its path).
     #[arg(long)]
     raw: PathBuf,
     #[arg(long)]
     out_dir: PathBuf,
+    /// Split seed (the same seed gives the same split for every method).
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// `csv`: the label column (name, or 0-based index for a file without header).
+    #[arg(long)]
+    label: Option<String>,
+    /// `csv`: label values that mark an outlier, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    outlier: Option<Vec<String>>,
 }
 
 #[derive(clap::Args)]
@@ -193,12 +212,22 @@ struct FitArgs {
     /// Columns to use (names or 0-based indices), comma separated.
     #[arg(long, value_delimiter = ',')]
     columns: Option<Vec<String>>,
-    /// Validation file (with --test-data; instead of a fraction of --data).
+    /// Label column (0 normal, 1 anomaly) in the data files: not a feature;
+    /// only normal rows train and calibrate.
+    #[arg(long)]
+    label: Option<String>,
+    /// Validation file (instead of a fraction of --data).
     #[arg(long)]
     valid_data: Option<PathBuf>,
-    /// Test file (with --valid-data).
+    /// Test file (optional, with --valid-data).
     #[arg(long)]
     test_data: Option<PathBuf>,
+    /// Dequantize columns on a decimal grid with ties, fresh noise each batch (true/false) [default: true].
+    #[arg(long)]
+    dequantize: Option<bool>,
+    /// Gaussian noise (standardized units) added to each training batch [default: 0].
+    #[arg(long)]
+    input_noise: Option<f64>,
     /// Use at most this many (seeded, random) validation rows.
     #[arg(long)]
     valid_rows: Option<usize>,
@@ -297,6 +326,9 @@ impl FitArgs {
         if self.columns.is_some() {
             cfg.columns = self.columns.clone();
         }
+        if self.label.is_some() {
+            cfg.label = self.label.clone();
+        }
         for (field, value) in [(&mut cfg.valid_data, &self.valid_data), (&mut cfg.test_data, &self.test_data)]
         {
             if value.is_some() {
@@ -322,6 +354,8 @@ impl FitArgs {
             activation,
             blocks,
             batch_norm,
+            dequantize,
+            input_noise,
             end_time,
             train_end_time,
             trace,
@@ -552,6 +586,9 @@ fn run() -> Result<()> {
                 "| method | AUROC | AP | precision (q=0.95) | recall | FPR | precision (q=0.99) | recall | FPR |"
             );
             println!("|---|---|---|---|---|---|---|---|---|");
+            if let Some(path) = &a.json {
+                modelfile::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+            }
             for r in rows {
                 let (a, b) = (r.at_95, r.at_99);
                 println!(
@@ -569,10 +606,31 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Command::BenchmarkSummary(a) => {
+            let mut runs = Vec::new();
+            for f in &a.files {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                runs.push(
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not a `benchmark --json` file", f.display()))?,
+                );
+            }
+            ensure!(!runs.is_empty(), "give at least one `benchmark --json` file");
+            print!("{}", ffjord_trainer::anomaly::summary_table(&runs));
+            Ok(())
+        }
         Command::Prepare(a) if a.name == "power" => {
             ffjord_trainer::power::prepare(&a.raw, &a.out_dir, a.seed)
         }
-        Command::Prepare(a) => ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed),
+        Command::Prepare(a) => {
+            let outlier = a.outlier.clone().unwrap_or_default();
+            let source = match (&a.label, a.outlier.is_some()) {
+                (Some(label), true) => Some(ffjord_trainer::anomaly::CsvSource { label, outlier: &outlier }),
+                (None, false) => None,
+                _ => bail!("give both --label COLUMN and --outlier VALUE"),
+            };
+            ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed, source.as_ref()).map(|_| ())
+        }
         Command::Import(a) => {
             let text =
                 std::fs::read_to_string(&a.json).with_context(|| format!("reading {}", a.json.display()))?;

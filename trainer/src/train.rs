@@ -134,6 +134,26 @@ pub fn fit(
     write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
 
     let (splits, description) = prepare_data(cfg)?;
+    if let Some((profiles, rows)) = column_report(cfg)? {
+        for w in crate::columns::warnings(&profiles, rows) {
+            eprintln!("warning: {w}");
+        }
+        let dequantized: Vec<String> = profiles
+            .iter()
+            .filter_map(|p| {
+                let w = p.dequantization(rows).filter(|_| cfg.dequantize)?;
+                Some(format!("{} ({})", p.name, crate::columns::fmt_g(w)))
+            })
+            .collect();
+        if !dequantized.is_empty() {
+            eprintln!(
+                "dequantizing {} of {} columns with fresh uniform noise of one grid step per batch (scored at the cell centres): {}",
+                dequantized.len(),
+                profiles.len(),
+                dequantized.join(", ")
+            );
+        }
+    }
     let dim = splits.dim();
     let iterations = match (cfg.epochs, &cfg.toy) {
         (None, _) => cfg.iterations,
@@ -142,6 +162,7 @@ pub fn fit(
     };
     let to_dev = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
     let (train, valid, test) = (to_dev(&splits.train), to_dev(&splits.valid), to_dev(&splits.test));
+    let noise = splits.dequantizes().then(|| to_dev(&splits.noise));
 
     let mut vs = nn::VarStore::new(device);
     let chain = build_chain(&vs, cfg, dim);
@@ -185,7 +206,12 @@ pub fn fit(
             to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
         } else {
             let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
-            train.index_select(0, &idx)
+            let batch = train.index_select(0, &idx);
+            let batch = match &noise {
+                Some(w) => &batch + (batch.rand_like() - 0.5) * w,
+                None => batch,
+            };
+            if cfg.input_noise > 0.0 { &batch + batch.randn_like() * cfg.input_noise } else { batch }
         };
         let t0 = Instant::now();
         opt.zero_grad();
@@ -248,13 +274,24 @@ pub fn fit(
     bar.finish_and_clear();
 
     vs.load(run.path("best.ot")).context("loading the best checkpoint")?;
-    let (test_nll, test_nfe) = tch::no_grad(|| mean_nll(&chain, &test, cfg.eval_method(), 1000))?;
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
-    println!(
-        "best iteration {}: test NLL {test_nll:.4} nats on standardized data ({:.4} nats in data units), NFE {test_nfe}",
-        state.best_iteration,
-        test_nll + log_std
-    );
+    let (test_nll, test_nfe) = if test.size()[0] > 0 {
+        let (nll, nfe) = tch::no_grad(|| mean_nll(&chain, &test, cfg.eval_method(), 1000))?;
+        println!(
+            "best iteration {}: validation NLL {:.4}, test NLL {nll:.4} nats on standardized data ({:.4} nats in data units), NFE {nfe}",
+            state.best_iteration,
+            state.best_valid.unwrap_or(f64::NAN),
+            nll + log_std
+        );
+        (Some(nll), Some(nfe))
+    } else {
+        println!(
+            "best iteration {}: validation NLL {:.4} nats on standardized data (no test rows)",
+            state.best_iteration,
+            state.best_valid.unwrap_or(f64::NAN)
+        );
+        (None, None)
+    };
     let bytes = export(
         &chain,
         &splits,
@@ -269,7 +306,7 @@ pub fn fit(
     )?;
     let summary = serde_json::json!({
         "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
-        "test_nll": test_nll, "test_nll_data_units": test_nll + log_std, "test_nfe": test_nfe,
+        "test_nll": test_nll, "test_nll_data_units": test_nll.map(|v| v + log_std), "test_nfe": test_nfe,
         "model": out, "bytes": bytes.len(),
     });
     write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -288,29 +325,49 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
             let test = data::toy(name, cfg.toy_eval_rows)?;
             (Splits::standardized(train, valid, test), format!("toy data set '{name}'"))
         }
-        (None, Some(path)) => match (&cfg.valid_data, &cfg.test_data) {
-            (Some(v), Some(t)) => {
-                let load = |p: &Path| data::load(p, cfg.columns.as_deref());
-                let (train, valid, test) = (load(path)?, load(v)?, load(t)?);
-                for (name, other) in [("validation", &valid), ("test", &test)] {
-                    if other.columns.len() != train.columns.len() {
-                        bail!(
-                            "{name} data has {} columns, training data {}",
-                            other.columns.len(),
-                            train.columns.len()
-                        );
+        (None, Some(path)) => {
+            let load = |p: &Path, training: bool| -> Result<data::Table> {
+                let t = data::load(p, cfg.columns.as_deref())?;
+                match &cfg.label {
+                    None => Ok(t),
+                    Some(col) => {
+                        let (features, labels) = crate::anomaly::split_labels(&t, col)
+                            .with_context(|| format!("{}", p.display()))?;
+                        // Training rows: the normal ones only.
+                        Ok(if training { features.keep_rows(|i| !labels[i]) } else { features })
                     }
                 }
-                let s = Splits::standardized(train.to_tensor(), valid.to_tensor(), test.to_tensor());
-                (s, format!("{} (columns {})", path.display(), train.columns.join(", ")))
-            }
-            (None, None) => {
-                let table = data::load(path, cfg.columns.as_deref())?;
-                let s = Splits::from_table(&table, cfg.valid_fraction, cfg.test_fraction)?;
-                (s, format!("{} (columns {})", path.display(), table.columns.join(", ")))
-            }
-            _ => bail!("give both --valid-data and --test-data, or neither"),
-        },
+            };
+            let train = load(path, true)?;
+            let profiles = crate::columns::profile(&train);
+            let widths: Vec<f64> = profiles
+                .iter()
+                .map(|p| if cfg.dequantize { p.dequantization(train.rows).unwrap_or(0.0) } else { 0.0 })
+                .collect();
+            let described = format!("{} (columns {})", display_path(path), train.columns.join(", "));
+            let s = match (&cfg.valid_data, &cfg.test_data) {
+                (Some(v), t) => {
+                    let valid = load(v, true)?;
+                    let test = match t {
+                        Some(t) => load(t, false)?,
+                        None => data::Table { columns: train.columns.clone(), rows: 0, values: vec![] },
+                    };
+                    for (name, other) in [("validation", &valid), ("test", &test)] {
+                        if other.columns.len() != train.columns.len() {
+                            bail!(
+                                "{name} data has {} columns, training data {}",
+                                other.columns.len(),
+                                train.columns.len()
+                            );
+                        }
+                    }
+                    Splits::dequantized(train.to_tensor(), valid.to_tensor(), test.to_tensor(), &widths)
+                }
+                (None, None) => Splits::from_table(&train, cfg.valid_fraction, cfg.test_fraction, &widths)?,
+                (None, Some(_)) => bail!("--test-data needs --valid-data"),
+            };
+            (s, described)
+        }
         _ => bail!("give exactly one of --toy NAME or --data FILE"),
     })
     .map(|(mut s, description)| {
@@ -326,6 +383,28 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
         s.test = subset(&s.test, cfg.test_rows);
         (s, description)
     })
+}
+
+/// The column profile of a run's training file, as `fit` reports it.
+pub fn column_report(cfg: &TrainConfig) -> Result<Option<(Vec<crate::columns::ColumnProfile>, usize)>> {
+    let Some(path) = &cfg.data else { return Ok(None) };
+    let t = data::load(path, cfg.columns.as_deref())?;
+    let t = match &cfg.label {
+        Some(col) => {
+            let (f, labels) = crate::anomaly::split_labels(&t, col)?;
+            f.keep_rows(|i| !labels[i])
+        }
+        None => t,
+    };
+    Ok(Some((crate::columns::profile(&t), t.rows)))
+}
+
+/// A path as recorded in a model's metadata: relative to the working directory when inside it.
+fn display_path(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| p.strip_prefix(cwd).ok().map(|r| r.display().to_string()))
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 /// Output form of an export.

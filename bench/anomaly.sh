@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The anomaly-detection yardstick: for each labelled set and split seed 0, 1, 2,
+# `trainer prepare` (ODDS protocol), `trainer fit` (the recipe below, one
+# thread) and `trainer benchmark` (FFJORD next to a Gaussian, a Gaussian
+# mixture, an isolation forest, LOF and a KDE on the same split), then the
+# mean ± sd table per set. Not part of the tests (about 30 minutes on 2 cores).
+# Usage: bench/anomaly.sh OUT_DIR [SETS...]   (default sets: cardio satellite shuttle)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out=${1:?usage: bench/anomaly.sh OUT_DIR [SETS...]}
+shift
+sets=("$@")
+[ ${#sets[@]} -gt 0 ] || sets=(cardio satellite shuttle)
+trainer="$root/scripts/trainer"
+"$trainer" --version >/dev/null   # builds once
+mkdir -p "$out"
+recipe() {
+  case "$1" in
+    cardio|satellite) echo --hidden 64,64 --trace gaussian --iterations 1500 --valid-every 100 --patience 5 --batch 256 ;;
+    shuttle) echo --hidden 32,32,32 --trace gaussian --iterations 2000 --valid-every 250 --patience 5 --batch 512 ;;
+    *) echo "no recipe for $1" >&2; exit 2 ;;
+  esac
+}
+for set in "${sets[@]}"; do
+  raw=$("$root/scripts/fetch-data" "$set")
+  for seed in 0 1 2; do
+    d="$out/$set/seed$seed"
+    "$trainer" prepare "$set" --raw "$raw" --out-dir "$d/data" --seed "$seed"
+    # shellcheck disable=SC2046
+    TIMEFORMAT="%U s CPU, %R s wall"
+    { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
+      --out "$d/model.ffjd" --seed "$seed" $(recipe "$set") > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
+    "$trainer" benchmark --run-dir "$d/model.run" --model "$d/model.ffjd" --test "$d/data/test.csv" \
+      --json "$d/benchmark.json" > "$d/benchmark.md"
+    echo "$set seed $seed: $(grep FFJORD "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"
+  done
+  echo "## $set"
+  "$trainer" benchmark-summary "$out/$set"/seed*/benchmark.json | tee "$out/$set/summary.md"
+done

@@ -1,0 +1,196 @@
+//! A user's own labelled CSV through the whole anomaly path: `prepare csv`
+//! (ODDS protocol, column report), `fit --valid-data` without a test file
+//! (dequantized integer column, constant column), scoring far from the data,
+//! and `benchmark --json` + `benchmark-summary` over two split seeds.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn trainer(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .current_dir(dir)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("trainer runs")
+}
+
+fn ok(args: &[&str], dir: &Path) -> (String, String) {
+    let out = trainer(args, dir);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "trainer {args:?} failed:\n{stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+/// 600 normal rows and 40 outliers, no header: a continuous column, an
+/// integer count, a column constant at 7, then the label ("ok" / "bad").
+fn write_labelled(path: &Path) {
+    let mut state = 99u64;
+    let mut u = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut s = String::new();
+    for i in 0..640 {
+        let outlier = i % 16 == 5;
+        let g = u() + u() + u() - 1.5;
+        let count = (u() * 4.0).floor() + if outlier { 3.0 } else { 0.0 };
+        let a = g + if outlier { 2.5 } else { 0.0 };
+        s += &format!("{a:.6},{count},7,{}\n", if outlier { "bad" } else { "ok" });
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<f64>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+#[test]
+fn a_labelled_csv_is_prepared_trained_scored_and_benchmarked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_labelled(&d.join("raw.csv"));
+    let mut summaries = Vec::new();
+    for seed in ["0", "1"] {
+        let split = format!("split{seed}");
+        let (printed, warned) = ok(
+            &[
+                "prepare",
+                "csv",
+                "--raw",
+                "raw.csv",
+                "--label",
+                "3",
+                "--outlier",
+                "bad",
+                "--out-dir",
+                &split,
+                "--seed",
+                seed,
+            ],
+            d,
+        );
+        // Half of the 600 normal rows train (10% of them validate), the other half and all 40 outliers test.
+        assert!(
+            printed.contains("train 270 normal rows, validation 30, test 340 rows (300 normal, 40 outliers); 2 of 3 columns quantized"),
+            "{printed}"
+        );
+        assert!(warned.contains("column 'x2': constant (7)"), "{warned}");
+        let report = std::fs::read_to_string(d.join(&split).join("columns.md")).unwrap();
+        assert!(report.contains("| x1 | 4 | 1 | 1 |"), "{report}");
+        // Without a header, the first row is data: 270 + 30 + 340 = 640 rows kept.
+        let counted: usize = ["train.csv", "valid.csv", "test.csv"]
+            .iter()
+            .map(|f| csv_rows(&d.join(&split).join(f)).len())
+            .sum();
+        assert_eq!(counted, 640);
+
+        let train = format!("{split}/train.csv");
+        let valid = format!("{split}/valid.csv");
+        let model = format!("{split}/model.ffjd");
+        let (fitted, fit_log) = ok(
+            &[
+                "fit",
+                "--data",
+                &train,
+                "--valid-data",
+                &valid,
+                "--out",
+                &model,
+                "--iterations",
+                "60",
+                "--valid-every",
+                "30",
+                "--hidden",
+                "16,16",
+                "--batch",
+                "128",
+                "--seed",
+                seed,
+            ],
+            d,
+        );
+        assert!(fitted.contains("(no test rows)"), "{fitted}");
+        assert!(fit_log.contains("dequantizing 2 of 3 columns") && fit_log.contains("x1 (1)"), "{fit_log}");
+
+        // Rows off the constant column, ever farther: finite scores that grow with the distance.
+        let mut far = String::from("x0,x1,x2\n");
+        for delta in [0.0, 0.5, 2.0, 10.0, 1000.0] {
+            far += &format!("0.1,2,{}\n", 7.0 + delta);
+        }
+        std::fs::write(d.join("far.csv"), far).unwrap();
+        let (scored, _) = ok(&["score", "--model", &model, "--data", "far.csv"], d);
+        let scores: Vec<f64> =
+            scored.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
+        assert!(scores.iter().all(|s| s.is_finite()), "{scored}");
+        assert!(scores.windows(2).all(|w| w[1] > w[0]), "not monotone: {scored}");
+
+        let json = format!("{split}/benchmark.json");
+        let test = format!("{split}/test.csv");
+        let (table, _) = ok(
+            &[
+                "benchmark",
+                "--run-dir",
+                &format!("{split}/model.run"),
+                "--model",
+                &model,
+                "--test",
+                &test,
+                "--json",
+                &json,
+            ],
+            d,
+        );
+        for method in
+            ["FFJORD", "Gaussian (full", "mixture", "Isolation forest", "Local outlier factor", "KDE"]
+        {
+            assert!(table.contains(method), "{method} missing:\n{table}");
+        }
+        summaries.push(json);
+    }
+    let (summary, _) = ok(&["benchmark-summary", &summaries[0], &summaries[1]], d);
+    assert!(summary.starts_with("| method (2 runs) | AUROC |"), "{summary}");
+    assert_eq!(summary.lines().count(), 2 + 6, "{summary}");
+    // The shifted outliers are easy: every method ranks them well on average.
+    for line in summary.lines().skip(2) {
+        let auroc: f64 = line.split('|').nth(2).unwrap().trim().split(' ').next().unwrap().parse().unwrap();
+        assert!(auroc > 0.8, "{line}");
+    }
+}
+
+#[test]
+fn prepare_and_fit_reject_what_they_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_labelled(&d.join("raw.csv"));
+    let fails = |args: &[&str]| {
+        let out = trainer(args, d);
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = fails(&[
+        "prepare",
+        "csv",
+        "--raw",
+        "raw.csv",
+        "--label",
+        "label",
+        "--outlier",
+        "bad",
+        "--out-dir",
+        "o",
+    ]);
+    assert!(e.contains("no label column 'label' (columns: x0, x1, x2, x3)"), "{e}");
+    let e = fails(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--out-dir", "o"]);
+    assert!(e.contains("give both --label COLUMN and --outlier VALUE"), "{e}");
+    let e =
+        fails(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "none", "--out-dir", "o"]);
+    assert!(e.contains("no row is labelled an outlier"), "{e}");
+    std::fs::write(d.join("typo.csv"), "1.0,2,7,ok\n1.5,x,7,ok\n").unwrap();
+    let e =
+        fails(&["prepare", "csv", "--raw", "typo.csv", "--label", "3", "--outlier", "bad", "--out-dir", "o"]);
+    assert!(e.contains("typo.csv:2:2: 'x' in column 'x1' is not a number"), "{e}");
+    let e = fails(&["fit", "--data", "raw.csv", "--test-data", "raw.csv", "--out", "m.ffjd"]);
+    assert!(e.contains("--test-data needs --valid-data"), "{e}");
+}
