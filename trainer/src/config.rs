@@ -195,6 +195,14 @@ impl TrainConfig {
         );
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
         anyhow::ensure!(
+            self.iterations >= 1 && self.epochs != Some(0),
+            "iterations and epochs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.valid_rows != Some(0),
+            "valid_rows must be at least 1 (the threshold is calibrated on them)"
+        );
+        anyhow::ensure!(
             self.test_data.is_none() || self.valid_data.is_some(),
             "--test-data needs --valid-data"
         );

@@ -193,4 +193,9 @@ fn prepare_and_fit_reject_what_they_cannot_use() {
     assert!(e.contains("typo.csv:2:2: 'x' in column 'x1' is not a number"), "{e}");
     let e = fails(&["fit", "--data", "raw.csv", "--test-data", "raw.csv", "--out", "m.ffjd"]);
     assert!(e.contains("--test-data needs --valid-data"), "{e}");
+    let e = fails(&["fit", "--toy", "moons", "--iterations", "0", "--out", "m.ffjd"]);
+    assert!(e.contains("iterations and epochs must be at least 1"), "{e}");
+    let e = fails(&["fit", "--toy", "moons", "--valid-rows", "0", "--out", "m.ffjd"]);
+    assert!(e.contains("valid_rows must be at least 1"), "{e}");
+    assert!(!d.join("m.run").exists(), "a rejected fit leaves no run folder");
 }
