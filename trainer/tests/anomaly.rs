@@ -4,16 +4,9 @@
 //! and `benchmark --json` + `benchmark-summary` over two split seeds.
 
 use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn trainer(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("trainer runs")
-}
+use common::trainer;
 
 fn ok(args: &[&str], dir: &Path) -> (String, String) {
     let out = trainer(args, dir);

@@ -2,19 +2,14 @@
 //! scores identically; bad input gets errors that name the problem; a killed
 //! run resumes from its last checkpoint.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::trainer;
 
 use ffjord_runtime::{Dopri5, Flow, Model, Solver};
-
-fn trainer(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .current_dir(dir)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("trainer runs")
-}
 
 fn ok(args: &[&str], dir: &Path) -> String {
     let out = trainer(args, dir);
