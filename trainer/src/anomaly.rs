@@ -185,17 +185,6 @@ fn read_csv(raw: &Path, src: &CsvSource) -> Result<Labelled> {
     Ok(Labelled { columns, rows, anomalous })
 }
 
-/// What `prepare` wrote.
-#[derive(Debug)]
-pub struct Prepared {
-    pub train: usize,
-    pub valid: usize,
-    pub test_normal: usize,
-    pub test_outliers: usize,
-    pub quantized: usize,
-    pub dim: usize,
-}
-
 /// `trainer prepare NAME`: the ODDS protocol. Train on a random half of the
 /// normal rows (10% of that half held out for validation), test on the other
 /// half plus every outlier. Rows are written as they are: columns on a decimal
@@ -204,13 +193,7 @@ pub struct Prepared {
 /// `anomaly` column, 1 = outlier) and `columns.md` (the column profile) into
 /// `out_dir`. `name` is a preset (shuttle, satellite, cardio: exact counts are
 /// checked) or `csv` with `source` naming the label.
-pub fn prepare(
-    name: &str,
-    raw: &Path,
-    out_dir: &Path,
-    seed: i64,
-    source: Option<&CsvSource>,
-) -> Result<Prepared> {
+pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64, source: Option<&CsvSource>) -> Result<()> {
     let (set, expected) = match (name, source) {
         ("csv", Some(src)) => (read_csv(raw, src)?, None),
         ("csv", None) => bail!("prepare csv needs --label COLUMN and --outlier VALUE"),
@@ -251,40 +234,32 @@ pub fn prepare(
         r.push(if set.anomalous[i] { 1.0 } else { 0.0 });
         test += &csv_row(&r);
     }
-    let d = set.columns.len();
     let train_table = Table {
         columns: set.columns.clone(),
         rows: train_idx.len(),
         values: train_idx.iter().flat_map(|&i| set.rows[i].iter().copied()).collect(),
     };
     let profiles = crate::columns::profile(&train_table);
-    let quantized = profiles.iter().filter(|p| p.dequantization(train_table.rows).is_some()).count();
+    let quantized = profiles.iter().filter(|p| p.dequantization().is_some()).count();
     std::fs::create_dir_all(out_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", out_dir.display()))?;
     write_atomic(&out_dir.join("train.csv"), table(&train_idx).as_bytes())?;
     write_atomic(&out_dir.join("valid.csv"), table(&valid_idx).as_bytes())?;
     write_atomic(&out_dir.join("test.csv"), test.as_bytes())?;
-    let report = crate::columns::report(&profiles, train_table.rows);
+    let report = crate::columns::report(&profiles);
     write_atomic(&out_dir.join("columns.md"), report.as_bytes())?;
-    for w in crate::columns::warnings(&profiles, train_table.rows) {
+    for w in crate::columns::warnings(&profiles) {
         eprintln!("warning: {w}");
     }
-    let prepared = Prepared {
-        train: train_idx.len(),
-        valid: valid_idx.len(),
-        test_normal: test_idx.len() - outliers,
-        test_outliers: outliers,
-        quantized,
-        dim: d,
-    };
     println!(
-        "{name}: train {} normal rows, validation {}, test {} rows ({} normal, {outliers} outliers); {quantized} of {d} columns quantized (dequantized by fit); in {}",
-        prepared.train,
-        prepared.valid,
+        "{name}: train {} normal rows, validation {}, test {} rows ({} normal, {outliers} outliers); {quantized} of {} columns quantized (dequantized by fit); in {}",
+        train_idx.len(),
+        valid_idx.len(),
         test_idx.len(),
-        prepared.test_normal,
+        test_idx.len() - outliers,
+        set.columns.len(),
         out_dir.display()
     );
-    Ok(prepared)
+    Ok(())
 }
 
 fn csv_row(r: &[f64]) -> String {
@@ -453,6 +428,7 @@ pub fn benchmark(
         ffjord_scores(&test_x)?,
     ));
 
+    let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
     let train = splits.train.shallow_clone();
     let (valid_s, test_s) = (splits.valid.shallow_clone(), standardize(&test_x));
     for (name, k) in [
@@ -460,7 +436,6 @@ pub fn benchmark(
         (format!("Gaussian mixture (K = {components})"), components),
     ] {
         let m = crate::baselines::Mixture::fit(&train, k, if k == 1 { 1 } else { 100 }, cfg.seed)?;
-        let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
         methods.push((name, neg(m.log_prob(&valid_s)?), neg(m.log_prob(&test_s)?)));
     }
     let d = test.dim();
@@ -476,7 +451,6 @@ pub fn benchmark(
     let lof = crate::baselines::LocalOutlierFactor::fit(&train, 20)?;
     methods.push(("Local outlier factor (k = 20)".into(), lof.score(&valid_s)?, lof.score(&test_s)?));
     let kde = crate::baselines::KernelDensity::fit(&train, &valid_s)?;
-    let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
     eprintln!("KDE bandwidth {:.4} (standardized units), chosen by validation likelihood", kde.bandwidth);
     methods.push((
         "Gaussian KDE (bandwidth by validation likelihood)".to_string(),

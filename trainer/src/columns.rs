@@ -12,6 +12,8 @@ use crate::data::Table;
 pub struct ColumnProfile {
     /// Column name.
     pub name: String,
+    /// Rows profiled.
+    pub rows: usize,
     /// Distinct values.
     pub distinct: usize,
     /// The coarsest power of ten every value is a multiple of (10⁻⁶ … 1), if any.
@@ -38,8 +40,8 @@ impl ColumnProfile {
     /// (at most half as many distinct values as rows) or a constant column;
     /// `None` for a continuous column. A constant column off every decimal
     /// grid gets 10⁻³ of its magnitude (at least 10⁻³).
-    pub fn dequantization(&self, rows: usize) -> Option<f64> {
-        let tied = self.distinct * 2 <= rows;
+    pub fn dequantization(&self) -> Option<f64> {
+        let tied = self.distinct * 2 <= self.rows;
         match self.grid {
             Some(step) if tied || self.constant() => Some(step),
             None if self.constant() => Some(1e-3 * self.top_value.abs().max(1.0)),
@@ -48,13 +50,13 @@ impl ColumnProfile {
     }
 
     /// Warnings a user should read before training on this column.
-    pub fn warnings(&self, rows: usize) -> Vec<String> {
+    pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if self.constant() {
             w.push(format!(
                 "constant ({}) in every training row: modelled as uniform noise of width {} around it, so rows that differ there score as far out",
                 self.top_value,
-                fmt_g(self.dequantization(rows).unwrap_or(0.0))
+                fmt_g(self.dequantization().unwrap_or(0.0))
             ));
         } else if self.top_share >= 0.5 {
             w.push(format!(
@@ -106,6 +108,7 @@ pub fn profile(table: &Table) -> Vec<ColumnProfile> {
             }
             ColumnProfile {
                 name: table.columns[j].clone(),
+                rows: table.rows,
                 distinct,
                 grid: decimal_grid(column),
                 top_share: best as f64 / table.rows.max(1) as f64,
@@ -116,7 +119,7 @@ pub fn profile(table: &Table) -> Vec<ColumnProfile> {
 }
 
 /// A table of the profiles (markdown), one line per column.
-pub fn report(profiles: &[ColumnProfile], rows: usize) -> String {
+pub fn report(profiles: &[ColumnProfile]) -> String {
     let mut s = String::from("| column | distinct | grid | dequantized (width) | most frequent | notes |\n");
     s += "|---|---|---|---|---|---|\n";
     for p in profiles {
@@ -125,21 +128,21 @@ pub fn report(profiles: &[ColumnProfile], rows: usize) -> String {
             p.name,
             p.distinct,
             p.grid.map_or("-".into(), fmt_g),
-            p.dequantization(rows).map_or("no".into(), fmt_g),
+            p.dequantization().map_or("no".into(), fmt_g),
             p.top_value,
             100.0 * p.top_share,
-            p.warnings(rows).join("; ")
+            p.warnings().join("; ")
         );
     }
     s
 }
 
 /// One line per column that needs the user's attention (constant, mostly one value).
-pub fn warnings(profiles: &[ColumnProfile], rows: usize) -> Vec<String> {
+pub fn warnings(profiles: &[ColumnProfile]) -> Vec<String> {
     profiles
         .iter()
         .flat_map(|p| {
-            p.warnings(rows)
+            p.warnings()
                 .into_iter()
                 .filter(|w| w != "binary")
                 .map(move |w| format!("column '{}': {w}", p.name))
@@ -166,20 +169,19 @@ mod tests {
         let odd = [0.123_456_789, 0.123_456_789, 0.123_456_789, 0.123_456_789, 0.123_456_789, 0.123_456_789];
         let continuous = [0.313_1, -1.270_44, 2.000_17, 0.5, 0.25, -0.75];
         let p = profile(&table(&[&ints, &rates, &tens, &constant, &odd, &continuous]));
-        let n = 6;
         assert_eq!(p[0].grid, Some(1.0));
-        assert_eq!(p[0].dequantization(n), Some(1.0));
+        assert_eq!(p[0].dequantization(), Some(1.0));
         assert_eq!(p[1].grid, Some(0.001));
         assert_eq!((p[1].top_value, p[1].top_share), (0.0, 0.5));
-        assert!(p[1].warnings(n)[0].contains("50% of rows are 0"));
-        assert_eq!(p[2].dequantization(n), Some(1.0));
-        assert!(p[3].constant() && p[3].grid == Some(0.1) && p[3].dequantization(n) == Some(0.1));
-        assert!(p[3].warnings(n)[0].starts_with("constant (2.5)"));
-        assert_eq!((p[4].grid, p[4].dequantization(n)), (None, Some(1e-3)));
+        assert!(p[1].warnings()[0].contains("50% of rows are 0"));
+        assert_eq!(p[2].dequantization(), Some(1.0));
+        assert!(p[3].constant() && p[3].grid == Some(0.1) && p[3].dequantization() == Some(0.1));
+        assert!(p[3].warnings()[0].starts_with("constant (2.5)"));
+        assert_eq!((p[4].grid, p[4].dequantization()), (None, Some(1e-3)));
         // Six distinct values on a 1e-5 grid: no ties, so no dequantization.
         assert_eq!(p[5].distinct, 6);
-        assert_eq!(p[5].dequantization(n), None);
-        assert!(report(&p, n).lines().count() == 8);
-        assert_eq!(warnings(&p, n).len(), 3);
+        assert_eq!(p[5].dequantization(), None);
+        assert!(report(&p).lines().count() == 8);
+        assert_eq!(warnings(&p).len(), 3);
     }
 }

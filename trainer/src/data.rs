@@ -165,6 +165,8 @@ pub struct Splits {
     /// `(U(0, 1) − ½) · noise`; validation, test and scoring use the rows as
     /// they are, i.e. the centres of the quantization cells.
     pub noise: Tensor,
+    /// The training file's column profile (empty for toy sets).
+    pub profiles: Vec<crate::columns::ColumnProfile>,
 }
 
 impl Splits {
@@ -208,7 +210,7 @@ impl Splits {
         let std = (var + w.square() / 12.0).sqrt().clamp_min(1e-12);
         let f = |x: &Tensor| (x - &mean) / &std;
         let noise = &w / &std;
-        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std, noise }
+        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std, noise, profiles: Vec::new() }
     }
 
     pub fn dim(&self) -> i64 {

@@ -629,7 +629,7 @@ fn run() -> Result<()> {
                 (None, false) => None,
                 _ => bail!("give both --label COLUMN and --outlier VALUE"),
             };
-            ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed, source.as_ref()).map(|_| ())
+            ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed, source.as_ref())
         }
         Command::Import(a) => {
             let text =

@@ -134,25 +134,21 @@ pub fn fit(
     write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
 
     let (splits, description) = prepare_data(cfg)?;
-    if let Some((profiles, rows)) = column_report(cfg)? {
-        for w in crate::columns::warnings(&profiles, rows) {
-            eprintln!("warning: {w}");
-        }
-        let dequantized: Vec<String> = profiles
-            .iter()
-            .filter_map(|p| {
-                let w = p.dequantization(rows).filter(|_| cfg.dequantize)?;
-                Some(format!("{} ({})", p.name, crate::columns::fmt_g(w)))
-            })
-            .collect();
-        if !dequantized.is_empty() {
-            eprintln!(
-                "dequantizing {} of {} columns with fresh uniform noise of one grid step per batch (scored at the cell centres): {}",
-                dequantized.len(),
-                profiles.len(),
-                dequantized.join(", ")
-            );
-        }
+    for w in crate::columns::warnings(&splits.profiles) {
+        eprintln!("warning: {w}");
+    }
+    let widths = Vec::<f64>::try_from(&(&splits.noise * &splits.std))?;
+    let dequantized: Vec<String> = (splits.profiles.iter().zip(&widths))
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(p, w)| format!("{} ({})", p.name, crate::columns::fmt_g(*w)))
+        .collect();
+    if !dequantized.is_empty() {
+        eprintln!(
+            "dequantizing {} of {} columns with fresh uniform noise of one grid step per batch (scored at the cell centres): {}",
+            dequantized.len(),
+            widths.len(),
+            dequantized.join(", ")
+        );
     }
     let dim = splits.dim();
     let iterations = match (cfg.epochs, &cfg.toy) {
@@ -342,7 +338,7 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
             let profiles = crate::columns::profile(&train);
             let widths: Vec<f64> = profiles
                 .iter()
-                .map(|p| if cfg.dequantize { p.dequantization(train.rows).unwrap_or(0.0) } else { 0.0 })
+                .map(|p| if cfg.dequantize { p.dequantization().unwrap_or(0.0) } else { 0.0 })
                 .collect();
             let described = format!("{} (columns {})", display_path(path), train.columns.join(", "));
             let s = match (&cfg.valid_data, &cfg.test_data) {
@@ -366,7 +362,7 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
                 (None, None) => Splits::from_table(&train, cfg.valid_fraction, cfg.test_fraction, &widths)?,
                 (None, Some(_)) => bail!("--test-data needs --valid-data"),
             };
-            (s, described)
+            (Splits { profiles, ..s }, described)
         }
         _ => bail!("give exactly one of --toy NAME or --data FILE"),
     })
@@ -383,20 +379,6 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
         s.test = subset(&s.test, cfg.test_rows);
         (s, description)
     })
-}
-
-/// The column profile of a run's training file, as `fit` reports it.
-pub fn column_report(cfg: &TrainConfig) -> Result<Option<(Vec<crate::columns::ColumnProfile>, usize)>> {
-    let Some(path) = &cfg.data else { return Ok(None) };
-    let t = data::load(path, cfg.columns.as_deref())?;
-    let t = match &cfg.label {
-        Some(col) => {
-            let (f, labels) = crate::anomaly::split_labels(&t, col)?;
-            f.keep_rows(|i| !labels[i])
-        }
-        None => t,
-    };
-    Ok(Some((crate::columns::profile(&t), t.rows)))
 }
 
 /// A path as recorded in a model's metadata: relative to the working directory when inside it.
