@@ -5,6 +5,8 @@
 # mixture, an isolation forest, LOF and a KDE on the same split), then the
 # mean ± sd table per set. Not part of the tests (about 30 minutes on 2 cores).
 # Usage: bench/anomaly.sh OUT_DIR [SETS...]   (default sets: cardio satellite shuttle)
+# FIT_ARGS="--whiten false" bench/anomaly.sh …  adds flags to every fit (an ablation);
+# SEEDS="0" limits the split seeds.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out=${1:?usage: bench/anomaly.sh OUT_DIR [SETS...]}
@@ -23,13 +25,13 @@ recipe() {
 }
 for set in "${sets[@]}"; do
   raw=$("$root/scripts/fetch-data" "$set")
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     d="$out/$set/seed$seed"
     "$trainer" prepare "$set" --raw "$raw" --out-dir "$d/data" --seed "$seed"
-    # shellcheck disable=SC2046
+    # shellcheck disable=SC2046,SC2086
     TIMEFORMAT="%U s CPU, %R s wall"
     { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
-      --out "$d/model.ffjd" --seed "$seed" $(recipe "$set") > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
+      --out "$d/model.ffjd" --seed "$seed" $(recipe "$set") ${FIT_ARGS:-} > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
     "$trainer" benchmark --run-dir "$d/model.run" --model "$d/model.ffjd" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
     echo "$set seed $seed: $(grep FFJORD "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"

@@ -91,6 +91,9 @@ pub enum Field {
     Activation,
     /// The model needs more working memory than `u32` can count.
     Size,
+    /// A stage is newer than the file's format version (a version-1 file
+    /// with a `Linear` stage).
+    StageVersion,
 }
 
 /// Why one evaluation (log-density, sample, score) did not finish.
@@ -142,6 +145,12 @@ pub enum SolveError {
         /// Time at which it was detected.
         t: f32,
     },
+    /// The adaptive step size became NaN or infinite (the state or its
+    /// derivative overflowed while the step was being chosen).
+    NonFiniteStep {
+        /// Time at which it was detected.
+        t: f32,
+    },
     /// The solver settings are invalid (zero steps, non-positive tolerance, …).
     InvalidSolver,
 }
@@ -179,6 +188,7 @@ impl fmt::Display for Field {
             Field::Threshold => "threshold must be finite and its quantile in (0, 1)",
             Field::Activation => "activation parameter must be finite",
             Field::Size => "model too large to address",
+            Field::StageVersion => "a stage is newer than the file's format version",
         })
     }
 }
@@ -192,7 +202,7 @@ impl fmt::Display for LoadError {
             LoadError::BadMagic => f.write_str("not an FFJORD model file (bad magic bytes)"),
             LoadError::UnsupportedVersion { found, supported } => write!(
                 f,
-                "model format version {found} is not supported (this runtime reads version {supported})"
+                "model format version {found} is not supported (this runtime reads versions 1 to {supported})"
             ),
             LoadError::ChecksumMismatch { stored, computed } => write!(
                 f,
@@ -237,6 +247,13 @@ impl fmt::Display for SolveError {
             }
             SolveError::MaxStepsReached { t, steps } => {
                 write!(f, "solver gave up after {steps} steps at t = {}", Decimal(t))
+            }
+            SolveError::NonFiniteStep { t } => {
+                write!(
+                    f,
+                    "step size became NaN or infinite at t = {} (the state or its derivative overflowed)",
+                    Decimal(t)
+                )
             }
             SolveError::StepSizeUnderflow { t, h } => {
                 write!(f, "step size {} below the minimum at t = {}", Decimal(h), Decimal(t))

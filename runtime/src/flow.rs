@@ -5,7 +5,7 @@ use rand_core::Rng;
 use crate::error::SolveError;
 use crate::format::Stage;
 use crate::math::{copy, standard_normal_log_prob};
-use crate::model::Model;
+use crate::model::{Direction, Model};
 use crate::solver::{RowStream, Solver, Stats, take};
 
 /// The log-density of one row and what it cost.
@@ -141,12 +141,10 @@ impl<'m, 'a> Flow<'m, 'a> {
         let mut stats = Stats::default();
         for (i, stage) in model.stages() {
             match stage {
-                Stage::Affine => {
-                    let (scale, shift, ld) = model.affine(i).ok_or(SolveError::InvalidSolver)?;
-                    for ((v, a), b) in y.iter_mut().zip(scale.iter()).zip(shift.iter()) {
-                        *v = *v * a + b;
-                    }
-                    log_det += ld;
+                Stage::Affine | Stage::Linear => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det +=
+                        model.apply_map(i, &stage, z, Direction::Forward).ok_or(SolveError::InvalidSolver)?;
                 }
                 Stage::Cnf(spec) => {
                     let block = model.cnf_block(i).ok_or(SolveError::InvalidSolver)?;
@@ -209,12 +207,10 @@ impl<'m, 'a> Flow<'m, 'a> {
         let mut stats = Stats::default();
         for (i, stage) in model.stages().rev() {
             match stage {
-                Stage::Affine => {
-                    let (scale, shift, ld) = model.affine(i).ok_or(SolveError::InvalidSolver)?;
-                    for ((v, a), b) in y.iter_mut().zip(scale.iter()).zip(shift.iter()) {
-                        *v = (*v - b) / a;
-                    }
-                    log_det += ld;
+                Stage::Affine | Stage::Linear => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det +=
+                        model.apply_map(i, &stage, z, Direction::Inverse).ok_or(SolveError::InvalidSolver)?;
                 }
                 Stage::Cnf(spec) => {
                     let block = model.cnf_block(i).ok_or(SolveError::InvalidSolver)?;
@@ -388,13 +384,12 @@ impl<'m, 'a> Flow<'m, 'a> {
         let mut stats = Stats::default();
         for (i, stage) in model.stages() {
             match stage {
-                Stage::Affine => {
-                    let (scale, shift, log_det) = model.affine(i).ok_or(SolveError::InvalidSolver)?;
+                Stage::Affine | Stage::Linear => {
                     for (state, ld) in y.chunks_exact_mut(d + 1).zip(out.iter_mut()) {
-                        for ((v, a), b) in state.iter_mut().zip(scale.iter()).zip(shift.iter()) {
-                            *v = *v * a + b;
-                        }
-                        *ld += log_det;
+                        let (z, _) = state.split_at_mut(d);
+                        *ld += model
+                            .apply_map(i, &stage, z, Direction::Forward)
+                            .ok_or(SolveError::InvalidSolver)?;
                     }
                 }
                 Stage::Cnf(spec) => {
@@ -488,13 +483,8 @@ impl RowStream for ChainStream<'_, '_, '_> {
             }
             log_det += model.standardize_log_det();
         }
-        for (i, _) in model.stages().take_while(|&(i, _)| i < self.cnf) {
-            if let Some((scale, shift, ld)) = model.affine(i) {
-                for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {
-                    *v = *v * a + b;
-                }
-                log_det += ld;
-            }
+        for (i, stage) in model.stages().take_while(|&(i, _)| i < self.cnf) {
+            log_det += model.apply_map(i, &stage, z, Direction::Forward).unwrap_or(0.0);
         }
         if let Some(o) = self.out.get_mut(row) {
             *o = log_det;
@@ -508,13 +498,8 @@ impl RowStream for ChainStream<'_, '_, '_> {
         // ℓ(T) = −log|det| of the CNF block.
         let mut log_det = -y.get(d).copied().unwrap_or(f32::NAN);
         let (z, _) = y.split_at_mut(d.min(y.len()));
-        for (i, _) in model.stages().skip_while(|&(i, _)| i <= self.cnf) {
-            if let Some((scale, shift, ld)) = model.affine(i) {
-                for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {
-                    *v = *v * a + b;
-                }
-                log_det += ld;
-            }
+        for (i, stage) in model.stages().skip_while(|&(i, _)| i <= self.cnf) {
+            log_det += model.apply_map(i, &stage, z, Direction::Forward).unwrap_or(0.0);
         }
         if let Some(o) = self.out.get_mut(row) {
             *o += standard_normal_log_prob(z) + log_det;

@@ -14,8 +14,12 @@ use crate::solver::Solver;
 
 /// The first four bytes of every model file.
 pub const MAGIC: [u8; 4] = *b"FFJD";
-/// The format version this runtime writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this runtime reads and writes. Version 2 added
+/// the [`Stage::Linear`] stage; [`encode`] writes the oldest version that can
+/// hold a header ([`Header::version`]), so files without it stay version 1.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this runtime reads.
+pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
 /// blocks with batch norm around each (FFJORD's HEPMASS model has 21).
 pub const MAX_STAGES: usize = 32;
@@ -106,6 +110,27 @@ pub enum Stage {
     /// `y = x ⊙ scale + shift`: the inference form of moving batch norm.
     /// Weights: `scale[dim]`, `shift[dim]`.
     Affine,
+    /// `y = L x + b` with `L` lower-triangular (every diagonal entry non-zero),
+    /// e.g. whitening by a covariance's Cholesky factor. Weights: the lower
+    /// triangle of `L` row by row (`D(D+1)/2` floats: row `i` holds
+    /// `L[i][0..=i]`), then `b[dim]`. Since format version 2.
+    Linear,
+}
+
+impl Stage {
+    /// The oldest format version that has this stage.
+    pub fn min_version(&self) -> u16 {
+        match self {
+            Stage::Cnf(_) | Stage::Affine => 1,
+            Stage::Linear => 2,
+        }
+    }
+}
+
+/// Number of `f32` weights of a [`Stage::Linear`] in dimension `dim`: the
+/// packed lower triangle and the shift.
+pub fn linear_weight_count(dim: usize) -> Option<usize> {
+    dim.checked_mul(dim.checked_add(1)?)?.checked_div(2)?.checked_add(dim)
 }
 
 /// An anomaly threshold on the score `−log p(x)`.
@@ -159,6 +184,12 @@ pub struct Layout {
 }
 
 impl Header<'_> {
+    /// The format version [`encode`] writes for this header: the oldest that
+    /// has every stage in it.
+    pub fn version(&self) -> u16 {
+        self.stages.iter().map(Stage::min_version).max().unwrap_or(MIN_FORMAT_VERSION)
+    }
+
     /// Checks every field and derives the weight layout.
     pub fn layout(&self) -> Result<Layout, LoadError> {
         validate(self.dim, self.standardize, &self.solver, self.threshold, self.stages.iter().cloned())
@@ -191,6 +222,7 @@ fn validate(
         stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
         let stage_count = match &stage {
             Stage::Affine => 2 * dim,
+            Stage::Linear => linear_weight_count(dim).ok_or(LoadError::InvalidField(Field::Size))?,
             Stage::Cnf(cnf) => {
                 any_cnf = true;
                 validate_cnf(cnf, s, dim, &mut max_width)?
@@ -386,7 +418,7 @@ pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<us
     let (preamble, rest) = out.split_at_mut(PREAMBLE_LEN);
     let (magic, version) = preamble.split_at_mut(4);
     magic.copy_from_slice(&MAGIC);
-    version.copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    version.copy_from_slice(&header.version().to_le_bytes());
     let header_len = postcard::to_slice(header, rest).map_err(|_| EncodeError::Serialize)?.len();
     let (_, rest) = rest.split_at_mut(header_len);
     let pad = padding(PREAMBLE_LEN + header_len);

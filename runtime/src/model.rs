@@ -2,8 +2,8 @@
 
 use crate::error::{LoadError, SolveError};
 use crate::format::{
-    CRC_LEN, FORMAT_VERSION, HeaderView, Layout, MAGIC, MAX_STAGES, Metadata, PREAMBLE_LEN, Stage, Threshold,
-    Weights, crc32,
+    CRC_LEN, FORMAT_VERSION, HeaderView, Layout, MAGIC, MAX_STAGES, MIN_FORMAT_VERSION, Metadata,
+    PREAMBLE_LEN, Stage, Threshold, Weights, crc32,
 };
 use crate::net::CnfBlock;
 use crate::solver::Solver;
@@ -20,8 +20,18 @@ pub struct Model<'a> {
     weights: Weights<'a>,
     /// log|det| of input standardization (`−Σ ln std`), 0 without it.
     standardize_log_det: f32,
-    /// log|det| of each affine stage (`Σ ln |scale|`), 0 for CNF stages.
-    affine_log_dets: heapless::Vec<f32, MAX_STAGES>,
+    /// log|det| of each affine or linear stage (`Σ ln |scale|`, `Σ ln |L_ii|`),
+    /// 0 for CNF stages.
+    stage_log_dets: heapless::Vec<f32, MAX_STAGES>,
+}
+
+/// Which way a stage maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// Data side → latent side.
+    Forward,
+    /// Latent side → data side.
+    Inverse,
 }
 
 fn truncated(len: usize, needed: usize) -> LoadError {
@@ -41,7 +51,7 @@ impl<'a> Model<'a> {
         }
         let (version, _) = rest.split_first_chunk::<2>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
         let version = u16::from_le_bytes(*version);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(LoadError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
         let (body, trailer) =
@@ -53,6 +63,9 @@ impl<'a> Model<'a> {
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
         let (header, layout, after_header) = HeaderView::decode(payload)?;
+        if header.stages().any(|s| s.min_version() > version) {
+            return Err(LoadError::InvalidField(crate::error::Field::StageVersion));
+        }
         let header_end = body.len() - after_header.len();
         let pad = (4 - header_end % 4) % 4;
         let (padding, weight_bytes) =
@@ -71,26 +84,30 @@ impl<'a> Model<'a> {
             return Err(LoadError::NonFiniteWeight { index: index as u32 });
         }
         let dim = usize::from(header.dim);
-        let scale_log_det = |start: usize| -> Result<f32, LoadError> {
+        // Σ ln |w| over the weights at these indices, none of which may be zero.
+        let log_abs_sum = |indices: &mut dyn Iterator<Item = usize>| -> Result<f32, LoadError> {
             let mut sum = 0.0f32;
-            for (i, s) in weights.slice(start, dim).iter().enumerate() {
+            for index in indices {
+                let s = weights.get(index).unwrap_or(0.0);
                 if s == 0.0 {
-                    return Err(LoadError::ZeroScale { index: (start + i) as u32 });
+                    return Err(LoadError::ZeroScale { index: index as u32 });
                 }
                 sum += libm::logf(libm::fabsf(s));
             }
             Ok(sum)
         };
-        let standardize_log_det = if header.standardize { -scale_log_det(dim)? } else { 0.0 };
-        let mut affine_log_dets = heapless::Vec::new();
+        let standardize_log_det = if header.standardize { -log_abs_sum(&mut (dim..2 * dim))? } else { 0.0 };
+        let mut stage_log_dets = heapless::Vec::new();
         for (stage, &offset) in header.stages().zip(layout.stage_offsets.iter()) {
             let ld = match stage {
-                Stage::Affine => scale_log_det(offset)?,
+                Stage::Affine => log_abs_sum(&mut (offset..offset + dim))?,
+                // Row i of the packed triangle starts at i(i+1)/2; its diagonal is its last entry.
+                Stage::Linear => log_abs_sum(&mut (0..dim).map(|i| offset + i * (i + 1) / 2 + i))?,
                 Stage::Cnf(_) => 0.0,
             };
-            affine_log_dets.push(ld).map_err(|_| LoadError::MalformedHeader)?;
+            stage_log_dets.push(ld).map_err(|_| LoadError::MalformedHeader)?;
         }
-        Ok(Model { header, layout, weights, standardize_log_det, affine_log_dets })
+        Ok(Model { header, layout, weights, standardize_log_det, stage_log_dets })
     }
 
     /// Data dimension `D`.
@@ -163,7 +180,7 @@ impl<'a> Model<'a> {
                 let w = self.weights.slice(offset, next - offset);
                 Some(CnfBlock::new(spec, w, self.dim(), self.layout.max_width))
             }
-            Stage::Affine => None,
+            Stage::Affine | Stage::Linear => None,
         }
     }
 
@@ -186,15 +203,61 @@ impl<'a> Model<'a> {
         self.standardize_log_det
     }
 
-    /// `(scale, shift, log|det|)` of affine stage `i`.
-    pub(crate) fn affine(&self, i: usize) -> Option<(Weights<'a>, Weights<'a>, f32)> {
+    /// Applies stage `i` (`stage`, as decoded from the header) in place to `z`
+    /// (length `D`) if it is a closed-form map (affine or linear), in
+    /// `direction`, and returns its log|det ∂y/∂x| (the same value both ways);
+    /// `None` for a CNF stage.
+    pub(crate) fn apply_map(
+        &self,
+        i: usize,
+        stage: &Stage,
+        z: &mut [f32],
+        direction: Direction,
+    ) -> Option<f32> {
         let d = self.dim();
         let offset = *self.layout.stage_offsets.get(i)?;
-        Some((
-            self.weights.slice(offset, d),
-            self.weights.slice(offset + d, d),
-            *self.affine_log_dets.get(i)?,
-        ))
+        let log_det = *self.stage_log_dets.get(i)?;
+        match stage {
+            Stage::Cnf(_) => return None,
+            Stage::Affine => {
+                let (scale, shift) = (self.weights.slice(offset, d), self.weights.slice(offset + d, d));
+                for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {
+                    *v = match direction {
+                        Direction::Forward => *v * a + b,
+                        Direction::Inverse => (*v - b) / a,
+                    };
+                }
+            }
+            Stage::Linear => {
+                let triangle = crate::format::linear_weight_count(d)? - d;
+                let shift = self.weights.slice(offset + triangle, d);
+                let row = |i: usize| self.weights.slice(offset + i * (i + 1) / 2, i + 1);
+                match direction {
+                    // y_i = Σ_{j≤i} L_ij x_j + b_i, last row first, so every
+                    // row reads inputs not yet overwritten.
+                    Direction::Forward => {
+                        for i in (0..d.min(z.len())).rev() {
+                            let y = row(i).dot(z) + shift.get(i).unwrap_or(0.0);
+                            if let Some(v) = z.get_mut(i) {
+                                *v = y;
+                            }
+                        }
+                    }
+                    // Forward substitution: x_i = (y_i − b_i − Σ_{j<i} L_ij x_j) / L_ii.
+                    Direction::Inverse => {
+                        for i in 0..d.min(z.len()) {
+                            let (l, diag) = row(i).split_at(i);
+                            let (solved, rest) = z.split_at_mut(i);
+                            if let Some(v) = rest.first_mut() {
+                                *v = (*v - shift.get(i).unwrap_or(0.0) - l.dot(solved))
+                                    / diag.get(0).unwrap_or(1.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(log_det)
     }
 
     /// Checks an input row's length and values.

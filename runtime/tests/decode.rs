@@ -76,7 +76,11 @@ fn typed_errors_for_magic_version_and_crc() {
     assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::BadMagic);
     let mut b = GOLDEN.to_vec();
     b[4] = 9;
-    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::UnsupportedVersion { found: 9, supported: 1 });
+    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::UnsupportedVersion { found: 9, supported: 2 });
+    let mut b = GOLDEN.to_vec();
+    b[4] = 0;
+    reseal(&mut b);
+    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::UnsupportedVersion { found: 0, supported: 2 });
     let mut b = GOLDEN.to_vec();
     b[30] ^= 0x10;
     assert!(matches!(Model::from_bytes(&b), Err(LoadError::ChecksumMismatch { .. })));
@@ -87,6 +91,23 @@ fn reseal(b: &mut [u8]) {
     let n = b.len() - 4;
     let crc = crc32(&b[..n]);
     b[n..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Files are written at the oldest version that holds them: without a
+/// `Linear` stage version 1 (what older runtimes read), with one version 2; a
+/// version-1 file that claims a `Linear` stage is rejected.
+#[test]
+fn version_follows_the_stages() {
+    assert_eq!(u16::from_le_bytes([GOLDEN[4], GOLDEN[5]]), 1);
+    let stages = vec![Stage::Linear, Stage::Cnf(cnf(2, &[4], &[LayerKind::Concat], Activation::Tanh, 1.0))];
+    let h = header(2, false, stages, Solver::Rk4 { steps: 2 });
+    let w = random_weights(&h, &mut rng(3));
+    let mut b = encode_model(&h, &w);
+    assert_eq!(u16::from_le_bytes([b[4], b[5]]), 2);
+    assert!(Model::from_bytes(&b).is_ok());
+    b[4] = 1;
+    reseal(&mut b);
+    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::InvalidField(Field::StageVersion));
 }
 
 #[test]
@@ -106,6 +127,21 @@ fn hostile_headers_with_valid_crc_are_rejected_by_field() {
     b[19] = 0;
     reseal(&mut b);
     assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::InvalidField(Field::Solver));
+    // RK4 steps above the ceiling (a hostile u32::MAX): the varint grows, so
+    // the file is laid out again around the new header.
+    for steps in [ffjord_runtime::solver::MAX_STEPS + 1, u32::MAX] {
+        let (mut h, w) = tiny();
+        h.solver = Solver::Rk4 { steps };
+        let mut buf = [0u8; 256];
+        let header = postcard::to_slice(&h, &mut buf).unwrap();
+        let mut b = b"FFJD\x01\x00".to_vec();
+        b.extend(&*header);
+        b.resize(b.len().next_multiple_of(4), 0);
+        b.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+        b.extend([0; 4]);
+        reseal(&mut b);
+        assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::InvalidField(Field::Solver), "{steps}");
+    }
     // Last layer width ≠ dim.
     let mut b = GOLDEN.to_vec();
     b[12] = 2;

@@ -75,6 +75,76 @@ fn linear_flow_matches_closed_form() {
     }
 }
 
+/// A linear stage `y = L x + b` before a CNF whose net is zero (the identity
+/// map): the model is the Gaussian `N(−L⁻¹b, (LᵀL)⁻¹)`, whose log-density is
+/// `log N(L x + b; 0, I) + Σ ln |L_ii|` — checked in float64 on the one-row,
+/// batch and packed paths, and the inverse maps latents back exactly.
+#[test]
+fn linear_stage_gives_the_gaussian_it_whitens() {
+    let d = 5usize;
+    let stages = vec![
+        Stage::Linear,
+        Stage::Cnf(cnf(d as u16, &[8], &[LayerKind::ConcatSquash], Activation::Tanh, 0.5)),
+    ];
+    let h = header(d as u16, true, stages, TIGHT);
+    let mut w = random_weights(&h, &mut rng(31));
+    // Keep standardization and the linear stage; zero the CNF's net.
+    let linear_end = 2 * d + d * (d + 1) / 2 + d;
+    w[linear_end..].fill(0.0);
+    let bytes = encode_model(&h, &w);
+    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 2, "a linear stage needs format version 2");
+    let model = Model::from_bytes(&bytes).unwrap();
+    let (mean, std) = (&w[..d], &w[d..2 * d]);
+    let tri = &w[2 * d..2 * d + d * (d + 1) / 2];
+    let b = &w[2 * d + d * (d + 1) / 2..linear_end];
+    let l = DMatrix::from_fn(d, d, |i, j| if j <= i { tri[i * (i + 1) / 2 + j] as f64 } else { 0.0 });
+    let log_det =
+        (0..d).map(|i| l[(i, i)].abs().ln()).sum::<f64>() - std.iter().map(|&s| (s as f64).ln()).sum::<f64>();
+    let flow = Flow::new(&model, TIGHT).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let mut r = rng(32);
+    let xs: Vec<f32> = (0..20 * d).map(|_| uniform(&mut r, 2.0)).collect();
+    let mut expected = Vec::new();
+    for x in xs.chunks_exact(d) {
+        let u = nalgebra::DVector::from_fn(d, |i, _| ((x[i] - mean[i]) / std[i]) as f64);
+        let z = &l * u + nalgebra::DVector::from_fn(d, |i, _| b[i] as f64);
+        let want = std_normal_logprob64(z.as_slice()) + log_det;
+        let mut latent = vec![0.0f32; d];
+        let got = flow.forward(x, Some(&mut latent), &mut scratch).unwrap();
+        // Stated tolerance: 1e-5 nats (f32 arithmetic on values of order 10).
+        assert!((got.log_p as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{} vs {want}", got.log_p);
+        for (a, e) in latent.iter().zip(z.iter()) {
+            assert!((*a as f64 - e).abs() < 1e-5, "latent {a} vs {e}");
+        }
+        // The inverse (forward substitution) takes the latent back to x.
+        let back = flow.inverse(&mut latent, &mut scratch).unwrap();
+        for (a, e) in latent.iter().zip(x) {
+            assert!((a - e).abs() < 1e-4 * (1.0 + e.abs()), "inverse {a} vs {e}");
+        }
+        assert!((back.log_p - got.log_p).abs() < 1e-4 * (1.0 + want.abs() as f32));
+        expected.push(want);
+    }
+    let mut packed = vec![0.0f32; 20];
+    let mut packed_scratch = vec![0.0; flow.packed_scratch_len(8)];
+    flow.log_density_packed(&xs, &mut packed, 8, &mut packed_scratch).unwrap();
+    for (a, e) in packed.iter().zip(&expected) {
+        assert!((*a as f64 - e).abs() < 1e-5 * (1.0 + e.abs()), "packed {a} vs {e}");
+    }
+}
+
+/// A zero on the linear stage's diagonal is not invertible: rejected at load,
+/// naming the weight.
+#[test]
+fn linear_stage_with_a_zero_diagonal_is_rejected() {
+    let stages = vec![Stage::Linear, Stage::Cnf(cnf(3, &[4], &[LayerKind::Concat], Activation::Tanh, 1.0))];
+    let h = header(3, false, stages, TIGHT);
+    let mut w = random_weights(&h, &mut rng(5));
+    // Row 2 of the packed triangle starts at 3; its diagonal is entry 3 + 2.
+    w[5] = 0.0;
+    let bytes = encode_model(&h, &w);
+    assert_eq!(Model::from_bytes(&bytes).unwrap_err(), ffjord_runtime::LoadError::ZeroScale { index: 5 });
+}
+
 #[test]
 fn standardization_and_affine_log_dets_are_in_log_p() {
     let d = 3;

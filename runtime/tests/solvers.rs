@@ -190,6 +190,60 @@ fn finite_time_blow_up_is_an_error_not_a_panic() {
     assert!(matches!(err, Err(SolveError::NonFiniteState { .. })), "{err:?}");
 }
 
+/// A derivative that is NaN where the state is huge (an overflowing net).
+struct NanFar;
+
+impl Dynamics for NanFar {
+    fn dim(&self) -> usize {
+        1
+    }
+    fn work_len(&self) -> usize {
+        0
+    }
+    fn eval(&self, _t: f32, y: &[f32], dy: &mut [f32], _work: &mut [f32]) {
+        dy[0] = if y[0].abs() > 1e30 { f32::NAN } else { -y[0] };
+    }
+}
+
+/// A NaN step-size proposal fails at once with the error that names it. On
+/// the committed satellite model, `inverse` from z = 3e38 used to fail every
+/// underflow comparison with a NaN step and spend the whole budget (100,000
+/// steps, 40–65 s) before reporting `MaxStepsReached`.
+#[test]
+fn a_nan_step_size_fails_fast() {
+    let bytes =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/satellite/model.ffjd")).unwrap();
+    let model = ffjord_runtime::Model::from_bytes(&bytes).unwrap();
+    let flow = ffjord_runtime::Flow::new(&model, model.default_solver()).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let mut z = vec![3e38f32; model.dim()];
+    let err = flow.inverse(&mut z, &mut scratch).unwrap_err();
+    assert!(matches!(err, SolveError::NonFiniteStep { .. }), "{err:?}");
+    // A fixed-step solver stops at the first non-finite state.
+    let mut work = vec![0.0; 64];
+    let mut y = vec![3e38];
+    let err = Solver::Rk4 { steps: 100 }.integrate(&NanFar, 0.0, 1.0, &mut y, &mut work);
+    assert_eq!(err, Err(SolveError::NonFiniteState { t: 0.01 }));
+}
+
+/// Step counts above the ceiling are invalid settings (a model file asking
+/// for them is rejected at load: `tests/decode.rs`), so `u32::MAX` steps can
+/// neither run for hours nor overflow the NFE counter.
+#[test]
+fn step_counts_above_the_ceiling_are_invalid() {
+    let mut work = vec![0.0; 64];
+    let mut y = vec![1.0];
+    for solver in [
+        Solver::Rk4 { steps: u32::MAX },
+        Solver::Euler { steps: ffjord_runtime::solver::MAX_STEPS + 1 },
+        Solver::Dopri5(Dopri5 { max_steps: u32::MAX, ..Dopri5::default() }),
+    ] {
+        assert_eq!(solver.integrate(&NanFar, 0.0, 1.0, &mut y, &mut work), Err(SolveError::InvalidSolver));
+    }
+    let ok = Solver::Euler { steps: ffjord_runtime::solver::MAX_STEPS };
+    assert!(ok.validate().is_ok());
+}
+
 #[test]
 fn bad_settings_and_short_scratch_are_errors() {
     let mut y = vec![1.0, 0.0];

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let iterations: u32 = arg("--iterations").map_or(Ok(20), |s| s.parse())?;
     let cfg = TrainConfig { hidden: vec![64, 64, 64], ..Default::default() };
     let vs = nn::VarStore::new(Device::Cpu);
-    let chain = ffjord_trainer::train::build_chain(&vs, &cfg, 2);
+    let chain = ffjord_trainer::train::build_chain(&vs, &cfg, 2, None).unwrap();
     if let Some(path) = arg("--init-json") {
         let zeros = Tensor::zeros([2], (Kind::Double, Device::Cpu));
         let info = ExportInfo {

@@ -84,6 +84,12 @@ pub struct TrainConfig {
     /// Standard deviation of Gaussian noise added to every training batch, in
     /// standardized units (0: none). Smooths the learned density at that scale.
     pub input_noise: f64,
+    /// Start the chain as the training rows' full-covariance Gaussian: a
+    /// fixed whitening stage (`L⁻¹(x − m)`, `C = L Lᵀ`) before the CNF blocks,
+    /// whose nets start at zero (the identity map). A config file without
+    /// this field (from before it existed) means `false`.
+    #[serde(default)]
+    pub whiten: bool,
     /// Use at most this many (seeded, random) validation / test rows.
     pub valid_rows: Option<usize>,
     pub test_rows: Option<usize>,
@@ -141,6 +147,7 @@ impl Default for TrainConfig {
             test_data: None,
             dequantize: true,
             input_noise: 0.0,
+            whiten: false,
             valid_rows: None,
             test_rows: None,
             valid_fraction: 0.1,
@@ -222,7 +229,11 @@ impl TrainConfig {
             "--jacobian reuses the Hutchinson vector-Jacobian product: use --trace gaussian or rademacher"
         );
         anyhow::ensure!(self.valid_every >= 1, "valid_every must be at least 1");
-        anyhow::ensure!(self.steps >= 1, "steps must be at least 1");
+        let ceiling = ffjord_runtime::solver::MAX_STEPS;
+        anyhow::ensure!(
+            (1..=ceiling).contains(&self.steps) && (1..=ceiling).contains(&self.max_steps),
+            "steps and max_steps must be in 1..={ceiling} (the runtime's ceiling)"
+        );
         anyhow::ensure!(self.blocks >= 1, "blocks must be at least 1");
         anyhow::ensure!(self.hidden.iter().all(|&h| h >= 1), "hidden widths must be at least 1");
         anyhow::ensure!(
@@ -251,6 +262,13 @@ impl TrainConfig {
             SolverArg::Midpoint => Method::Midpoint { steps: self.steps },
             SolverArg::Euler => Method::Euler { steps: self.steps },
         }
+    }
+
+    /// The exported model's default solver: Dopri5 at `eval_tol` with the
+    /// `max_steps` asked for (validation in the trainer allows more:
+    /// [`TrainConfig::eval_method`]).
+    pub fn export_method(&self) -> crate::ode::Method {
+        crate::ode::Method::Dopri5 { rtol: self.eval_tol, atol: self.eval_tol, max_steps: self.max_steps }
     }
 
     /// The evaluation solver (Dopri5 at `eval_tol`).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub struct JsonModel {
     /// Always `"ffjord-model"`.
     pub format: String,
-    /// The model file format version it corresponds to (1).
+    /// The model file format version it corresponds to (1, or 2 with a `linear` stage).
     pub version: u16,
     pub dim: u16,
     /// Input standardization `(x − mean) / std`, if any.
@@ -49,6 +49,9 @@ pub enum JsonStage {
     Cnf { end_time: f32, activation: Activation, layers: Vec<JsonLayer> },
     /// `y = x ⊙ scale + shift`.
     Affine { scale: Vec<f32>, shift: Vec<f32> },
+    /// `y = L x + shift` with `L` lower-triangular: `lower[i]` is row `i` of
+    /// `L` up to its diagonal (`i + 1` values).
+    Linear { lower: Vec<Vec<f32>>, shift: Vec<f32> },
 }
 
 /// One layer: `weight` is `[out][in]` (`[out][in + 1]` for `Concat`, time first).
@@ -85,6 +88,10 @@ pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
     for stage in h.stages() {
         match stage {
             Stage::Affine => stages.push(JsonStage::Affine { scale: take(d), shift: take(d) }),
+            Stage::Linear => {
+                let lower = (0..d).map(|i| take(i + 1)).collect();
+                stages.push(JsonStage::Linear { lower, shift: take(d) });
+            }
             Stage::Cnf(c) => {
                 let mut layers = Vec::new();
                 let mut d_in = d;
@@ -109,7 +116,7 @@ pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
     let m = &h.metadata;
     Ok(JsonModel {
         format: "ffjord-model".into(),
-        version: ffjord_runtime::format::FORMAT_VERSION,
+        version: h.stages().map(|s| s.min_version()).max().unwrap_or(1),
         dim: h.dim,
         standardize,
         stages,
@@ -126,11 +133,12 @@ pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
 /// Encodes the JSON form as a model file, naming the stage, layer and field of any inconsistency.
 pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
     ensure!(j.format == "ffjord-model", "\"format\" must be \"ffjord-model\", found \"{}\"", j.format);
+    let (oldest, newest) =
+        (ffjord_runtime::format::MIN_FORMAT_VERSION, ffjord_runtime::format::FORMAT_VERSION);
     ensure!(
-        j.version == ffjord_runtime::format::FORMAT_VERSION,
-        "\"version\" {} is not supported (this build writes {})",
+        (oldest..=newest).contains(&j.version),
+        "\"version\" {} is not supported (this build reads {oldest} to {newest})",
         j.version,
-        ffjord_runtime::format::FORMAT_VERSION
     );
     let d = usize::from(j.dim);
     let mut weights = Vec::new();
@@ -150,6 +158,22 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                 weights.extend(scale);
                 weights.extend(shift);
                 Stage::Affine
+            }
+            JsonStage::Linear { lower, shift } => {
+                ensure!(j.version >= 2, "stages[{si}] linear needs \"version\": 2");
+                ensure!(lower.len() == d, "stages[{si}] linear: lower needs {d} rows, found {}", lower.len());
+                for (r, row) in lower.iter().enumerate() {
+                    ensure!(
+                        row.len() == r + 1,
+                        "stages[{si}] linear: lower[{r}] needs {} values (up to the diagonal), found {}",
+                        r + 1,
+                        row.len()
+                    );
+                    weights.extend(row);
+                }
+                ensure!(shift.len() == d, "stages[{si}] linear: shift needs {d} values");
+                weights.extend(shift);
+                Stage::Linear
             }
             JsonStage::Cnf { end_time, activation, layers } => {
                 let mut specs = heapless::Vec::new();

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ffjord_runtime::{Flow, Model, Solver, Verdict};
 use tch::{Device, Kind};
 
@@ -222,12 +222,15 @@ struct FitArgs {
     /// Test file (optional, with --valid-data).
     #[arg(long)]
     test_data: Option<PathBuf>,
-    /// Dequantize columns on a decimal grid with ties, fresh noise each batch (true/false) [default: true].
+    /// Dequantize columns on a decimal grid with ties, fresh noise each batch (true/false).
     #[arg(long)]
     dequantize: Option<bool>,
-    /// Gaussian noise (standardized units) added to each training batch [default: 0].
+    /// Gaussian noise (standardized units) added to each training batch.
     #[arg(long)]
     input_noise: Option<f64>,
+    /// Start as the full-covariance Gaussian: whiten, then CNFs initialised to the identity (true/false).
+    #[arg(long)]
+    whiten: Option<bool>,
     /// Use at most this many (seeded, random) validation rows.
     #[arg(long)]
     valid_rows: Option<usize>,
@@ -356,6 +359,7 @@ impl FitArgs {
             batch_norm,
             dequantize,
             input_noise,
+            whiten,
             end_time,
             train_end_time,
             trace,
@@ -515,8 +519,31 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
+/// The CLI with `trainer fit`'s defaults shown in its help: they come from
+/// `TrainConfig::default()` (the flags are optional so that a `--config` file
+/// can set them), so the help cannot drift from the values used.
+fn cli_command() -> clap::Command {
+    let defaults = toml::Value::try_from(TrainConfig::default()).ok();
+    let table = defaults.as_ref().and_then(toml::Value::as_table).cloned().unwrap_or_default();
+    Cli::command().mut_subcommand("fit", |fit| {
+        let ids: Vec<String> = fit.get_arguments().map(|a| a.get_id().to_string()).collect();
+        ids.into_iter().fold(fit, |fit, id| match table.get(&id) {
+            Some(value) => fit.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let shown = match value {
+                    toml::Value::Array(v) => v.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                arg.help(format!("{help} [default: {shown}]").trim_start().to_string())
+            }),
+            None => fit,
+        })
+    })
+}
+
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches())?;
     match cli.command {
         Command::Fit(args) => {
             let cfg = args.config()?;
@@ -685,6 +712,9 @@ fn check_width(what: &str, table: &data::Table, model: &std::path::Path, dim: us
     Ok(())
 }
 
+/// Rows `trainer eval` integrates together.
+const EVAL_CHUNK_ROWS: i64 = 4096;
+
 fn eval(args: &EvalArgs) -> Result<()> {
     let (bytes, table, labels) = match &args.labels {
         Some(col) => {
@@ -703,15 +733,20 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
     let opts = model::SolveOptions::eval(method);
-    let out = tch::no_grad(|| chain.log_prob(&x, &opts))?;
-    let log_p = Vec::<f64>::try_from(&out.log_p)?;
+    // In chunks: memory stays bounded however many rows the file has (one
+    // batch of 144k rows took 4 GB); each chunk takes its own adaptive steps.
+    let (mut log_p, mut nfe) = (Vec::with_capacity(table.rows), 0u64);
+    for chunk in x.split(EVAL_CHUNK_ROWS, 0) {
+        let out = tch::no_grad(|| chain.log_prob(&chunk, &opts))?;
+        log_p.extend(Vec::<f64>::try_from(&out.log_p)?);
+        nfe += u64::from(out.stats.solve.nfe);
+    }
     let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
     let d = model.dim() as f64;
     println!(
-        "rows {}  NLL {nll:.6} nats  ({:.6} bits/dim)  NFE {}",
+        "rows {}  NLL {nll:.6} nats in data units ({:.6} bits/dim)  NFE {nfe} (summed over chunks of {EVAL_CHUNK_ROWS} rows)",
         log_p.len(),
         nll / d / 2f64.ln(),
-        out.stats.solve.nfe
     );
     if let Some(p) = &args.rows_out {
         write_table(p, &["log_p".into()], log_p.iter().map(|&v| vec![v]))?;
@@ -719,7 +754,8 @@ fn eval(args: &EvalArgs) -> Result<()> {
     if let Some(labels) = labels {
         let scores: Vec<f64> = log_p.iter().map(|v| -v).collect();
         let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
-        let q = model.threshold().map_or(f64::NAN, |t| f64::from(t.quantile));
+        // f32's shortest form ("0.99"), not its f64 widening (0.9900000095367432).
+        let q = model.threshold().map_or("none".to_string(), |t| t.quantile.to_string());
         let m = ffjord_trainer::anomaly::detection(&scores, &labels, threshold);
         let pos = labels.iter().filter(|&&a| a).count();
         println!("anomalies {pos} of {}", labels.len());
@@ -866,6 +902,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
                 println!("stage {i}     CNF T={} {:?} [{}]", c.end_time, c.activation, widths.join(", "));
             }
             ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
+            ffjord_runtime::Stage::Linear => println!("stage {i}     linear (lower-triangular)"),
         }
     }
     println!("solver      {:?}", model.default_solver());

@@ -8,7 +8,7 @@ use ffjord_runtime::format::{encode, encoded_len};
 use ffjord_runtime::{Header, Metadata, Model, Stage, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::model::{Affine, Chain, Cnf, OdeNet, push};
+use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, push};
 use crate::ode::Method;
 
 /// What goes into the header besides the chain.
@@ -101,6 +101,18 @@ pub fn chain_from_model(
                     shift: t(&weights[off + d..off + 2 * d]),
                 }));
                 off += 2 * d;
+            }
+            Stage::Linear => {
+                let mut matrix = vec![0f32; d * d];
+                for i in 0..d {
+                    let row = &weights[off + i * (i + 1) / 2..off + (i + 1) * (i + 2) / 2];
+                    matrix[i * d..i * d + i + 1].copy_from_slice(row);
+                }
+                off += d * (d + 1) / 2;
+                let linear =
+                    Linear { matrix: t(&matrix).reshape([dim, dim]), shift: t(&weights[off..off + d]) };
+                layers.push(Box::new(linear));
+                off += d;
             }
             Stage::Cnf(spec) => {
                 let p = vs.root() / "chain" / i;

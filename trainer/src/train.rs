@@ -10,14 +10,29 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
-use crate::model::{Chain, Cnf, FlowLayer, MovingBatchNorm, OdeNet, SolveOptions};
+use crate::model::{Chain, Cnf, FlowLayer, Linear, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 use crate::optim::Adam;
 
+/// Ridge added to the whitening covariance (standardized units): keeps the
+/// Cholesky factor finite for collinear or constant columns, as the Gaussian
+/// baseline's 1e-6.
+const WHITENING_RIDGE: f64 = 1e-6;
+
 /// Builds the chain the config describes under `vs`.
-/// With `batch_norm`: BN, CNF₁, BN, CNF₂, …, BN (spec §2.6).
-pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64) -> Chain {
+/// With `batch_norm`: BN, CNF₁, BN, CNF₂, …, BN (spec §2.6). With `whiten`,
+/// a whitening stage comes first, fitted to `splits`' training rows (as the
+/// flow sees them: dequantization noise included) when given — else left
+/// for a checkpoint to fill — and every CNF's net starts at zero.
+pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64, splits: Option<&Splits>) -> Result<Chain> {
     let mut layers: Vec<Box<dyn FlowLayer>> = Vec::new();
+    if cfg.whiten {
+        let linear = Linear::new(&(vs.root() / "chain" / 0), dim);
+        if let Some(s) = splits {
+            linear.set_whitening(&s.train, &(s.noise.square() / 12.0), WHITENING_RIDGE)?;
+        }
+        layers.push(Box::new(linear));
+    }
     let bn = |layers: &mut Vec<Box<dyn FlowLayer>>| {
         let i = layers.len();
         layers.push(Box::new(MovingBatchNorm::new(&(vs.root() / "chain" / i), dim)));
@@ -29,15 +44,15 @@ pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64) -> Chain {
         let p = vs.root() / "chain" / layers.len();
         let mut net =
             OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
-        if cfg.kinetic != 0.0 || cfg.jacobian != 0.0 {
-            net.zero_last_layer(); // RNODE's initialisation
+        if cfg.kinetic != 0.0 || cfg.jacobian != 0.0 || cfg.whiten {
+            net.zero_last_layer(); // RNODE's initialisation; with whitening, start as the Gaussian
         }
         layers.push(Box::new(Cnf::new(&p, Box::new(net), cfg.end_time, cfg.train_end_time)));
         if cfg.batch_norm {
             bn(&mut layers);
         }
     }
-    Chain { layers, dim }
+    Ok(Chain { layers, dim })
 }
 
 /// Where a run keeps its files.
@@ -161,7 +176,7 @@ pub fn fit(
     let noise = splits.dequantizes().then(|| to_dev(&splits.noise));
 
     let mut vs = nn::VarStore::new(device);
-    let chain = build_chain(&vs, cfg, dim);
+    let chain = build_chain(&vs, cfg, dim, Some(&splits))?;
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut state = RunState::default();
     if resume {
@@ -254,7 +269,7 @@ pub fn fit(
             say(
                 &bar,
                 format!(
-                    "iteration {}: validation NLL {nll:.4} nats (best {:.4})",
+                    "iteration {}: validation NLL {nll:.4} nats on standardized data (best {:.4})",
                     state.iteration,
                     state.best_valid.unwrap_or(nll)
                 ),
@@ -427,7 +442,7 @@ pub fn export(
     let info = ExportInfo {
         mean: &splits.mean,
         std: &splits.std,
-        solver: cfg.eval_method(),
+        solver: cfg.export_method(),
         threshold,
         name: &name,
         description,
@@ -484,7 +499,7 @@ pub fn export_run(
     tch::manual_seed(cfg.seed);
     let (splits, description) = prepare_data(&cfg)?;
     let mut vs = nn::VarStore::new(device);
-    let chain = build_chain(&vs, &cfg, splits.dim());
+    let chain = build_chain(&vs, &cfg, splits.dim(), None)?;
     let best = run.path("best.ot");
     vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
     let valid = splits.valid.to_kind(Kind::Float).to_device(device);

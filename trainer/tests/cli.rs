@@ -79,7 +79,8 @@ fn assert_parity(dir: &Path, model: &str, points: &str) {
         let line: Vec<String> = row.iter().map(|v| v.to_string()).collect();
         std::fs::write(dir.join(&file), format!("{}\n", line.join(","))).unwrap();
         let printed = ok(&["eval", "--model", model_name, "--data", &file, "--tol", "1e-5"], dir);
-        let tch_nfe: u32 = printed.rsplit("NFE ").next().unwrap().trim().parse().unwrap();
+        let tch_nfe: u32 =
+            printed.rsplit("NFE ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
         let x: Vec<f32> = row.iter().map(|&v| v as f32).collect();
         let rt_nfe = flow.log_density(&x, &mut scratch).unwrap().stats.nfe;
         assert_eq!(rt_nfe, tch_nfe, "row {i}: runtime NFE {rt_nfe}, trainer NFE {tch_nfe}");
@@ -153,6 +154,38 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     assert_parity(d, "six.ffjd", "six-200.csv");
     let inspected = ok(&["inspect", "six.ffjd"], d);
     assert_eq!(inspected.matches("affine").count(), 3, "{inspected}");
+    // Whitened: a linear stage (format version 2) before the CNF; the runtime's
+    // triangular map agrees with the trainer's, and JSON round-trips it.
+    ok(
+        &[
+            "fit",
+            "--data",
+            "six.csv",
+            "--out",
+            "white.ffjd",
+            "--iterations",
+            "20",
+            "--valid-every",
+            "10",
+            "--hidden",
+            "24,24",
+            "--trace",
+            "gaussian",
+            "--batch",
+            "256",
+            "--whiten",
+            "true",
+        ],
+        d,
+    );
+    assert_parity(d, "white.ffjd", "six-200.csv");
+    assert!(ok(&["inspect", "white.ffjd"], d).contains("linear"));
+    let white = std::fs::read(d.join("white.ffjd")).unwrap();
+    assert_eq!(u16::from_le_bytes([white[4], white[5]]), 2);
+    ok(&["export", "--run-dir", "white.run", "--out", "white.json", "--format", "json"], d);
+    ok(&["import", "white.json", "--out", "white-imported.ffjd"], d);
+    let scores = |m: &str| ok(&["score", "--model", m, "--data", "six-200.csv"], d);
+    assert_eq!(scores("white.ffjd"), scores("white-imported.ffjd"));
     let metrics = std::fs::read_to_string(d.join("six.run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 16, "4 epochs of 960 rows in batches of 256");
     // A solver budget at export: the cheapest solver within ε of the reference becomes the default.

@@ -207,7 +207,7 @@ fn gradients_agree_with_batch_norm_between_blocks() {
     };
     tch::manual_seed(5);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let c = ffjord_trainer::train::build_chain(&vs, &cfg, 3);
+    let c = ffjord_trainer::train::build_chain(&vs, &cfg, 3, None).unwrap();
     vs.double();
     assert_eq!(c.layers.len(), 5);
     // Move the running statistics and the BN log-scales off their initial values.

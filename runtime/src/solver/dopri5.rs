@@ -49,7 +49,7 @@ const MAX_SHRINK: f64 = 0.2;
 /// |---|---|---|---|
 /// | `rtol` | 1e-5 | relative tolerance per element | > 0 |
 /// | `atol` | 1e-5 | absolute tolerance per element | > 0 |
-/// | `max_steps` | 10 000 | attempted steps before [`SolveError::MaxStepsReached`] | ≥ 1 |
+/// | `max_steps` | 10 000 | attempted steps before [`SolveError::MaxStepsReached`] | 1 ..= [`super::MAX_STEPS`] |
 /// | `min_step` | 0 | smallest step before [`SolveError::StepSizeUnderflow`] (float resolution always applies) | ≥ 0 |
 /// | `first_step` | `None` | initial step; `None` selects it (Hairer–Nørsett–Wanner, 2 NFE) | > 0 |
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +83,7 @@ impl Dopri5 {
         let ok = positive(self.rtol)
             && positive(self.atol)
             && self.max_steps > 0
+            && self.max_steps <= super::MAX_STEPS
             && self.min_step.is_finite()
             && self.min_step >= 0.0
             && self.first_step.is_none_or(positive);
@@ -153,12 +154,12 @@ impl Dopri5 {
         let mut h = {
             let (k1, rest) = take(ks, n)?;
             f.eval(t0 as f32, y, k1, fwork);
-            stats.nfe += 1;
+            stats.nfe = stats.nfe.saturating_add(1);
             match self.first_step {
                 Some(h) => f64::from(h),
                 None => {
                     let (k2, _) = take(rest, n)?;
-                    stats.nfe += 1;
+                    stats.nfe = stats.nfe.saturating_add(1);
                     self.initial_step(f, t0, dir, y, k1, ytmp, k2, fwork)
                 }
             }
@@ -169,7 +170,7 @@ impl Dopri5 {
                 return Ok(stats);
             };
             let hs = dir * step;
-            stats.nfe += stages(&TABLEAU, f, t, hs, y, ks, ytmp, fwork, 1)?;
+            stats.nfe = stats.nfe.saturating_add(stages(&TABLEAU, f, t, hs, y, ks, ytmp, fwork, 1)?);
             // ytmp holds y₁, the input of stage 7 (FSAL); the error is h Σ ERR_i k_i.
             err.fill(0.0);
             axpy_stages(err, hs as f32, &ERR, ks);
@@ -183,9 +184,9 @@ impl Dopri5 {
                 let (_, k7) = take(rest, (STAGES - 2) * n)?;
                 k1.copy_from_slice(k7);
                 t = if last { t1 } else { t + hs };
-                stats.accepted += 1;
+                stats.accepted = stats.accepted.saturating_add(1);
             } else {
-                stats.rejected += 1;
+                stats.rejected = stats.rejected.saturating_add(1);
             }
             h = step * step_factor(r);
         }
@@ -211,10 +212,15 @@ impl Dopri5 {
         if attempted >= self.max_steps {
             return Err(SolveError::MaxStepsReached { t: t as f32, steps: attempted });
         }
+        // A NaN or infinite proposal (from an overflowed state or derivative
+        // in the initial-step estimate) would fail every comparison below and
+        // burn the whole step budget: fail at once instead.
+        if !h.is_finite() {
+            return Err(SolveError::NonFiniteStep { t: t as f32 });
+        }
         let last = h >= remaining;
         let step = if last { remaining } else { h };
         let dir = if t1 > t { 1.0 } else { -1.0 };
-        // `step` is finite here (h starts finite and factors are clamped).
         if step < f64::from(self.min_step) || t + dir * step == t || step <= span * 1e-12 {
             return Err(SolveError::StepSizeUnderflow { t: t as f32, h: (dir * step) as f32 });
         }

@@ -173,7 +173,7 @@ impl Dopri5 {
                 match slot.phase {
                     Phase::Idle => {}
                     Phase::First => {
-                        slot.stats.nfe += 1;
+                        slot.stats.nfe = slot.stats.nfe.saturating_add(1);
                         copy(chunk_mut(stage_mut(ks, 0, n), s, len), out);
                         match self.first_step {
                             Some(h) => {
@@ -190,7 +190,7 @@ impl Dopri5 {
                         }
                     }
                     Phase::Probe => {
-                        slot.stats.nfe += 1;
+                        slot.stats.nfe = slot.stats.nfe.saturating_add(1);
                         let (y0, f0) = (chunk(y, s, len), chunk(stage(ks, 0, n), s, len));
                         let diff = chunk_mut(err, s, len);
                         for ((d, &a), &b) in diff.iter_mut().zip(out).zip(f0) {
@@ -203,12 +203,12 @@ impl Dopri5 {
                         slot.phase = Phase::Stage(1);
                     }
                     Phase::Stage(i) if i + 1 < STAGES => {
-                        slot.stats.nfe += 1;
+                        slot.stats.nfe = slot.stats.nfe.saturating_add(1);
                         copy(chunk_mut(stage_mut(ks, i, n), s, len), out);
                         slot.phase = Phase::Stage(i + 1);
                     }
                     Phase::Stage(i) => {
-                        slot.stats.nfe += 1;
+                        slot.stats.nfe = slot.stats.nfe.saturating_add(1);
                         copy(chunk_mut(stage_mut(ks, i, n), s, len), out);
                         // The last stage's input is y₁ (FSAL); error h Σ ERR_j k_j.
                         let e = chunk_mut(err, s, len);
@@ -233,9 +233,9 @@ impl Dopri5 {
                             let (k1s, rest) = ks.split_at_mut(n.min(ks.len()));
                             copy(chunk_mut(k1s, s, len), chunk(stage(rest, STAGES - 2, n), s, len));
                             slot.t = if slot.last { t1 } else { slot.t + slot.hs };
-                            slot.stats.accepted += 1;
+                            slot.stats.accepted = slot.stats.accepted.saturating_add(1);
                         } else {
-                            slot.stats.rejected += 1;
+                            slot.stats.rejected = slot.stats.rejected.saturating_add(1);
                         }
                         slot.h = slot.hs.abs() * step_factor(ratio);
                         slot.phase = Phase::Stage(1);

@@ -90,6 +90,14 @@ pub enum Solver {
     Dopri5(Dopri5),
 }
 
+/// The most steps any solver may take in one integration: fixed `steps` and
+/// Dopri5's `max_steps` above it are invalid (a model file that asks for more
+/// is rejected at load), so no file can make one call run for hours. A caller
+/// that needs a tighter bound per call passes its own solver to
+/// [`crate::Flow::new`] (e.g. a smaller `max_steps`), which is honoured with
+/// [`SolveError::MaxStepsReached`].
+pub const MAX_STEPS: u32 = 1_000_000;
+
 impl Default for Solver {
     fn default() -> Self {
         Solver::Dopri5(Dopri5::default())
@@ -104,7 +112,7 @@ impl Solver {
             | Solver::Midpoint { steps }
             | Solver::Rk4 { steps }
             | Solver::Rk38 { steps } => {
-                if steps == 0 {
+                if steps == 0 || steps > MAX_STEPS {
                     return Err(SolveError::InvalidSolver);
                 }
                 Ok(())

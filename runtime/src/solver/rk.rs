@@ -67,13 +67,13 @@ pub(crate) fn stages<D: Dynamics, const S: usize>(
     from: usize,
 ) -> Result<u32, SolveError> {
     let n = y.len();
-    let mut nfe = 0;
+    let mut nfe: u32 = 0;
     for (i, (row, &c)) in tab.a.iter().zip(tab.c.iter()).enumerate().skip(from) {
         let (prev, rest) = take(ks, i * n)?;
         let (ki, _) = take(rest, n)?;
         combine(ytmp, y, h as f32, row.get(..i).unwrap_or(&[]), prev);
         f.eval((t + f64::from(c) * h) as f32, ytmp, ki, fwork);
-        nfe += 1;
+        nfe = nfe.saturating_add(1);
     }
     Ok(nfe)
 }
@@ -95,13 +95,13 @@ pub(crate) fn integrate_fixed<D: Dynamics, const S: usize>(
     let mut stats = Stats::default();
     for step in 0..steps {
         let t = t0 + f64::from(step) * h;
-        stats.nfe += stages(tab, f, t, h, y, ks, ytmp, fwork, 0)?;
+        stats.nfe = stats.nfe.saturating_add(stages(tab, f, t, h, y, ks, ytmp, fwork, 0)?);
         combine(ytmp, y, h as f32, &tab.b, ks);
         if crate::math::check_finite(ytmp).is_err() {
             return Err(SolveError::NonFiniteState { t: (t + h) as f32 });
         }
         y.copy_from_slice(ytmp);
-        stats.accepted += 1;
+        stats.accepted = stats.accepted.saturating_add(1);
     }
     Ok(stats)
 }

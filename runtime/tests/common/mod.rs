@@ -59,6 +59,14 @@ pub fn random_weights(h: &Header<'_>, rng: &mut impl Rng) -> Vec<f32> {
                 w.extend((0..d).map(|_| 0.7 + 0.3 * (uniform(rng, 1.0) + 1.0)));
                 w.extend((0..d).map(|_| uniform(rng, 0.5)));
             }
+            Stage::Linear => {
+                // Lower triangle row by row: diagonal in [0.7, 1.3], the rest in [-0.3, 0.3].
+                for i in 0..d {
+                    w.extend((0..i).map(|_| uniform(rng, 0.3)));
+                    w.push(1.0 + uniform(rng, 0.3));
+                }
+                w.extend((0..d).map(|_| uniform(rng, 0.5)));
+            }
             Stage::Cnf(c) => {
                 let mut d_in = d;
                 for l in &c.layers {
