@@ -316,6 +316,11 @@ impl<'m, 'a> Flow<'m, 'a> {
             };
             return Err(BatchError { row: 0, error });
         }
+        // Every path checks every row as the one-row path does, before any
+        // work: NaN, ±inf (e.g. a CSV's 1e39 read as f32) → `NonFiniteInput`.
+        for (row, x) in xs.chunks_exact(d).enumerate() {
+            self.model.check_input(x).map_err(|error| BatchError { row, error })?;
+        }
         // One CNF stage and Dopri5: stream every row through the slots.
         let cnf_stages = self.model.stages().filter(|(_, s)| matches!(s, Stage::Cnf(_))).count();
         if let (Solver::Dopri5(dopri), 1) = (self.solver, cnf_stages) {
@@ -325,9 +330,6 @@ impl<'m, 'a> Flow<'m, 'a> {
         let blocks = xs.chunks(rows_per_block.saturating_mul(d)).zip(log_p.chunks_mut(rows_per_block));
         for (b, (x_block, out)) in blocks.enumerate() {
             let first = b * rows_per_block;
-            for (r, x) in x_block.chunks_exact(d).enumerate() {
-                self.model.check_input(x).map_err(|error| BatchError { row: first + r, error })?;
-            }
             let s =
                 self.packed_block(x_block, out, scratch).map_err(|error| BatchError { row: first, error })?;
             stats = stats.merge(s);

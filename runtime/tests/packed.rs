@@ -165,4 +165,14 @@ fn bad_batches_are_typed_errors() {
     let mut out = vec![0.0; 20];
     let err = flow.log_density_packed(&xs, &mut out, 8, &mut scratch).unwrap_err();
     assert!(matches!(err, BatchError { row: 10, error: SolveError::NonFiniteInput { index: 1 } }), "{err:?}");
+    // The same on the streaming path (one CNF, Dopri5: the default for
+    // batches and the WASM page), for NaN and both infinities.
+    let dopri = Flow::new(&model, Solver::Dopri5(Dopri5::with_tolerance(1e-5))).unwrap();
+    let mut scratch = vec![0.0; dopri.packed_scratch_len(8)];
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut xs = rows(2, 20, 5);
+        xs[26] = bad;
+        let err = dopri.log_density_packed(&xs, &mut out, 8, &mut scratch).unwrap_err();
+        assert_eq!(err, BatchError { row: 13, error: SolveError::NonFiniteInput { index: 0 } }, "{bad}");
+    }
 }

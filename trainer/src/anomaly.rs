@@ -458,6 +458,20 @@ pub fn benchmark(
         neg(kde.log_prob(&test_s)?),
     ));
 
+    // Density quality on the same validation rows: the density methods'
+    // mean −log p, all in standardized units (the flow scores in data units).
+    let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let nll: Vec<String> = methods
+        .iter()
+        .filter(|(name, ..)| !name.starts_with("Isolation") && !name.starts_with("Local"))
+        .map(|(name, valid, _)| {
+            let shift = if name.starts_with("FFJORD") { log_std } else { 0.0 };
+            format!("{} {:.3}", name.split(" (").next().unwrap_or(name), mean(valid) - shift)
+        })
+        .collect();
+    eprintln!("validation NLL (nats, standardized units): {}", nll.join(", "));
+
     Ok(methods
         .into_iter()
         .map(|(method, valid, test_scores)| BenchmarkRow {

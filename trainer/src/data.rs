@@ -77,7 +77,7 @@ fn load_npy(path: &Path, columns: Option<&[String]>) -> Result<Table> {
     };
     let all: Vec<String> = (0..dim).map(|i| format!("x{i}")).collect();
     let table = Table { columns: all, rows, values };
-    check_finite(&table, path)?;
+    check_values(&table, path)?;
     select(table, columns, path)
 }
 
@@ -96,7 +96,10 @@ fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
         let record = record.with_context(|| format!("{}: malformed CSV", path.display()))?;
         let line = record.position().map_or(i as u64 + 1, |p| p.line());
         let fields: Vec<&str> = record.iter().map(str::trim).collect();
-        if i == 0 && fields.iter().any(|f| f.parse::<f64>().is_err()) {
+        // A header only when no field of the first row is a number: a first
+        // data row with one typo is an error naming it, never silently taken
+        // for column names (which would drop the row and shift row numbers).
+        if i == 0 && fields.iter().all(|f| f.parse::<f64>().is_err()) {
             header = Some(fields.iter().map(|s| s.to_string()).collect());
             width = Some(fields.len());
             continue;
@@ -112,6 +115,13 @@ fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
             if !v.is_finite() {
                 bail!("{}:{line}:{}: value '{f}' is not finite", path.display(), c + 1);
             }
+            if v.abs() > f64::from(f32::MAX) {
+                bail!(
+                    "{}:{line}:{}: value '{f}' is outside the float32 range the model computes in (|x| ≤ 3.4e38)",
+                    path.display(),
+                    c + 1
+                );
+            }
             values.push(v);
         }
         rows += 1;
@@ -124,9 +134,14 @@ fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
     select(Table { columns: names, rows, values }, columns, path)
 }
 
-fn check_finite(t: &Table, path: &Path) -> Result<()> {
-    if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
-        bail!("{}: row {}, column {}: value is not finite", path.display(), i / t.dim() + 1, i % t.dim() + 1);
+/// Every value finite and within float32's range; at least one row.
+fn check_values(t: &Table, path: &Path) -> Result<()> {
+    if t.rows == 0 || t.dim() == 0 {
+        bail!("{}: no data rows", path.display());
+    }
+    if let Some(i) = t.values.iter().position(|v| !v.is_finite() || v.abs() > f64::from(f32::MAX)) {
+        let what = if t.values[i].is_finite() { "outside the float32 range" } else { "not finite" };
+        bail!("{}: row {}, column {}: value is {what}", path.display(), i / t.dim() + 1, i % t.dim() + 1);
     }
     Ok(())
 }

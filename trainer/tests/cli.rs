@@ -295,6 +295,21 @@ fn adjoint_training_runs_a_backward_solve_and_logs_it() {
     assert!(config.contains("gradient = \"adjoint\"") && config.contains("seminorm = true"), "{config}");
 }
 
+/// A version-1.0 NPY file: magic, header dict padded to 64 bytes, raw data.
+fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let dims: String = shape.iter().map(|s| format!("{s}, ")).collect();
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((dict.len() as u16).to_le_bytes());
+    bytes.extend(dict.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
 #[test]
 fn bad_input_gets_errors_that_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
@@ -309,6 +324,30 @@ fn bad_input_gets_errors_that_name_the_problem() {
     assert!(fit("text.csv").contains("text.csv:3:2: 'oops' is not a number"));
     assert!(fit("nan.csv").contains("nan.csv:2:1: value 'NaN' is not finite"));
     assert!(fit("missing.csv").contains("missing.csv"));
+    // A first row with a typo is a data row with an error, not a header; values
+    // outside float32, empty and header-only files get named errors too.
+    std::fs::write(d.join("typo.csv"), "1,2x\n3,4\n").unwrap();
+    std::fs::write(d.join("huge.csv"), "a,b\n1,2\n1e39,4\n").unwrap();
+    std::fs::write(d.join("empty.csv"), "").unwrap();
+    std::fs::write(d.join("names.csv"), "a,b\n").unwrap();
+    assert!(fit("typo.csv").contains("typo.csv:1:2: '2x' is not a number"));
+    assert!(fit("huge.csv").contains("huge.csv:3:1: value '1e39' is outside the float32 range"));
+    assert!(fit("empty.csv").contains("empty.csv: no data rows"));
+    assert!(fit("names.csv").contains("names.csv: no data rows"));
+    // NPY: a non-finite value names its row and column; other shapes and dtypes are refused.
+    write_npy(
+        &d.join("nan.npy"),
+        "<f8",
+        &[2, 2],
+        &[1.0f64, 2.0, f64::NAN, 4.0].map(f64::to_le_bytes).concat(),
+    );
+    write_npy(&d.join("cube.npy"), "<f8", &[1, 1, 1], &1.0f64.to_le_bytes());
+    write_npy(&d.join("ints.npy"), "<i4", &[2], &[1i32, 2].map(i32::to_le_bytes).concat());
+    write_npy(&d.join("none.npy"), "<f4", &[0, 3], &[]);
+    assert!(fit("nan.npy").contains("nan.npy: row 2, column 1: value is not finite"));
+    assert!(fit("cube.npy").contains("cube.npy: expected a 1-D or 2-D array, found shape [1, 1, 1]"));
+    assert!(fit("ints.npy").contains("ints.npy: unsupported dtype"));
+    assert!(fit("none.npy").contains("none.npy: no data rows"));
     assert!(err(&["fit", "--toy", "spiral", "--out", "m.ffjd"], d).contains("unknown toy data set 'spiral'"));
     assert!(
         err(&["fit", "--toy", "moons", "--out", "m.ffjd", "--layers", "3"], d)
