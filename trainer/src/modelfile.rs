@@ -56,10 +56,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all() // the bytes reach the disk before the rename publishes them
+    });
+    let renamed = written.with_context(|| format!("writing {}", tmp.display())).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    });
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp); // a failed write leaves no temporary file behind
+    }
+    renamed
 }
 
 /// Reads and validates a model file, naming the file in every error.

@@ -75,28 +75,49 @@ struct RunState {
     stale_validations: u64,
 }
 
+/// Moves a fully written temporary file into place: its bytes reach the disk
+/// before the rename, and the rename before the next step (a power cut leaves
+/// the old file or the new one, never a torn one).
+fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all(); // not supported everywhere; the rename itself is atomic
+    }
+    Ok(())
+}
+
 fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
     let tmp = path.with_extension("tmp.ot");
     vs.save(&tmp).with_context(|| format!("saving {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    commit_file(&tmp, path)
 }
 
-/// Saves parameters, optimizer state and iteration in one file, atomically, so
-/// a kill at any moment leaves either the previous or the new checkpoint.
-fn save_last(vs: &nn::VarStore, opt: &Adam, iteration: u64, path: &Path) -> Result<()> {
+/// Saves parameters, optimizer state, iteration and the run's bookkeeping
+/// (best validation NLL, its iteration, stale validations) in one file,
+/// atomically: a kill at any moment leaves either the previous or the new
+/// checkpoint, never parameters from one validation with bookkeeping from
+/// another (which could let a worse model overwrite `best.ot` later).
+fn save_last(vs: &nn::VarStore, opt: &Adam, state: &RunState, path: &Path) -> Result<()> {
     let mut named: Vec<(String, Tensor)> =
         vs.variables().into_iter().map(|(n, t)| (format!("param.{n}"), t.detach())).collect();
     named.extend(opt.state());
-    named.push(("run.iteration".into(), Tensor::from(iteration as i64)));
+    named.push(("run.iteration".into(), Tensor::from(state.iteration as i64)));
+    named.push(("run.state".into(), Tensor::from_slice(serde_json::to_string(state)?.as_bytes())));
     let tmp = path.with_extension("tmp.ot");
     Tensor::save_multi(&named, &tmp).with_context(|| format!("saving {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    commit_file(&tmp, path)
 }
 
-/// Restores [`save_last`]'s file; returns the iteration it was taken at.
-fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path) -> Result<u64> {
+/// Restores [`save_last`]'s file into `vs` and `opt`; returns the run state
+/// it was taken with (from `state.json` for checkpoints written before the
+/// state travelled inside them).
+fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path, state_json: &Path) -> Result<RunState> {
     let named = Tensor::load_multi(path).with_context(|| format!("resuming from {}", path.display()))?;
     let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
     for (n, t) in vs.variables() {
@@ -113,8 +134,40 @@ fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path) -> Result<u64> {
         tch::no_grad(|| t.shallow_clone().copy_(&saved));
     }
     opt.restore(&named, path)?;
-    Ok(get("run.iteration").with_context(|| format!("{}: no iteration", path.display()))?.int64_value(&[])
-        as u64)
+    let iteration = get("run.iteration")
+        .with_context(|| format!("{}: no iteration", path.display()))?
+        .int64_value(&[]) as u64;
+    let mut state: RunState = match get("run.state") {
+        Some(bytes) => serde_json::from_slice(&Vec::<u8>::try_from(&bytes)?)
+            .with_context(|| format!("{}: unreadable run state", path.display()))?,
+        None => {
+            let s = std::fs::read_to_string(state_json)
+                .with_context(|| format!("reading {} to resume", state_json.display()))?;
+            serde_json::from_str(&s).with_context(|| format!("{}: invalid", state_json.display()))?
+        }
+    };
+    state.iteration = iteration;
+    Ok(state)
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `iteration`: a resumed run
+/// replays the iterations after its checkpoint, which must not be logged twice.
+fn truncate_metrics(path: &Path, iteration: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("iteration").and_then(serde_json::Value::as_u64))
+                .is_some_and(|i| i <= iteration)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
@@ -143,12 +196,46 @@ pub fn fit(
     device: Device,
     command: &str,
 ) -> Result<()> {
+    let created = !run.dir.exists();
+    let result = fit_in_run_dir(cfg, out, run, resume, device, command);
+    if result.is_err() && created && !run.path("last.ot").exists() {
+        // A run that failed before its first checkpoint leaves no folder behind.
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+    result
+}
+
+/// The files of one run; a fresh run in a folder that holds another run's
+/// removes them first, so one folder never mixes two runs.
+const RUN_FILES: [&str; 5] = ["best.ot", "last.ot", "state.json", "metrics.jsonl", "summary.json"];
+
+fn fit_in_run_dir(
+    cfg: &TrainConfig,
+    out: &Path,
+    run: &RunDir,
+    resume: bool,
+    device: Device,
+    command: &str,
+) -> Result<()> {
     tch::manual_seed(cfg.seed);
     tch::set_num_threads(tch::get_num_threads().max(1));
+    // The data first: a run that cannot start must not touch an earlier run's folder.
+    let (splits, description) = prepare_data(cfg)?;
     std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+    if !resume {
+        let earlier: Vec<_> = RUN_FILES.iter().map(|f| run.path(f)).filter(|p| p.exists()).collect();
+        if !earlier.is_empty() {
+            eprintln!(
+                "starting a fresh run in {}: the earlier run's checkpoints and metrics there are replaced (--resume continues it instead)",
+                run.dir.display()
+            );
+        }
+        for p in earlier {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
     write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
 
-    let (splits, description) = prepare_data(cfg)?;
     for w in crate::columns::warnings(&splits.profiles) {
         eprintln!("warning: {w}");
     }
@@ -180,9 +267,8 @@ pub fn fit(
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut state = RunState::default();
     if resume {
-        let s = std::fs::read_to_string(run.path("state.json")).context("reading state.json to resume")?;
-        state = serde_json::from_str(&s)?;
-        state.iteration = load_last(&vs, &mut opt, &run.path("last.ot"))?;
+        state = load_last(&vs, &mut opt, &run.path("last.ot"), &run.path("state.json"))?;
+        truncate_metrics(&run.path("metrics.jsonl"), state.iteration)?;
         eprintln!("resumed at iteration {}", state.iteration);
     }
     let mut metrics = std::fs::OpenOptions::new()
@@ -264,7 +350,8 @@ pub fn fit(
             } else {
                 state.stale_validations += 1;
             }
-            save_last(&vs, &opt, state.iteration, &run.path("last.ot"))?;
+            save_last(&vs, &opt, &state, &run.path("last.ot"))?;
+            // For people and tools; resuming reads the copy inside last.ot.
             write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
             say(
                 &bar,

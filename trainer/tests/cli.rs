@@ -348,6 +348,7 @@ fn bad_input_gets_errors_that_name_the_problem() {
     assert!(fit("cube.npy").contains("cube.npy: expected a 1-D or 2-D array, found shape [1, 1, 1]"));
     assert!(fit("ints.npy").contains("ints.npy: unsupported dtype"));
     assert!(fit("none.npy").contains("none.npy: no data rows"));
+    assert!(!d.join("m.run").exists(), "a fit that failed before its first checkpoint leaves no run folder");
     assert!(err(&["fit", "--toy", "spiral", "--out", "m.ffjd"], d).contains("unknown toy data set 'spiral'"));
     assert!(
         err(&["fit", "--toy", "moons", "--out", "m.ffjd", "--layers", "3"], d)
@@ -437,11 +438,30 @@ fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
     };
     run(&["--out", "whole.ffjd", "--iterations", "20"]);
     run(&["--out", "split.ffjd", "--iterations", "10"]);
+    // A state.json from another moment (as a kill between two writes used to
+    // leave) must not steer the resumed run: the bookkeeping travels inside
+    // last.ot. With this bogus best, no later validation would count as an
+    // improvement and best.ot would stay at iteration 10.
+    std::fs::write(
+        d.join("split.run/state.json"),
+        r#"{"iteration": 10, "best_valid": -1e9, "best_iteration": 0, "stale_validations": 0}"#,
+    )
+    .unwrap();
     run(&["--out", "split.ffjd", "--iterations", "20", "--resume"]);
     ok(&["toy", "rings", "--n", "50", "--out", "pts.csv"], d);
     let whole = ok(&["score", "--model", "whole.ffjd", "--data", "pts.csv"], d);
     let split = ok(&["score", "--model", "split.ffjd", "--data", "pts.csv"], d);
     assert_eq!(whole, split, "parameters, Adam moments and per-iteration seeds all carry over");
+    // A fresh run in a folder that holds another run replaces it, saying so:
+    // one folder never mixes two runs' metrics or checkpoints.
+    let mut again = vec!["fit"];
+    again.extend_from_slice(&common);
+    again.extend_from_slice(&["--out", "whole.ffjd", "--iterations", "10"]);
+    let out = trainer(&again, d);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("starting a fresh run in whole.run"));
+    let metrics = std::fs::read_to_string(d.join("whole.run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 10);
 }
 
 #[test]
@@ -496,7 +516,16 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let out = trainer(&resume, d);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("resumed at iteration {resumed_from}")), "{stderr}");
+    // last.ot is committed just before state.json: the kill may fall between.
+    let at = |i: u64| stderr.contains(&format!("resumed at iteration {i}"));
+    assert!(at(resumed_from) || at(resumed_from + 5), "{stderr}");
+    // Replayed iterations are logged once: metrics.jsonl holds 1..=60 in order.
+    let logged: Vec<u64> = std::fs::read_to_string(d.join("c.run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, (1..=60).collect::<Vec<_>>());
     let bytes = std::fs::read(d.join("c.ffjd")).unwrap();
     Model::from_bytes(&bytes).unwrap();
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
