@@ -41,6 +41,16 @@ fn truncated(len: usize, needed: usize) -> LoadError {
     }
 }
 
+/// The length a file with this (unverified) header must have, if the header
+/// decodes: preamble, header, padding, weights, CRC.
+fn declared_len(bytes: &[u8]) -> Option<usize> {
+    let payload = bytes.get(PREAMBLE_LEN..)?;
+    let (_, layout, after_header) = HeaderView::decode(payload).ok()?;
+    let header_end = bytes.len() - after_header.len();
+    let pad = (4 - header_end % 4) % 4;
+    header_end.checked_add(pad)?.checked_add(layout.weight_count.checked_mul(4)?)?.checked_add(CRC_LEN)
+}
+
 impl<'a> Model<'a> {
     /// Decodes and validates a model file without copying its weights.
     pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, LoadError> {
@@ -60,6 +70,14 @@ impl<'a> Model<'a> {
         let stored = u32::from_le_bytes(*trailer);
         let computed = crc32(body);
         if stored != computed {
+            // A file cut short usually still has a readable header: then its
+            // layout says how long the file must be, a better message than
+            // "checksum mismatch".
+            if let Some(needed) = declared_len(bytes)
+                && len < needed
+            {
+                return Err(truncated(len, needed));
+            }
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
         let (header, layout, after_header) = HeaderView::decode(payload)?;

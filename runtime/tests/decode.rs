@@ -67,6 +67,14 @@ fn every_truncation_is_rejected() {
         assert!(Model::from_bytes(&bytes[..n]).is_err(), "prefix of {n} bytes accepted");
     }
     assert!(matches!(Model::from_bytes(&bytes[..3]), Err(LoadError::Truncated { .. })));
+    // Once the header is whole, its layout says how long the file must be:
+    // "truncated: N of 40 bytes", not a checksum mismatch.
+    for n in 28..bytes.len() {
+        assert_eq!(
+            Model::from_bytes(&bytes[..n]).unwrap_err(),
+            LoadError::Truncated { len: n as u32, needed: 40 }
+        );
+    }
 }
 
 #[test]

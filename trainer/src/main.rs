@@ -418,6 +418,15 @@ impl DataArgs {
             _ => bail!("give exactly one of --data FILE or --toy NAME"),
         }
     }
+
+    /// Where the rows come from, for messages.
+    fn source(&self) -> String {
+        match (&self.data, &self.toy) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(name)) => format!("toy set '{name}'"),
+            (None, None) => "data".into(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -700,14 +709,15 @@ fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, d
     let bytes = modelfile::read_model_bytes(path)?;
     let dim = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.dim();
     let table = data.load()?;
-    check_width("data", &table, path, dim)?;
+    check_width(&data.source(), &table, path, dim)?;
     Ok((bytes, table))
 }
 
 /// `what` ("data", "test data") must have the model's `dim` feature columns.
-fn check_width(what: &str, table: &data::Table, model: &std::path::Path, dim: usize) -> Result<()> {
+/// The rows' width against the model's dimension, naming both files.
+fn check_width(source: &str, table: &data::Table, model: &std::path::Path, dim: usize) -> Result<()> {
     if table.dim() != dim {
-        bail!("{what} has {} columns, the model {} expects {dim}", table.dim(), model.display());
+        bail!("{source} has {} columns, the model {} expects {dim}", table.dim(), model.display());
     }
     Ok(())
 }
@@ -728,7 +738,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         }
     };
     let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    check_width("data", &table, &args.model, model.dim())?;
+    check_width(&args.data.source(), &table, &args.model, model.dim())?;
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
@@ -814,7 +824,11 @@ fn budget(args: &BudgetArgs) -> Result<()> {
         (None, Some(_)) => DataArgs { seed: args.data.seed + 1, ..args.data.clone() }.load()?,
         (None, None) => bail!("--test is needed with --data (the choice is checked on other rows)"),
     };
-    check_width("test data", &test, &args.model, model.dim())?;
+    let source = args
+        .test
+        .as_ref()
+        .map_or_else(|| format!("test rows from {}", args.data.source()), |p| p.display().to_string());
+    check_width(&source, &test, &args.model, model.dim())?;
     let test = rows_f32(&test, 1000);
     let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method.to_runtime())?;
     let flops = model.flops_per_evaluation() as f64 * acc.mean_nfe;

@@ -377,7 +377,7 @@ fn bad_input_gets_errors_that_name_the_problem() {
     );
     assert!(
         err(&["score", "--model", "m.ffjd", "--data", "three.csv"], d)
-            .contains("data has 3 columns, the model m.ffjd expects 2")
+            .contains("three.csv has 3 columns, the model m.ffjd expects 2")
     );
     // Settings no run can use are refused up front; a loss that overflows stops the run.
     assert!(
@@ -409,7 +409,15 @@ fn bad_input_gets_errors_that_name_the_problem() {
     // A truncated copy of a real model is refused with the file named.
     let bytes = std::fs::read(d.join("m.ffjd")).unwrap();
     std::fs::write(d.join("cut.ffjd"), &bytes[..bytes.len() / 2]).unwrap();
-    assert!(err(&["inspect", "cut.ffjd"], d).contains("cut.ffjd:"));
+    let cut = err(&["inspect", "cut.ffjd"], d);
+    assert!(
+        cut.contains(&format!(
+            "cut.ffjd: model truncated: {} bytes, at least {} needed",
+            bytes.len() / 2,
+            bytes.len()
+        )),
+        "{cut}"
+    );
     // Failed runs never leave a partial model file behind.
     assert!(!d.join("never.ffjd").exists());
 }
