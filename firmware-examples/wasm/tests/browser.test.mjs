@@ -1,7 +1,9 @@
 // The page in real headless Chromium (Debian's, driven by playwright-core):
 // serve www/ from localhost, load a bundled model, score a CSV with known
 // anomalies, compare the numbers on the page with the host's, check the 2-D
-// heatmap and the cursor read-out, save a screenshot, and fail on any console error.
+// heatmap and the cursor read-out, cancel a long run and stop one past its
+// time limit (scoring runs in a Web Worker), save a screenshot, and fail on any
+// console error.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:http";
@@ -87,6 +89,31 @@ test("scoring page in headless Chromium agrees with the host", async () => {
         await page.screenshot({ path: join(artifacts, "page-shuttle.png"), fullPage: true });
       }
     }
+    // Scoring runs in a worker: a long run can be cancelled and one past the
+    // time limit is stopped; the page stays usable and scores again afterwards.
+    const g9 = goldens.find((g) => g.dim === 9);
+    const header9 = [...Array.from({ length: 9 }, (_, j) => `x${j}`)].join(",");
+    const many = [header9, ...Array.from({ length: 40_000 }, (_, i) => g9.rows[i % g9.rows.length].x.join(","))].join("\n");
+    const status = () => page.textContent("#status");
+    await page.$eval("#csv", (el, text) => { el.value = text; }, many); // fill() types too slowly for 40,000 lines
+    await page.click("#score");
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("scoring…"));
+    assert.equal(await page.isVisible("#cancel"), true);
+    await page.click("#cancel");
+    await page.waitForFunction(() => document.querySelector("#status").textContent === "cancelled");
+    assert.equal(await page.isHidden("#cancel"), true);
+    await page.fill("#budget", "0.05");
+    await page.click("#score");
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("stopped"), null, { timeout: 60_000 });
+    assert.match(await status(), /^stopped: scoring exceeded the 0\.05 s time limit$/);
+    await page.fill("#budget", "60");
+    const csv9 = [header9, ...g9.rows.map((r) => r.x.join(","))].join("\n");
+    await page.fill("#csv", csv9);
+    await page.click("#score");
+    await page.waitForFunction(() => document.querySelector("#status").textContent === "done", null, { timeout: 60_000 });
+    const again = await page.$$eval("#results tr", (trs) => trs.slice(1).map((tr) => Number(tr.cells[6].textContent)));
+    again.forEach((lp, i) => assert.ok(close(lp, g9.rows[i].log_p_packed), `after a restart, row ${i}: ${lp}`));
+
     // A broken model file is reported on the page, not thrown.
     await page.setInputFiles("#model-file", { name: "broken.ffjd", mimeType: "application/octet-stream", buffer: Buffer.from("FFJD\u0001\u0000garbage") });
     await page.waitForFunction(() => document.querySelector("#info .error") !== null);

@@ -1,50 +1,83 @@
-// The scoring page: loads a model into the WASM Detector, scores CSV rows in
-// chunks (the tab stays responsive), draws the density of 2-D models.
-import init, { Detector } from "./pkg/ffjord_wasm.js";
+// The scoring page: loads a model, scores CSV rows and draws the density of
+// 2-D models. Every runtime call runs in a Web Worker (worker.js), so no model
+// or file can freeze the tab: a run can be cancelled, and one that exceeds
+// its time budget is stopped (the worker is terminated and a fresh one loads
+// the model again).
 
 const $ = (id) => document.getElementById(id);
-let detector = null;
-let modelBytes = null;
+let model = null; // { bytes, label, dim, name, description, threshold, quantile }
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
 }
 
-const nextFrame = () => new Promise((resolve) => setTimeout(resolve, 0));
-// Rows scored together by the runtime's packed path (each keeps its own step control).
-const PACKED_ROWS = 32;
+/** The worker and its pending requests. */
+class Runtime {
+  constructor() {
+    this.nextId = 1;
+    this.pending = new Map();
+    this.start();
+  }
 
-function applySolver() {
-  if (!detector) return;
-  const v = $("solver").value;
-  if (v === "default") detector.use_default_solver();
-  else if (v.startsWith("rk4-")) detector.use_rk4(Number(v.slice(4)));
-  else if (v.startsWith("dopri5-")) detector.use_dopri5(Number(v.slice(7)));
+  start() {
+    this.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    this.worker.onmessage = ({ data }) => {
+      const p = this.pending.get(data.id);
+      if (!p) return;
+      if (data.progress) { p.onProgress?.(data.progress); return; }
+      this.pending.delete(data.id);
+      if (data.ok) p.resolve(data);
+      else p.reject(new Error(data.message));
+    };
+    this.worker.onerror = (e) => this.fail(new Error(e.message || "the scoring worker failed"));
+  }
+
+  request(type, payload = {}, onProgress) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onProgress });
+      this.worker.postMessage({ id, type, ...payload });
+    });
+  }
+
+  fail(error) {
+    for (const p of this.pending.values()) p.reject(error);
+    this.pending.clear();
+  }
+
+  /** Stops whatever runs now (its requests fail with `reason`) and reloads the model. */
+  async restart(reason) {
+    this.worker.terminate();
+    this.fail(new Error(reason));
+    this.start();
+    if (model) await this.request("load", { bytes: model.bytes, solver: $("solver").value });
+  }
 }
 
+const runtime = new Runtime();
+
 async function loadModel(bytes, label) {
+  let info;
   try {
-    const d = new Detector(bytes);
-    if (detector) detector.free();
-    detector = d;
-    modelBytes = bytes;
+    info = await runtime.request("load", { bytes, solver: $("solver").value });
   } catch (e) {
     $("info").innerHTML = "";
     $("info").append(Object.assign(document.createElement("span"), { className: "error", textContent: `${label}: ${e.message}` }));
     $("score").disabled = true;
+    model = null;
     return;
   }
-  applySolver();
-  const t = detector.threshold();
-  $("info").textContent = `${label}: "${detector.name()}", ${detector.dim()} dimensions, ` +
-    (t === undefined ? "no anomaly threshold" : `anomaly when −log p > ${t.toFixed(3)} (quantile ${Number(detector.threshold_quantile().toFixed(4))})`) +
-    `. Data: ${detector.description()}`;
+  model = { bytes, label, ...info };
+  const t = model.threshold;
+  $("info").textContent = `${label}: "${model.name}", ${model.dim} dimensions, ` +
+    (t === undefined ? "no anomaly threshold" : `anomaly when −log p > ${t.toFixed(3)} (quantile ${Number(model.quantile.toFixed(4))})`) +
+    `. Data: ${model.description}`;
   $("score").disabled = false;
   $("results").innerHTML = "";
   $("summary").textContent = "";
   setStatus("");
-  if (detector.dim() === 2) {
+  if (model.dim === 2) {
     $("density-section").hidden = false;
     await drawDensity();
   } else {
@@ -56,8 +89,9 @@ function parseCsv(text, dim) {
   const lines = text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l && !l.startsWith("#"));
   if (lines.length === 0) throw new Error("no rows to score");
   let header = null;
-  let first = lines[0].split(",").map((s) => s.trim());
-  if (first.some((f) => f === "" || isNaN(Number(f)))) {
+  const first = lines[0].split(",").map((s) => s.trim());
+  // A header only when no field of the first row is a number (as the trainer reads CSVs).
+  if (first.every((f) => f === "" || isNaN(Number(f)))) {
     header = first;
     lines.shift();
   }
@@ -69,8 +103,8 @@ function parseCsv(text, dim) {
     const values = fields.filter((_, j) => j !== labelCol).map(Number);
     const lineNo = i + (header ? 2 : 1);
     if (values.length !== dim) throw new Error(`line ${lineNo}: ${values.length} values, the model needs ${dim}`);
-    const bad = values.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) throw new Error(`line ${lineNo}, column ${bad + 1}: not a finite number`);
+    const bad = values.findIndex((v) => !Number.isFinite(v) || Math.abs(v) > 3.4028234663852886e38);
+    if (bad >= 0) throw new Error(`line ${lineNo}, column ${bad + 1}: not a finite float32 number`);
     rows.push(values);
     labels.push(labelCol >= 0 ? fields[labelCol] : null);
   });
@@ -78,19 +112,20 @@ function parseCsv(text, dim) {
 }
 
 async function scoreRows() {
-  if (!detector) return;
+  if (!model) return;
   let parsed;
   try {
-    parsed = parseCsv($("csv").value, detector.dim());
+    parsed = parseCsv($("csv").value, model.dim);
   } catch (e) {
     setStatus(e.message, true);
     return;
   }
   const { rows, labels } = parsed;
-  const d = detector.dim();
-  const threshold = detector.threshold();
+  const d = model.dim;
+  const threshold = model.threshold;
   const table = $("results");
   table.innerHTML = "";
+  $("summary").textContent = "";
   const head = table.insertRow();
   const cols = ["row", ...Array.from({ length: Math.min(d, 4) }, (_, j) => `x${j}`), ...(d > 4 ? ["…"] : []),
     "log p", "score", "verdict", ...(labels[0] !== null ? ["label"] : [])];
@@ -98,41 +133,45 @@ async function scoreRows() {
   $("progress").hidden = false;
   $("progress").value = 0;
   $("score").disabled = true;
-  const chunk = 64;
+  $("cancel").hidden = false;
+  const budget = Number($("budget").value);
+  const timer = setTimeout(() => runtime.restart(`stopped: scoring exceeded the ${budget} s time limit`), budget * 1000);
   let anomalies = 0;
   let nfe = 0;
   const t0 = performance.now();
+  const onProgress = ({ start, logp, nfe: total }) => {
+    nfe = total;
+    logp.forEach((lp, k) => {
+      const i = start + k;
+      const score = -lp;
+      const anomaly = threshold !== undefined && score > threshold;
+      if (anomaly) anomalies++;
+      const tr = table.insertRow();
+      tr.className = anomaly ? "anomaly" : "";
+      const cells = [i + 1, ...rows[i].slice(0, 4).map((v) => v.toPrecision(6)), ...(d > 4 ? ["…"] : []),
+        lp.toFixed(6), score.toFixed(6), threshold === undefined ? "—" : anomaly ? "anomaly" : "normal",
+        ...(labels[i] !== null ? [labels[i]] : [])];
+      for (const c of cells) tr.insertCell().textContent = c;
+    });
+    const done = start + logp.length;
+    $("progress").value = Math.min(1, done / rows.length);
+    setStatus(`scoring… ${done} / ${rows.length}`);
+  };
+  let failure = null;
   try {
-    for (let start = 0; start < rows.length; start += chunk) {
-      const part = rows.slice(start, start + chunk);
-      const flat = new Float32Array(part.flat());
-      const logp = detector.log_density_packed(flat, PACKED_ROWS);
-      nfe += detector.last_nfe();
-      part.forEach((x, k) => {
-        const i = start + k;
-        const score = -logp[k];
-        const anomaly = threshold !== undefined && score > threshold;
-        if (anomaly) anomalies++;
-        const tr = table.insertRow();
-        tr.className = anomaly ? "anomaly" : "";
-        const cells = [i + 1, ...x.slice(0, 4).map((v) => v.toPrecision(6)), ...(d > 4 ? ["…"] : []),
-          logp[k].toFixed(6), score.toFixed(6), threshold === undefined ? "—" : anomaly ? "anomaly" : "normal",
-          ...(labels[i] !== null ? [labels[i]] : [])];
-        for (const c of cells) tr.insertCell().textContent = c;
-      });
-      $("progress").value = Math.min(1, (start + part.length) / rows.length);
-      setStatus(`scoring… ${start + part.length} / ${rows.length}`);
-      await nextFrame();
-    }
+    await runtime.request("score", { rows: new Float32Array(rows.flat()), dim: d }, onProgress);
   } catch (e) {
-    setStatus(e.message, true);
-    $("progress").hidden = true;
-    $("score").disabled = false;
+    failure = e;
+  }
+  clearTimeout(timer);
+  $("progress").hidden = true;
+  $("score").disabled = false;
+  $("cancel").hidden = true;
+  if (failure) {
+    setStatus(failure.message, true);
     return;
   }
   const ms = performance.now() - t0;
-  $("progress").hidden = true;
-  $("score").disabled = false;
   $("summary").textContent = `${rows.length} rows, ${anomalies} anomalies` +
     (threshold === undefined ? " (uncalibrated model)" : "") + `, ${nfe} function evaluations, ${ms.toFixed(0)} ms`;
   setStatus("done");
@@ -145,24 +184,15 @@ async function drawDensity() {
   const ctx = canvas.getContext("2d");
   const n = 90;
   $("density-status").textContent = "drawing…";
-  const samples = detector.sample(7n, 600);
-  const xs = [], ys = [];
-  for (let i = 0; i < samples.length; i += 2) { xs.push(samples[i]); ys.push(samples[i + 1]); }
-  const q = (a, p) => { const s = [...a].sort((u, v) => u - v); return s[Math.floor(p * (s.length - 1))]; };
-  const pad = (lo, hi) => { const m = 0.15 * (hi - lo || 1); return [lo - m, hi + m]; };
-  const [x0, x1] = pad(q(xs, 0.005), q(xs, 0.995));
-  const [y0, y1] = pad(q(ys, 0.005), q(ys, 0.995));
-  view = { x0, x1, y0, y1 };
-  const logp = new Float32Array(n * n);
-  for (let r = 0; r < n; r++) {
-    const row = new Float32Array(2 * n);
-    for (let c = 0; c < n; c++) {
-      row[2 * c] = x0 + (c + 0.5) / n * (x1 - x0);
-      row[2 * c + 1] = y1 - (r + 0.5) / n * (y1 - y0);
-    }
-    logp.set(detector.log_density_packed(row, PACKED_ROWS), r * n);
-    if (r % 10 === 9) { $("density-status").textContent = `drawing… ${r + 1}/${n}`; await nextFrame(); }
+  let grid;
+  try {
+    grid = await runtime.request("density", { n });
+  } catch (e) {
+    $("density-status").textContent = e.message;
+    return;
   }
+  const { logp, xs, ys } = grid;
+  view = grid.view;
   const max = Math.max(...logp);
   const img = ctx.createImageData(n, n);
   for (let i = 0; i < n * n; i++) {
@@ -203,19 +233,18 @@ function fromCanvas(event) {
   return [view.x0 + px * (view.x1 - view.x0), view.y1 - py * (view.y1 - view.y0)];
 }
 
-function showCursor(event) {
-  if (!detector || !view) return;
+async function showCursor(event) {
+  if (!model || !view) return;
   const [x, y] = fromCanvas(event);
   try {
-    const lp = detector.log_density(new Float32Array([x, y]));
-    $("cursor").textContent = `log p at (${x.toFixed(3)}, ${y.toFixed(3)}): ${lp.toFixed(4)}`;
+    const { logp } = await runtime.request("point", { x: new Float32Array([x, y]) });
+    $("cursor").textContent = `log p at (${x.toFixed(3)}, ${y.toFixed(3)}): ${logp.toFixed(4)}`;
   } catch (e) {
     $("cursor").textContent = e.message;
   }
 }
 
 async function main() {
-  await init();
   $("bundled").addEventListener("change", async (e) => {
     if (!e.target.value) return;
     const res = await fetch(e.target.value);
@@ -229,11 +258,19 @@ async function main() {
     const f = e.target.files[0];
     if (f) $("csv").value = await f.text();
   });
-  $("solver").addEventListener("change", () => { try { applySolver(); } catch (e) { setStatus(e.message, true); } });
+  $("solver").addEventListener("change", async () => {
+    if (!model) return;
+    try {
+      await runtime.request("solver", { solver: $("solver").value });
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+  });
   $("score").addEventListener("click", scoreRows);
+  $("cancel").addEventListener("click", () => runtime.restart("cancelled"));
   $("density").addEventListener("mousemove", showCursor);
   $("density").addEventListener("click", showCursor);
-  $("show-samples").addEventListener("change", () => detector && drawDensity());
+  $("show-samples").addEventListener("change", () => model && drawDensity());
   document.body.dataset.ready = "true";
 }
 

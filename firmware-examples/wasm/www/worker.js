@@ -1,0 +1,83 @@
+// Every runtime call of the page runs here, off the main thread: a model that
+// is slow to evaluate (or a hostile one) cannot freeze the tab, and the page
+// can stop a run at any moment by terminating this worker (cancel button,
+// per-file time budget) and starting a fresh one.
+//
+// Protocol: the page posts { id, type, ... }; each request gets one reply
+// { id, ok: true, ... } or { id, ok: false, message }, and "score" requests
+// also post { id, progress: { done, logp, nfe } } after every chunk.
+import init, { Detector } from "./pkg/ffjord_wasm.js";
+
+const ready = init();
+let detector = null;
+
+// Rows scored together by the runtime's packed path (each keeps its own step control).
+const PACKED_ROWS = 32;
+// Rows per progress message.
+const CHUNK = 64;
+
+function applySolver(solver) {
+  if (solver === "default") detector.use_default_solver();
+  else if (solver.startsWith("rk4-")) detector.use_rk4(Number(solver.slice(4)));
+  else if (solver.startsWith("dopri5-")) detector.use_dopri5(Number(solver.slice(7)));
+}
+
+const handlers = {
+  load({ bytes, solver }) {
+    const d = new Detector(bytes);
+    if (detector) detector.free();
+    detector = d;
+    applySolver(solver);
+    const t = detector.threshold();
+    return {
+      dim: detector.dim(), name: detector.name(), description: detector.description(),
+      threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
+    };
+  },
+  solver({ solver }) {
+    applySolver(solver);
+    return {};
+  },
+  score({ id, rows, dim }) {
+    let nfe = 0;
+    for (let start = 0; start * dim < rows.length; start += CHUNK) {
+      const part = rows.subarray(start * dim, (start + CHUNK) * dim);
+      const logp = detector.log_density_packed(part, PACKED_ROWS);
+      nfe += detector.last_nfe();
+      postMessage({ id, progress: { start, logp, nfe } });
+    }
+    return { nfe };
+  },
+  density({ n }) {
+    const samples = detector.sample(7n, 600);
+    const xs = [], ys = [];
+    for (let i = 0; i < samples.length; i += 2) { xs.push(samples[i]); ys.push(samples[i + 1]); }
+    const q = (a, p) => { const s = [...a].sort((u, v) => u - v); return s[Math.floor(p * (s.length - 1))]; };
+    const pad = (lo, hi) => { const m = 0.15 * (hi - lo || 1); return [lo - m, hi + m]; };
+    const [x0, x1] = pad(q(xs, 0.005), q(xs, 0.995));
+    const [y0, y1] = pad(q(ys, 0.005), q(ys, 0.995));
+    const logp = new Float32Array(n * n);
+    for (let r = 0; r < n; r++) {
+      const row = new Float32Array(2 * n);
+      for (let c = 0; c < n; c++) {
+        row[2 * c] = x0 + (c + 0.5) / n * (x1 - x0);
+        row[2 * c + 1] = y1 - (r + 0.5) / n * (y1 - y0);
+      }
+      logp.set(detector.log_density_packed(row, PACKED_ROWS), r * n);
+    }
+    return { view: { x0, x1, y0, y1 }, logp, xs, ys };
+  },
+  point({ x }) {
+    return { logp: detector.log_density(x) };
+  },
+};
+
+onmessage = async ({ data }) => {
+  await ready;
+  try {
+    if (data.type !== "load" && !detector) throw new Error("no model loaded");
+    postMessage({ id: data.id, ok: true, ...handlers[data.type](data) });
+  } catch (e) {
+    postMessage({ id: data.id, ok: false, message: e.message ?? String(e) });
+  }
+};
