@@ -150,6 +150,17 @@ fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path, state_json: &Path) 
     Ok(state)
 }
 
+/// Fault injection for the tests: `FFJORD_CRASH_AT=POINT:ITERATION` ends the
+/// process at that point of the checkpoint commit, as a kill or power cut
+/// would (no further writes), so resuming from every point is tested
+/// deterministically rather than by the timing of a kill.
+fn crash_point(point: &str, iteration: u64) {
+    if std::env::var("FFJORD_CRASH_AT").is_ok_and(|v| v == format!("{point}:{iteration}")) {
+        eprintln!("FFJORD_CRASH_AT: stopping at {point} of iteration {iteration}");
+        std::process::exit(86);
+    }
+}
+
 /// Keeps the lines of `metrics.jsonl` up to `iteration`: a resumed run
 /// replays the iterations after its checkpoint, which must not be logged twice.
 fn truncate_metrics(path: &Path, iteration: u64) -> Result<()> {
@@ -338,36 +349,48 @@ fn fit_in_run_dir(
             "regularization": reg_value,
             "seconds": dt,
         });
-        if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {
+        let validation = if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {
             let (nll, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, cfg.eval_method(), 1000))?;
             record["valid_nll"] = nll.into();
             record["valid_nfe"] = nfe.into();
-            if state.best_valid.is_none_or(|b| nll < b) {
-                state.best_valid = Some(nll);
-                state.best_iteration = state.iteration;
-                state.stale_validations = 0;
-                save_checkpoint(&vs, &run.path("best.ot"))?;
-            } else {
-                state.stale_validations += 1;
-            }
-            save_last(&vs, &opt, &state, &run.path("last.ot"))?;
-            // For people and tools; resuming reads the copy inside last.ot.
-            write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-            say(
-                &bar,
-                format!(
-                    "iteration {}: validation NLL {nll:.4} nats on standardized data (best {:.4})",
-                    state.iteration,
-                    state.best_valid.unwrap_or(nll)
-                ),
-            );
-            if cfg.patience > 0 && state.stale_validations >= cfg.patience {
-                say(&bar, format!("early stop: {} validations without improvement", cfg.patience));
-                writeln!(metrics, "{record}")?;
-                break;
-            }
-        }
+            Some(nll)
+        } else {
+            None
+        };
+        // The iteration's record first: a checkpoint never refers to a record
+        // that is missing (a resume drops records after its checkpoint).
         writeln!(metrics, "{record}")?;
+        let Some(nll) = validation else { continue };
+        metrics.sync_data().context("syncing metrics.jsonl")?;
+        // The checkpoint commit: best.ot (if better), then last.ot with the run
+        // state in the same file, then state.json for people. A kill between
+        // any two steps resumes from the last.ot before it (tested at each point).
+        crash_point("before-best", state.iteration);
+        if state.best_valid.is_none_or(|b| nll < b) {
+            state.best_valid = Some(nll);
+            state.best_iteration = state.iteration;
+            state.stale_validations = 0;
+            save_checkpoint(&vs, &run.path("best.ot"))?;
+        } else {
+            state.stale_validations += 1;
+        }
+        crash_point("after-best", state.iteration);
+        save_last(&vs, &opt, &state, &run.path("last.ot"))?;
+        crash_point("after-last", state.iteration);
+        write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        crash_point("after-state", state.iteration);
+        say(
+            &bar,
+            format!(
+                "iteration {}: validation NLL {nll:.4} nats on standardized data (best {:.4})",
+                state.iteration,
+                state.best_valid.unwrap_or(nll)
+            ),
+        );
+        if cfg.patience > 0 && state.stale_validations >= cfg.patience {
+            say(&bar, format!("early stop: {} validations without improvement", cfg.patience));
+            break;
+        }
     }
     bar.finish_and_clear();
 
