@@ -9,7 +9,9 @@ version=0.2.130   # = the wasm-bindgen crate version in Cargo.toml
 tools="${FFJORD_CACHE:-$HOME/.cache/ffjord}/wasm-bindgen-$version"
 if [ ! -x "$tools/bin/wasm-bindgen" ]; then
   echo "installing wasm-bindgen-cli $version into $tools (once, several minutes)" >&2
-  cargo install --quiet --locked wasm-bindgen-cli --version "$version" --root "$tools"
+  # Not --locked: its published lockfile pins webpki-roots 1.0.11, which the
+  # crate registry reachable here does not serve (tried 2026-12-02).
+  cargo install --quiet wasm-bindgen-cli --version "$version" --root "$tools"
 fi
 export PATH="$tools/bin:$PATH"
 # wasm-opt from npm's binaryen 132 (package-lock.json): Debian's binaryen 108

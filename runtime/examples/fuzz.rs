@@ -1,0 +1,185 @@
+//! Structure-aware fuzzing of model loading and evaluation, seeded from the
+//! committed models: each input is a committed model file with random
+//! mutations (bit flips, byte writes, special floats written over weights,
+//! truncation, insertion), its CRC resealed most of the time so the checks
+//! after it are reached; whatever loads is evaluated on hostile rows by every
+//! entry point (one row, score, packed, sample, inverse). Any panic is a
+//! failure. Prints inputs, how many loaded, and the slowest call.
+//!
+//! ```sh
+//! cargo run --release -p ffjord-runtime --example fuzz -- --inputs 20000 --seed 1     # scripts/test
+//! cargo run --release -p ffjord-runtime --example fuzz -- --seconds 3600 --seed 7     # a long run
+//! ```
+//!
+//! Deterministic for a given seed and input count. Adaptive solves are capped
+//! at `--max-steps` (default 2,000) steps per call so a pass has a known cost;
+//! `--max-steps 0` keeps each model's own budget (at most the runtime's
+//! ceiling), to look for slow calls.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
+
+use ffjord_runtime::format::crc32;
+use ffjord_runtime::{Flow, Model, Solver};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::{Rng, SeedableRng};
+
+const MODELS: [&str; 6] = ["8gaussians", "8gaussians-mcu", "shuttle", "satellite", "cardio", "power"];
+
+struct Args {
+    inputs: u64,
+    seconds: Option<f64>,
+    seed: u64,
+    max_steps: u32,
+}
+
+fn args() -> Args {
+    let mut a = Args { inputs: 10_000, seconds: None, seed: 1, max_steps: 2_000 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        let value = pair.get(1).map(String::as_str).unwrap_or("");
+        match pair[0].as_str() {
+            "--inputs" => a.inputs = value.parse().expect("--inputs N"),
+            "--seconds" => a.seconds = Some(value.parse().expect("--seconds S")),
+            "--seed" => a.seed = value.parse().expect("--seed S"),
+            "--max-steps" => a.max_steps = value.parse().expect("--max-steps N"),
+            other => panic!("unknown flag {other} (--inputs, --seconds, --seed, --max-steps)"),
+        }
+    }
+    a
+}
+
+fn below(rng: &mut impl Rng, n: usize) -> usize {
+    (rng.next_u64() % n.max(1) as u64) as usize
+}
+
+const SPECIAL: [f32; 9] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30, 1e-40, f32::MAX];
+
+/// One to four random mutations of `bytes`, then (70%) a correct CRC.
+fn mutate(bytes: &mut Vec<u8>, rng: &mut impl Rng) {
+    for _ in 0..1 + below(rng, 4) {
+        if bytes.is_empty() {
+            break;
+        }
+        let at = below(rng, bytes.len());
+        match below(rng, 6) {
+            0 => bytes[at] ^= 1 << below(rng, 8),
+            1 => bytes[at] = rng.next_u32() as u8,
+            2 => {
+                // A special float over an aligned word (weights are 4-aligned).
+                let at = at & !3;
+                if at + 4 <= bytes.len() {
+                    bytes[at..at + 4].copy_from_slice(&SPECIAL[below(rng, SPECIAL.len())].to_le_bytes());
+                }
+            }
+            3 => bytes.truncate(at),
+            4 => bytes.insert(at, rng.next_u32() as u8),
+            _ => {
+                // A header byte (the first 64 hold sizes, kinds and the solver).
+                let h = below(rng, bytes.len().min(64));
+                bytes[h] = [0u8, 1, 2, 0x7F, 0x80, 0xFF][below(rng, 6)];
+            }
+        }
+    }
+    if bytes.len() >= 8 && below(rng, 10) < 7 {
+        let n = bytes.len() - 4;
+        let crc = crc32(&bytes[..n]);
+        bytes[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// The model's own solver, with adaptive budgets capped at `max_steps` (0: uncapped).
+fn solver_for(model: &Model<'_>, max_steps: u32, rng: &mut impl Rng) -> Solver {
+    match (model.default_solver(), below(rng, 4)) {
+        (_, 0) => Solver::Rk4 { steps: 1 + below(rng, 8) as u32 },
+        (Solver::Dopri5(mut d), _) if max_steps > 0 => {
+            d.max_steps = d.max_steps.min(max_steps);
+            Solver::Dopri5(d)
+        }
+        (s, _) => s,
+    }
+}
+
+fn hostile_row(dim: usize, rng: &mut impl Rng) -> Vec<f32> {
+    let scale = [1.0f32, 10.0, 1e3, 1e30][below(rng, 4)];
+    (0..dim)
+        .map(|_| {
+            if below(rng, 50) == 0 {
+                SPECIAL[below(rng, SPECIAL.len())]
+            } else {
+                ((rng.next_u32() >> 8) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
+            }
+        })
+        .collect()
+}
+
+/// Loads and, if that succeeds, evaluates by every entry point. Errors are
+/// fine; only a panic (caught by the caller) is a failure.
+fn exercise(bytes: &[u8], max_steps: u32, rng: &mut Xoshiro256PlusPlus) -> bool {
+    let Ok(model) = Model::from_bytes(bytes) else { return false };
+    let d = model.dim();
+    let Ok(flow) = Flow::new(&model, solver_for(&model, max_steps, rng)) else { return true };
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let x = hostile_row(d, rng);
+    let _ = flow.log_density(&x, &mut scratch);
+    let _ = flow.score(&x, &mut scratch);
+    let rows: Vec<f32> = (0..3).flat_map(|_| hostile_row(d, rng)).collect();
+    let mut out = [0.0f32; 3];
+    let mut packed = vec![0.0; flow.packed_scratch_len(2)];
+    let _ = flow.log_density_packed(&rows, &mut out, 2, &mut packed);
+    let mut sample = vec![0.0f32; d];
+    let _ = flow.sample(rng, &mut sample, &mut scratch);
+    let mut z = hostile_row(d, rng);
+    let _ = flow.inverse(&mut z, &mut scratch);
+    true
+}
+
+fn main() {
+    let a = args();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let corpus: Vec<Vec<u8>> = MODELS
+        .iter()
+        .map(|m| std::fs::read(root.join(m).join("model.ffjd")).unwrap_or_else(|e| panic!("{m}: {e}")))
+        .collect();
+    std::panic::set_hook(Box::new(|_| {})); // panics are counted and reported below
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(a.seed);
+    let start = Instant::now();
+    let (mut inputs, mut loaded, mut panics) = (0u64, 0u64, 0u64);
+    let mut slowest = (Duration::ZERO, 0u64);
+    loop {
+        let done = match a.seconds {
+            Some(s) => start.elapsed().as_secs_f64() >= s,
+            None => inputs >= a.inputs,
+        };
+        if done {
+            break;
+        }
+        let mut bytes = corpus[below(&mut rng, corpus.len())].clone();
+        mutate(&mut bytes, &mut rng);
+        let mut eval_rng = Xoshiro256PlusPlus::seed_from_u64(rng.next_u64());
+        let t = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| exercise(&bytes, a.max_steps, &mut eval_rng))) {
+            Ok(true) => loaded += 1,
+            Ok(false) => {}
+            Err(_) => {
+                panics += 1;
+                eprintln!("panic on input {inputs} (seed {}): {} bytes", a.seed, bytes.len());
+            }
+        }
+        let dt = t.elapsed();
+        if dt > slowest.0 {
+            slowest = (dt, inputs);
+        }
+        inputs += 1;
+    }
+    println!(
+        "fuzz seed {}: {inputs} inputs, {loaded} loaded and evaluated, {panics} panics, slowest input {} ({:.3} s), {:.1} s in all",
+        a.seed,
+        slowest.1,
+        slowest.0.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
+    if panics > 0 {
+        std::process::exit(1);
+    }
+}
