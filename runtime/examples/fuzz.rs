@@ -53,7 +53,8 @@ fn below(rng: &mut impl Rng, n: usize) -> usize {
     (rng.next_u64() % n.max(1) as u64) as usize
 }
 
-const SPECIAL: [f32; 9] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30, 1e-40, f32::MAX];
+const SPECIAL: [f32; 9] =
+    [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30, 1e-40, f32::MAX];
 
 /// One to four random mutations of `bytes`, then (70%) a correct CRC.
 fn mutate(bytes: &mut Vec<u8>, rng: &mut impl Rng) {

@@ -30,8 +30,10 @@ fn committed_golden_values_agree_with_a_float64_evaluation() {
         let model = Model::from_bytes(&bytes).unwrap();
         let (_vs, chain) = chain_from_model(&model, &bytes, Kind::Double, Device::Cpu).unwrap();
         let rows = golden["rows"].as_array().unwrap();
-        let x: Vec<f64> =
-            rows.iter().flat_map(|r| r["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
+        let x: Vec<f64> = rows
+            .iter()
+            .flat_map(|r| r["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect();
         let x = Tensor::from_slice(&x).reshape([rows.len() as i64, model.dim() as i64]);
         let opts = SolveOptions::eval(Method::Dopri5 { rtol: 1e-8, atol: 1e-8, max_steps: 1_000_000 });
         let log_p = Vec::<f64>::try_from(&tch::no_grad(|| chain.log_prob(&x, &opts)).unwrap().log_p).unwrap();
