@@ -1,0 +1,23 @@
+//! The flow on tch: a dynamics network ([`VectorField`]) inside CNF blocks,
+//! composed with other layers ([`FlowLayer`]) into a [`Chain`].
+//!
+//! Extension points: a new dynamics network (e.g. a convolutional ODE net for
+//! images) implements [`VectorField`] and plugs into [`Cnf`] unchanged; a new
+//! layer in the chain (squeeze, factor-out, logit) implements [`FlowLayer`].
+//! Neither touches the solver (`ode.rs`) or the training loop (`train.rs`).
+
+mod chain;
+mod cnf;
+mod field;
+mod layer;
+mod maps;
+mod options;
+#[cfg(test)]
+mod tests;
+
+pub use chain::*;
+pub use cnf::*;
+pub use field::*;
+pub use layer::*;
+pub use maps::*;
+pub use options::*;
