@@ -13,7 +13,7 @@ out=${1:?usage: bench/anomaly.sh OUT_DIR [SETS...]}
 shift
 sets=("$@")
 [ ${#sets[@]} -gt 0 ] || sets=(cardio satellite shuttle)
-trainer="$root/scripts/trainer"
+trainer="${TRAINER:-$root/scripts/trainer}"   # TRAINER=path: a fixed binary (e.g. while the tree is being edited)
 "$trainer" --version >/dev/null   # builds once
 mkdir -p "$out"
 recipe() {

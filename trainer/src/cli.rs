@@ -1,0 +1,539 @@
+//! The command line: argument types of every command, and `trainer fit`'s
+//! flags merged over a config file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use tch::Device;
+
+use ffjord_trainer::config::{ActivationArg, LayerArg, SolverArg, TrainConfig};
+use ffjord_trainer::model::{self, TraceMode};
+use ffjord_trainer::{data, train};
+
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Train FFJORD continuous normalizing flows and export them for ffjord-runtime"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl DeviceArg {
+    pub(crate) fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda => bail!(
+                "--device cuda: no CUDA device is available (build with --features cuda on a GPU machine)"
+            ),
+            DeviceArg::Auto => Ok(Device::cuda_if_available()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Train a model and export the best checkpoint as a model file.
+    Fit(Box<FitArgs>),
+    /// Test NLL of a model file with tch in float64, exact trace, Dopri5 at a tight tolerance.
+    Eval(EvalArgs),
+    /// Per-row log p, anomaly score and verdict, computed by the runtime crate.
+    Score(ScoreArgs),
+    /// Draw samples with the runtime (seeded).
+    Sample(SampleArgs),
+    /// Write a toy data set as CSV.
+    Toy(ToyArgs),
+    /// Describe a model file.
+    Inspect(InspectArgs),
+    /// Cheapest runtime solver within ε nats of Dopri5 1e-7 on validation rows, checked on test rows.
+    Budget(BudgetArgs),
+    /// 2-D models: learned density heatmap (left) and a histogram of samples (right) as PNG.
+    Plot(PlotArgs),
+    /// Export a run's best checkpoint (model file or JSON), recalibrating the threshold.
+    Export(ExportArgs),
+    /// Turn the JSON form (hand-written or from `export --format json`) into a model file.
+    Import(ImportArgs),
+    /// Turn a raw labelled data set into train/test splits (see `scripts/fetch-data`).
+    Prepare(PrepareArgs),
+    /// Anomaly detection table: the model against Gaussian, mixture and isolation-forest baselines.
+    Benchmark(BenchmarkArgs),
+    /// Mean ± sd over several `benchmark --json` files (e.g. split seeds 0, 1, 2).
+    BenchmarkSummary(BenchmarkSummaryArgs),
+    /// Density baselines: test NLL of a full-covariance Gaussian and Gaussian mixtures.
+    DensityBaselines(DensityBaselineArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct DensityBaselineArgs {
+    /// Training rows (CSV or NPY).
+    #[arg(long)]
+    pub(crate) train: PathBuf,
+    /// Test rows.
+    #[arg(long)]
+    pub(crate) test: PathBuf,
+    /// Mixture sizes to fit (1 = the Gaussian).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub(crate) components: Vec<i64>,
+    /// EM iterations.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) iterations: usize,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct BenchmarkArgs {
+    /// The run folder of the model's `fit` (its train/validation split is reused).
+    #[arg(long)]
+    pub(crate) run_dir: PathBuf,
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// Labelled test rows.
+    #[arg(long)]
+    pub(crate) test: PathBuf,
+    #[arg(long, default_value = "anomaly")]
+    pub(crate) labels: String,
+    /// Components of the Gaussian-mixture baseline.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) components: i64,
+    /// Also write the rows as JSON (for `benchmark-summary`).
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct BenchmarkSummaryArgs {
+    /// `benchmark --json` files, one per split seed.
+    pub(crate) files: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PrepareArgs {
+    /// Data set: shuttle, satellite, cardio (anomaly presets), csv (your own labelled CSV,
+    /// with --label and --outlier) or power (MAF preprocessing; use --seed 42).
+    pub(crate) name: String,
+    /// The raw file (`scripts/fetch-data NAME` prints its path).
+    #[arg(long)]
+    pub(crate) raw: PathBuf,
+    #[arg(long)]
+    pub(crate) out_dir: PathBuf,
+    /// Split seed (the same seed gives the same split for every method).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+    /// `csv`: the label column (name, or 0-based index for a file without header).
+    #[arg(long)]
+    pub(crate) label: Option<String>,
+    /// `csv`: label values that mark an outlier, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) outlier: Option<Vec<String>>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ExportArgs {
+    /// The run folder of a `fit` (holds config.toml and best.ot).
+    #[arg(long)]
+    pub(crate) run_dir: PathBuf,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Anomaly threshold at this quantile of the run's validation scores (default: the run's).
+    #[arg(long)]
+    pub(crate) threshold_quantile: Option<f64>,
+    /// Make the default solver the cheapest whose log p stays within this many
+    /// nats of a tight Dopri5 reference on the validation rows.
+    #[arg(long)]
+    pub(crate) max_error: Option<f64>,
+    #[arg(long, value_enum, default_value = "model")]
+    pub(crate) format: train::Format,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub(crate) device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ImportArgs {
+    /// JSON model.
+    pub(crate) json: PathBuf,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PlotArgs {
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Pixels per side of each panel.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) grid: i64,
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) samples: i64,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+    /// Dopri5 tolerance.
+    #[arg(long, default_value_t = 1e-5)]
+    pub(crate) tol: f64,
+}
+
+/// Flags override the `--config` file; the merged config is saved in the run folder.
+#[derive(clap::Args)]
+pub(crate) struct FitArgs {
+    /// TOML config file (keys as the long flags, with underscores).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Where the exported model goes.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Run folder for checkpoints and metrics (default: OUT with extension `.run`).
+    #[arg(long)]
+    pub(crate) run_dir: Option<PathBuf>,
+    /// Continue from the run folder's last checkpoint.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub(crate) device: DeviceArg,
+    /// Built-in toy data set: 8gaussians, pinwheel, checkerboard, 2spirals, moons, circles, rings, swissroll.
+    #[arg(long)]
+    pub(crate) toy: Option<String>,
+    /// CSV or NPY training data.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Columns to use (names or 0-based indices), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) columns: Option<Vec<String>>,
+    /// Label column (0 normal, 1 anomaly) in the data files: not a feature;
+    /// only normal rows train and calibrate.
+    #[arg(long)]
+    pub(crate) label: Option<String>,
+    /// Validation file (instead of a fraction of --data).
+    #[arg(long)]
+    pub(crate) valid_data: Option<PathBuf>,
+    /// Test file (optional, with --valid-data).
+    #[arg(long)]
+    pub(crate) test_data: Option<PathBuf>,
+    /// Dequantize columns on a decimal grid with ties, fresh noise each batch (true/false).
+    #[arg(long)]
+    pub(crate) dequantize: Option<bool>,
+    /// Gaussian noise (standardized units) added to each training batch.
+    #[arg(long)]
+    pub(crate) input_noise: Option<f64>,
+    /// Start as the full-covariance Gaussian: whiten, then CNFs initialised to the identity (true/false).
+    #[arg(long)]
+    pub(crate) whiten: Option<bool>,
+    /// Use at most this many (seeded, random) validation rows.
+    #[arg(long)]
+    pub(crate) valid_rows: Option<usize>,
+    /// Use at most this many (seeded, random) test rows.
+    #[arg(long)]
+    pub(crate) test_rows: Option<usize>,
+    /// Hidden widths, e.g. 64,64,64.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) hidden: Option<Vec<i64>>,
+    #[arg(long, value_enum)]
+    pub(crate) layer: Option<LayerArg>,
+    #[arg(long, value_enum)]
+    pub(crate) activation: Option<ActivationArg>,
+    /// Stacked CNF blocks.
+    #[arg(long)]
+    pub(crate) blocks: Option<usize>,
+    /// Moving batch norm before the first and after every block (true/false).
+    #[arg(long)]
+    pub(crate) batch_norm: Option<bool>,
+    /// Initial end time T.
+    #[arg(long)]
+    pub(crate) end_time: Option<f64>,
+    /// Learn T = s² (true/false).
+    #[arg(long)]
+    pub(crate) train_end_time: Option<bool>,
+    #[arg(long, value_enum)]
+    pub(crate) trace: Option<TraceMode>,
+    /// Gradients by backprop through the solver or by the continuous adjoint.
+    #[arg(long, value_enum)]
+    pub(crate) gradient: Option<model::Gradient>,
+    /// Adjoint: exclude parameter adjoints from the backward error norm (true/false).
+    #[arg(long)]
+    pub(crate) seminorm: Option<bool>,
+    /// RNODE kinetic-energy regularization coefficient (e.g. 0.01).
+    #[arg(long)]
+    pub(crate) kinetic: Option<f64>,
+    /// RNODE Jacobian-Frobenius regularization coefficient (e.g. 0.01; Hutchinson trace only).
+    #[arg(long)]
+    pub(crate) jacobian: Option<f64>,
+    #[arg(long, value_enum)]
+    pub(crate) solver: Option<SolverArg>,
+    #[arg(long)]
+    pub(crate) rtol: Option<f64>,
+    #[arg(long)]
+    pub(crate) atol: Option<f64>,
+    /// Steps of a fixed-step solver.
+    #[arg(long)]
+    pub(crate) steps: Option<u32>,
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f64>,
+    #[arg(long)]
+    pub(crate) batch: Option<i64>,
+    #[arg(long)]
+    pub(crate) iterations: Option<u64>,
+    /// Passes over the training rows (overrides --iterations; data files only).
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
+    #[arg(long)]
+    pub(crate) valid_every: Option<u64>,
+    /// Early stopping after this many validations without improvement (0 = off).
+    #[arg(long)]
+    pub(crate) patience: Option<u64>,
+    #[arg(long)]
+    pub(crate) seed: Option<i64>,
+    /// Dopri5 tolerance for validation, test and the exported default solver.
+    #[arg(long)]
+    pub(crate) eval_tol: Option<f64>,
+    /// Anomaly threshold at this quantile of validation scores (0 < q < 1).
+    #[arg(long)]
+    pub(crate) threshold_quantile: Option<f64>,
+}
+
+macro_rules! override_fields {
+    ($cfg:ident, $args:ident, $($f:ident),*) => { $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )* };
+}
+
+impl FitArgs {
+    pub(crate) fn config(&self) -> Result<TrainConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => {
+                let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&s).with_context(|| format!("{}: invalid config", p.display()))?
+            }
+            None => TrainConfig::default(),
+        };
+        if self.toy.is_some() {
+            cfg.toy = self.toy.clone();
+            cfg.data = None;
+        }
+        if self.data.is_some() {
+            cfg.data = self.data.clone();
+            cfg.toy = None;
+        }
+        if self.columns.is_some() {
+            cfg.columns = self.columns.clone();
+        }
+        if self.label.is_some() {
+            cfg.label = self.label.clone();
+        }
+        for (field, value) in [(&mut cfg.valid_data, &self.valid_data), (&mut cfg.test_data, &self.test_data)]
+        {
+            if value.is_some() {
+                *field = value.clone();
+            }
+        }
+        for (field, value) in [(&mut cfg.valid_rows, self.valid_rows), (&mut cfg.test_rows, self.test_rows)] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if self.threshold_quantile.is_some() {
+            cfg.threshold_quantile = self.threshold_quantile;
+        }
+        if self.epochs.is_some() {
+            cfg.epochs = self.epochs;
+        }
+        override_fields!(
+            cfg,
+            self,
+            hidden,
+            layer,
+            activation,
+            blocks,
+            batch_norm,
+            dequantize,
+            input_noise,
+            whiten,
+            end_time,
+            train_end_time,
+            trace,
+            gradient,
+            seminorm,
+            kinetic,
+            jacobian,
+            solver,
+            rtol,
+            atol,
+            steps,
+            lr,
+            weight_decay,
+            batch,
+            iterations,
+            valid_every,
+            patience,
+            seed,
+            eval_tol
+        );
+        cfg.validate()?;
+        if let Some(name) = &cfg.toy
+            && !data::TOYS.contains(&name.as_str())
+        {
+            bail!("unknown toy data set '{name}' (choose one of {})", data::TOYS.join(", "));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct DataArgs {
+    /// CSV or NPY rows.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Or draw rows from a toy set.
+    #[arg(long)]
+    pub(crate) toy: Option<String>,
+    /// Rows to draw from the toy set.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) n: i64,
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) columns: Option<Vec<String>>,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+}
+
+impl DataArgs {
+    pub(crate) fn load(&self) -> Result<data::Table> {
+        tch::manual_seed(self.seed);
+        match (&self.data, &self.toy) {
+            (Some(p), None) => data::load(p, self.columns.as_deref()),
+            (None, Some(name)) => {
+                data::Table::from_tensor(&data::toy(name, self.n)?, vec!["x".into(), "y".into()])
+            }
+            _ => bail!("give exactly one of --data FILE or --toy NAME"),
+        }
+    }
+
+    /// Where the rows come from, for messages.
+    pub(crate) fn source(&self) -> String {
+        match (&self.data, &self.toy) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(name)) => format!("toy set '{name}'"),
+            (None, None) => "data".into(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EvalArgs {
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Dopri5 tolerance (rtol = atol).
+    #[arg(long, default_value_t = 1e-8)]
+    pub(crate) tol: f64,
+    /// Write per-row log p (float64) to this CSV.
+    #[arg(long)]
+    pub(crate) rows_out: Option<PathBuf>,
+    /// A 0/1 column marking anomalies: also report AUROC, average precision and
+    /// precision/recall/false-positive rate at the model's threshold.
+    #[arg(long)]
+    pub(crate) labels: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct BudgetArgs {
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    /// Largest |Δ log p| in nats allowed on every validation row.
+    #[arg(long)]
+    pub(crate) max_error: f64,
+    /// Validation rows the choice is made on (at most 1,000 are used).
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Test rows to report the chosen solver's error on (CSV or NPY; for a toy
+    /// set, fresh rows are drawn with --seed + 1 instead).
+    #[arg(long)]
+    pub(crate) test: Option<PathBuf>,
+    /// A label column of the test file to leave out (e.g. `anomaly`).
+    #[arg(long)]
+    pub(crate) test_labels: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ScoreArgs {
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Runtime solver: the model's default unless given.
+    #[arg(long, value_enum)]
+    pub(crate) solver: Option<SolverArg>,
+    #[arg(long)]
+    pub(crate) tol: Option<f32>,
+    #[arg(long, default_value_t = 8)]
+    pub(crate) steps: u32,
+    /// Output CSV (stdout if omitted).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SampleArgs {
+    #[arg(long)]
+    pub(crate) model: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ToyArgs {
+    /// Toy set name.
+    pub(crate) name: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) n: i64,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct InspectArgs {
+    pub(crate) model: PathBuf,
+    /// Also write the model in its documented JSON form.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+}
+
+/// The CLI with `trainer fit`'s defaults shown in its help: they come from
+/// `TrainConfig::default()` (the flags are optional so that a `--config` file
+/// can set them), so the help cannot drift from the values used.
+pub(crate) fn cli_command() -> clap::Command {
+    let defaults = toml::Value::try_from(TrainConfig::default()).ok();
+    let table = defaults.as_ref().and_then(toml::Value::as_table).cloned().unwrap_or_default();
+    Cli::command().mut_subcommand("fit", |fit| {
+        let ids: Vec<String> = fit.get_arguments().map(|a| a.get_id().to_string()).collect();
+        ids.into_iter().fold(fit, |fit, id| match table.get(&id) {
+            Some(value) => fit.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let shown = match value {
+                    toml::Value::Array(v) => v.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                arg.help(format!("{help} [default: {shown}]").trim_start().to_string())
+            }),
+            None => fit,
+        })
+    })
+}

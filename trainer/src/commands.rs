@@ -1,0 +1,266 @@
+//! The bodies of the commands that read models and rows: eval, score,
+//! sample, inspect, budget (fit, export and the data commands call into the library).
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use ffjord_runtime::{Flow, Model, Solver, Verdict};
+use tch::{Device, Kind};
+
+use ffjord_trainer::config::SolverArg;
+use ffjord_trainer::model;
+use ffjord_trainer::{data, modelfile, ode};
+
+use crate::cli::*;
+
+pub(crate) fn write_table(
+    path: &std::path::Path,
+    header: &[String],
+    rows: impl Iterator<Item = Vec<f64>>,
+) -> Result<()> {
+    let mut s = header.join(",") + "\n";
+    for r in rows {
+        s += &r.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(",");
+        s.push('\n');
+    }
+    modelfile::write_atomic(path, s.as_bytes())
+}
+
+/// Reads a model file and data rows whose width matches the model.
+pub(crate) fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, data::Table)> {
+    let bytes = modelfile::read_model_bytes(path)?;
+    let dim = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.dim();
+    let table = data.load()?;
+    check_width(&data.source(), &table, path, dim)?;
+    Ok((bytes, table))
+}
+
+/// The rows' width against the model's dimension, naming both files.
+pub(crate) fn check_width(
+    source: &str,
+    table: &data::Table,
+    model: &std::path::Path,
+    dim: usize,
+) -> Result<()> {
+    if table.dim() != dim {
+        bail!("{source} has {} columns, the model {} expects {dim}", table.dim(), model.display());
+    }
+    Ok(())
+}
+
+/// Rows `trainer eval` integrates together.
+pub(crate) const EVAL_CHUNK_ROWS: i64 = 4096;
+
+pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
+    let (bytes, table, labels) = match &args.labels {
+        Some(col) => {
+            let bytes = modelfile::read_model_bytes(&args.model)?;
+            let (table, labels) = ffjord_trainer::anomaly::split_labels(&args.data.load()?, col)?;
+            (bytes, table, Some(labels))
+        }
+        None => {
+            let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+            (bytes, table, None)
+        }
+    };
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_width(&args.data.source(), &table, &args.model, model.dim())?;
+    let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
+    let x = table.to_tensor();
+    let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
+    let opts = model::SolveOptions::eval(method);
+    // In chunks: memory stays bounded however many rows the file has (one
+    // batch of 144k rows took 4 GB); each chunk takes its own adaptive steps.
+    let (mut log_p, mut nfe) = (Vec::with_capacity(table.rows), 0u64);
+    for chunk in x.split(EVAL_CHUNK_ROWS, 0) {
+        let out = tch::no_grad(|| chain.log_prob(&chunk, &opts))?;
+        log_p.extend(Vec::<f64>::try_from(&out.log_p)?);
+        nfe += u64::from(out.stats.solve.nfe);
+    }
+    let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
+    let d = model.dim() as f64;
+    println!(
+        "rows {}  NLL {nll:.6} nats in data units ({:.6} bits/dim)  NFE {nfe} (summed over chunks of {EVAL_CHUNK_ROWS} rows)",
+        log_p.len(),
+        nll / d / 2f64.ln(),
+    );
+    if let Some(p) = &args.rows_out {
+        write_table(p, &["log_p".into()], log_p.iter().map(|&v| vec![v]))?;
+    }
+    if let Some(labels) = labels {
+        let scores: Vec<f64> = log_p.iter().map(|v| -v).collect();
+        let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
+        // f32's shortest form ("0.99"), not its f64 widening (0.9900000095367432).
+        let q = model.threshold().map_or("none".to_string(), |t| t.quantile.to_string());
+        let m = ffjord_trainer::anomaly::detection(&scores, &labels, threshold);
+        let pos = labels.iter().filter(|&&a| a).count();
+        println!("anomalies {pos} of {}", labels.len());
+        println!(
+            "| AUROC | average precision | precision | recall | false-positive rate | threshold (quantile) |"
+        );
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {threshold:.3} ({q}) |",
+            m.auroc, m.average_precision, m.precision, m.recall, m.false_positive_rate
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn runtime_solver(
+    model: &Model<'_>,
+    solver: Option<SolverArg>,
+    tol: Option<f32>,
+    steps: u32,
+) -> Solver {
+    match solver {
+        None => {
+            let mut s = model.default_solver();
+            if let (Solver::Dopri5(d), Some(t)) = (&mut s, tol) {
+                d.rtol = t;
+                d.atol = t;
+            }
+            s
+        }
+        Some(SolverArg::Dopri5) => Solver::Dopri5(ffjord_runtime::Dopri5 {
+            max_steps: 100_000,
+            ..ffjord_runtime::Dopri5::with_tolerance(tol.unwrap_or(1e-5))
+        }),
+        Some(SolverArg::Rk4) => Solver::Rk4 { steps },
+        Some(SolverArg::Midpoint) => Solver::Midpoint { steps },
+        Some(SolverArg::Euler) => Solver::Euler { steps },
+    }
+}
+
+pub(crate) fn rows_f32(table: &data::Table, limit: usize) -> Vec<Vec<f32>> {
+    (0..table.rows.min(limit)).map(|i| table.row(i).iter().map(|&v| v as f32).collect()).collect()
+}
+
+pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
+    let (bytes, valid) = model_and_rows(&args.model, &args.data)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let valid = rows_f32(&valid, 1000);
+    let (best, all) = ffjord_trainer::budget::choose(&bytes, &valid, args.max_error)?;
+    println!("validation: {} rows; errors against Dopri5 1e-7\n", valid.len());
+    println!("| solver | max error | mean error | mean NFE |");
+    println!("|---|---|---|---|");
+    for c in &all {
+        println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
+    }
+    let test = match (&args.test, &args.data.toy) {
+        (Some(path), _) => match &args.test_labels {
+            Some(col) => ffjord_trainer::anomaly::split_labels(&data::load(path, None)?, col)?.0,
+            None => data::load(path, args.data.columns.as_deref())?,
+        },
+        (None, Some(_)) => DataArgs { seed: args.data.seed + 1, ..args.data.clone() }.load()?,
+        (None, None) => bail!("--test is needed with --data (the choice is checked on other rows)"),
+    };
+    let source = args
+        .test
+        .as_ref()
+        .map_or_else(|| format!("test rows from {}", args.data.source()), |p| p.display().to_string());
+    check_width(&source, &test, &args.model, model.dim())?;
+    let test = rows_f32(&test, 1000);
+    let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method.to_runtime())?;
+    let flops = model.flops_per_evaluation() as f64 * acc.mean_nfe;
+    println!(
+        "\nchosen: {} (cheapest within {} nats) | test on {} rows: max error {:.2e}, mean error {:.2e}, mean NFE {:.1}, {:.0} FLOPs per log p",
+        best.solver, args.max_error, acc.rows, acc.max_error, acc.mean_error, acc.mean_nfe, flops
+    );
+    Ok(())
+}
+
+pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
+    let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut scratch = vec![0.0f32; flow.scratch_len()];
+    let mut out = String::from("row,log_p,score,verdict,nfe\n");
+    let (mut anomalies, mut n) = (0, 0);
+    for i in 0..table.rows {
+        let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
+        let s = flow.score(&x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let verdict = match s.verdict {
+            Verdict::Normal => "normal",
+            Verdict::Anomaly => {
+                anomalies += 1;
+                "anomaly"
+            }
+            Verdict::Uncalibrated => "uncalibrated",
+        };
+        n += 1;
+        out += &format!("{i},{},{},{verdict},{}\n", s.log_density.log_p, s.score, s.log_density.stats.nfe);
+    }
+    match &args.out {
+        Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
+        None => std::io::stdout().write_all(out.as_bytes())?,
+    }
+    eprintln!("{n} rows scored, {anomalies} anomalies");
+    Ok(())
+}
+
+pub(crate) fn sample(args: &SampleArgs) -> Result<()> {
+    use rand_xoshiro::rand_core::SeedableRng;
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let flow = Flow::new(&model, model.default_solver()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut scratch = vec![0.0f32; flow.scratch_len()];
+    // Xoshiro128++ is what the firmware examples use, so seeds reproduce across devices.
+    let mut rng = rand_xoshiro::Xoshiro128PlusPlus::seed_from_u64(args.seed);
+    let mut rows = Vec::new();
+    for _ in 0..args.n {
+        let mut x = vec![0.0f32; model.dim()];
+        let s = flow.sample(&mut rng, &mut x, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut r: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        r.push(f64::from(s.log_p));
+        rows.push(r);
+    }
+    let mut header: Vec<String> = (0..model.dim()).map(|i| format!("x{i}")).collect();
+    header.push("log_p".into());
+    match &args.out {
+        Some(p) => write_table(p, &header, rows.into_iter()),
+        None => {
+            for r in rows {
+                println!("{}", r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
+            }
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
+    let bytes = modelfile::read_model_bytes(&args.model)?;
+    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let h = model.header();
+    println!("file        {} ({} bytes)", args.model.display(), bytes.len());
+    println!("name        {}", h.metadata.name);
+    println!("data        {}", h.metadata.description);
+    println!("command     {}", h.metadata.command);
+    println!("dimension   {}", model.dim());
+    println!("parameters  {}", model.weight_count());
+    for (i, s) in h.stages().enumerate() {
+        match s {
+            ffjord_runtime::Stage::Cnf(c) => {
+                let widths: Vec<String> =
+                    c.layers.iter().map(|l| format!("{:?}→{}", l.kind, l.out_dim)).collect();
+                println!("stage {i}     CNF T={} {:?} [{}]", c.end_time, c.activation, widths.join(", "));
+            }
+            ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
+            ffjord_runtime::Stage::Linear => println!("stage {i}     linear (lower-triangular)"),
+        }
+    }
+    println!("solver      {:?}", model.default_solver());
+    match model.threshold() {
+        Some(t) => println!("threshold   score > {} (quantile {})", t.score, t.quantile),
+        None => println!("threshold   none"),
+    }
+    println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());
+    println!("scratch     {} floats with the default solver", model.scratch_len(&model.default_solver()));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&ffjord_trainer::json::to_json(&model, &bytes)?)?;
+        modelfile::write_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
