@@ -23,6 +23,16 @@ recipe() {
     *) echo "no recipe for $1" >&2; exit 2 ;;
   esac
 }
+# The recipe's flags without those FIT_ARGS sets again (a flag may be given once).
+with_overrides() {
+  local out=() skip=0 a
+  for a in "$@"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    if [[ "$a" == --* ]] && [[ " ${FIT_ARGS:-} " == *" $a "* ]]; then skip=1; continue; fi
+    out+=("$a")
+  done
+  echo "${out[@]}"
+}
 for set in "${sets[@]}"; do
   raw=$("$root/scripts/fetch-data" "$set")
   for seed in ${SEEDS:-0 1 2}; do
@@ -31,7 +41,7 @@ for set in "${sets[@]}"; do
     # shellcheck disable=SC2046,SC2086
     TIMEFORMAT="%U s CPU, %R s wall"
     { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
-      --out "$d/model.ffjd" --seed "$seed" $(recipe "$set") ${FIT_ARGS:-} > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
+      --out "$d/model.ffjd" --seed "$seed" $(with_overrides $(recipe "$set")) ${FIT_ARGS:-} > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
     "$trainer" benchmark --run-dir "$d/model.run" --model "$d/model.ffjd" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
     echo "$set seed $seed: $(grep FFJORD "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"

@@ -11,6 +11,7 @@
 //! gradient.
 
 use anyhow::{Result, bail};
+use ffjord_runtime::solver::tableau as rt;
 use tch::Tensor;
 
 /// An ODE right-hand side on a tuple state.
@@ -99,29 +100,37 @@ pub struct Tableau {
     pub b: &'static [f64],
 }
 
-const EULER: Tableau = Tableau { c: &[0.0], a: &[&[]], b: &[1.0] };
-const MIDPOINT: Tableau = Tableau { c: &[0.0, 0.5], a: &[&[], &[0.5]], b: &[0.0, 1.0] };
-const RK4: Tableau = Tableau {
-    c: &[0.0, 0.5, 0.5, 1.0],
-    a: &[&[], &[0.5], &[0.0, 0.5], &[0.0, 0.0, 1.0]],
-    b: &[1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
-};
+/// Row `i` of a strictly lower-triangular `a`: its first `i` entries.
+const fn row<const S: usize>(a: &'static [[f64; S]; S], i: usize) -> &'static [f64] {
+    a[i].split_at(i).0
+}
 
-const DOPRI_C: [f64; 6] = [1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0];
-const DOPRI_A: [&[f64]; 6] = [
-    &[1.0 / 5.0],
-    &[3.0 / 40.0, 9.0 / 40.0],
-    &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
-    &[35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0],
-];
+// The tableaus are the runtime's (`ffjord_runtime::solver::tableau`, float64),
+// so trainer and runtime integrate with the same coefficients.
+const EULER: Tableau = Tableau { c: &rt::EULER.c, a: &[row(&rt::EULER.a, 0)], b: &rt::EULER.b };
+const MIDPOINT: Tableau = Tableau {
+    c: &rt::MIDPOINT.c,
+    a: &[row(&rt::MIDPOINT.a, 0), row(&rt::MIDPOINT.a, 1)],
+    b: &rt::MIDPOINT.b,
+};
+const RK4: Tableau = Tableau {
+    c: &rt::RK4.c,
+    a: &[row(&rt::RK4.a, 0), row(&rt::RK4.a, 1), row(&rt::RK4.a, 2), row(&rt::RK4.a, 3)],
+    b: &rt::RK4.b,
+};
 /// Dopri5's accepted step as a plain scheme: the six stages the fifth-order
 /// solution combines (the seventh, at the new point, is the next step's first).
 const DOPRI5: Tableau = Tableau {
-    c: &[0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0],
-    a: &[&[], DOPRI_A[0], DOPRI_A[1], DOPRI_A[2], DOPRI_A[3], DOPRI_A[4]],
-    b: DOPRI_A[5],
+    c: rt::DOPRI5.c.split_at(6).0,
+    a: &[
+        row(&rt::DOPRI5.a, 0),
+        row(&rt::DOPRI5.a, 1),
+        row(&rt::DOPRI5.a, 2),
+        row(&rt::DOPRI5.a, 3),
+        row(&rt::DOPRI5.a, 4),
+        row(&rt::DOPRI5.a, 5),
+    ],
+    b: row(&rt::DOPRI5.a, 6),
 };
 
 /// One accepted step, as a reverse pass needs it: `y_{n+1} = y_n + h Σ_i
@@ -134,16 +143,6 @@ pub struct Step {
     pub stages: Vec<Vec<Tensor>>,
     pub evals: Vec<usize>,
 }
-
-const DOPRI_ERR: [f64; 7] = [
-    35.0 / 384.0 - 1951.0 / 21600.0,
-    0.0,
-    500.0 / 1113.0 - 22642.0 / 50085.0,
-    125.0 / 192.0 - 451.0 / 720.0,
-    -2187.0 / 6784.0 + 12231.0 / 42400.0,
-    11.0 / 84.0 - 649.0 / 6300.0,
-    -1.0 / 60.0,
-];
 
 /// Integrates `y` from `t0` to `t1` with `method`. `controlled[c]` says whether
 /// component `c` enters the adaptive error norm. `time_scale` is how many units
@@ -263,16 +262,14 @@ fn dopri5(
         let s = time_scale;
         let d0 = ratio(&y, &y, &y, rtol, atol, controlled);
         let d1 = ratio(&k1, &y, &y, rtol, atol, controlled) / s;
-        let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
+        let h0 = rt::initial_h0(d0, d1);
         let y1: Vec<Tensor> =
             y.iter().zip(&k1).map(|(a, k)| a.detach() + k.detach() * (dir * h0 / s)).collect();
         let f1 = f(t0 + dir * h0 / s, &y1)?;
         stats.nfe += 1;
         let diff: Vec<Tensor> = f1.iter().zip(&k1).map(|(a, b)| a.detach() - b.detach()).collect();
         let d2 = ratio(&diff, &y, &y, rtol, atol, controlled) / s / h0;
-        let h1 =
-            if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { (0.01 / d1.max(d2)).powf(0.2) };
-        (100.0 * h0).min(h1) / s
+        (100.0 * h0).min(rt::initial_h1(h0, d1, d2)) / s
     };
     let mut t = t0;
     loop {
@@ -296,7 +293,8 @@ fn dopri5(
         let mut ks: Vec<Vec<Tensor>> = vec![shallow(&k1)];
         let mut y_new = Vec::new();
         let (mut stages, mut evals) = (Vec::new(), Vec::new());
-        for (c, a) in DOPRI_C.iter().zip(DOPRI_A) {
+        for i in 1..7 {
+            let (c, a) = (rt::DOPRI5.c[i], row(&rt::DOPRI5.a, i));
             let yi = axpy(&y, hs, a, &ks);
             evals.push(stats.nfe as usize);
             ks.push(f(t + c * hs, &yi)?);
@@ -307,7 +305,7 @@ fn dopri5(
             y_new = yi;
         }
         let zeros: Vec<Tensor> = y.iter().map(|c| c.zeros_like()).collect();
-        let err = axpy(&zeros, hs, &DOPRI_ERR, &ks);
+        let err = axpy(&zeros, hs, &rt::DOPRI5_ERR, &ks);
         let r = ratio(&err, &y, &y_new, rtol, atol, controlled);
         if r <= 1.0 {
             // The last call was at y_new: the next step's first stage (FSAL).
@@ -327,14 +325,6 @@ fn dopri5(
         } else {
             stats.rejected += 1;
         }
-        let factor = if r == 0.0 {
-            10.0
-        } else if !r.is_finite() {
-            0.2
-        } else {
-            let floor = if r < 1.0 { 1.0 } else { 0.2 };
-            (0.9 * r.powf(-0.2)).clamp(floor, 10.0)
-        };
-        h = step * factor;
+        h = step * rt::step_factor(r);
     }
 }

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rk::{Tableau, axpy_stages, combine, stages};
+use super::rk::{Tableau, axpy_stages, combine, round, stages};
+use super::tableau;
+pub(crate) use super::tableau::{initial_h0, initial_h1, step_factor};
 use super::{Dynamics, Stats, take};
 use crate::error::SolveError;
 
@@ -11,37 +13,10 @@ pub(crate) const STAGES: usize = 7;
 /// Vectors of length n the solver keeps: 7 stages, the trial state, the error.
 pub(crate) const WORK_VECTORS: usize = STAGES + 2;
 
-pub(crate) const TABLEAU: Tableau<STAGES> = Tableau {
-    c: [0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0, 1.0],
-    a: [
-        [0.0; 7],
-        [1.0 / 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        [3.0 / 40.0, 9.0 / 40.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        [44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0, 0.0, 0.0, 0.0, 0.0],
-        [19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0, 0.0, 0.0, 0.0],
-        [9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0, 0.0, 0.0],
-        [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
-    ],
-    // FSAL: the 5th-order weights equal the last row, so stage 7's input is y₁.
-    b: [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0, 0.0],
-};
+pub(crate) const TABLEAU: Tableau<STAGES> = Tableau::from_f64(&tableau::DOPRI5);
 
-/// `b − b*` with Shampine's b* = (1951/21600, 0, 22642/50085, 451/720,
-/// −12231/42400, 649/6300, 1/60): the error estimate is `h Σ ERR_i k_i`.
-/// Computed in f64 and rounded once, so the small differences keep their digits.
-pub(crate) const ERR: [f32; STAGES] = [
-    (35.0 / 384.0 - 1951.0 / 21600.0) as f32,
-    0.0,
-    (500.0 / 1113.0 - 22642.0 / 50085.0) as f32,
-    (125.0 / 192.0 - 451.0 / 720.0) as f32,
-    (-2187.0 / 6784.0 + 12231.0 / 42400.0) as f32,
-    (11.0 / 84.0 - 649.0 / 6300.0) as f32,
-    (-1.0 / 60.0) as f32,
-];
-
-const SAFETY: f64 = 0.9;
-const MAX_GROWTH: f64 = 10.0;
-const MAX_SHRINK: f64 = 0.2;
+/// `b − b*` rounded once from float64, so the small differences keep their digits.
+pub(crate) const ERR: [f32; STAGES] = round(&tableau::DOPRI5_ERR);
 
 /// Adaptive Dormand–Prince 5(4) settings.
 ///
@@ -233,29 +208,4 @@ impl Dopri5 {
 pub(crate) struct Step {
     pub step: f64,
     pub last: bool,
-}
-
-/// Step-size factor after a trial step with error ratio `r`: accepted steps
-/// never shrink, rejected ones shrink at most 5×, growth at most 10×.
-pub(crate) fn step_factor(r: f64) -> f64 {
-    if r == 0.0 {
-        MAX_GROWTH
-    } else if !r.is_finite() {
-        // Overflow inside the trial step: shrink as hard as allowed.
-        MAX_SHRINK
-    } else {
-        let floor = if r < 1.0 { 1.0 } else { MAX_SHRINK };
-        (SAFETY * libm::pow(r, -1.0 / 5.0)).clamp(floor, MAX_GROWTH)
-    }
-}
-
-/// First trial step of the initial-step selection (spec §4.3) from the norms
-/// of `y0` and `f0`.
-pub(crate) fn initial_h0(d0: f64, d1: f64) -> f64 {
-    if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 }
-}
-
-/// The order-4 estimate from `d1 = ‖f0‖` and `d2 = ‖f1 − f0‖ / h0`.
-pub(crate) fn initial_h1(h0: f64, d1: f64, d2: f64) -> f64 {
-    if d1 <= 1e-15 && d2 <= 1e-15 { (h0 * 1e-3).max(1e-6) } else { libm::pow(0.01 / d1.max(d2), 1.0 / 5.0) }
 }

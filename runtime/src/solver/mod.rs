@@ -14,6 +14,7 @@
 mod dopri5;
 mod lockstep;
 mod rk;
+pub mod tableau;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,6 @@
 //! Explicit Runge–Kutta stages shared by the fixed-step methods and Dopri5.
 
+use super::tableau::{self, ButcherTableau};
 use super::{Dynamics, Stats, take};
 use crate::error::SolveError;
 
@@ -15,23 +16,41 @@ impl<const S: usize> Tableau<S> {
     pub const fn work_vectors(&self) -> usize {
         S + 1
     }
+
+    /// The float64 tableau rounded once to f32 (at compile time).
+    pub const fn from_f64(t: &ButcherTableau<S>) -> Self {
+        Tableau { c: round(&t.c), a: round_rows(&t.a), b: round(&t.b) }
+    }
 }
 
-pub(crate) const EULER: Tableau<1> = Tableau { c: [0.0], a: [[0.0]], b: [1.0] };
+/// Each value rounded to f32. (Used for constants: evaluated at compile time,
+/// and `i < S` keeps every index in range.)
+#[allow(clippy::indexing_slicing)]
+pub(crate) const fn round<const S: usize>(v: &[f64; S]) -> [f32; S] {
+    let mut out = [0.0f32; S];
+    let mut i = 0;
+    while i < S {
+        out[i] = v[i] as f32;
+        i += 1;
+    }
+    out
+}
 
-pub(crate) const MIDPOINT: Tableau<2> = Tableau { c: [0.0, 0.5], a: [[0.0, 0.0], [0.5, 0.0]], b: [0.0, 1.0] };
+#[allow(clippy::indexing_slicing)]
+const fn round_rows<const S: usize>(a: &[[f64; S]; S]) -> [[f32; S]; S] {
+    let mut out = [[0.0f32; S]; S];
+    let mut i = 0;
+    while i < S {
+        out[i] = round(&a[i]);
+        i += 1;
+    }
+    out
+}
 
-pub(crate) const RK4: Tableau<4> = Tableau {
-    c: [0.0, 0.5, 0.5, 1.0],
-    a: [[0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
-    b: [1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0],
-};
-
-pub(crate) const RK38: Tableau<4> = Tableau {
-    c: [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0],
-    a: [[0.0, 0.0, 0.0, 0.0], [1.0 / 3.0, 0.0, 0.0, 0.0], [-1.0 / 3.0, 1.0, 0.0, 0.0], [1.0, -1.0, 1.0, 0.0]],
-    b: [0.125, 0.375, 0.375, 0.125],
-};
+pub(crate) const EULER: Tableau<1> = Tableau::from_f64(&tableau::EULER);
+pub(crate) const MIDPOINT: Tableau<2> = Tableau::from_f64(&tableau::MIDPOINT);
+pub(crate) const RK4: Tableau<4> = Tableau::from_f64(&tableau::RK4);
+pub(crate) const RK38: Tableau<4> = Tableau::from_f64(&tableau::RK38);
 
 /// `out = base + h Σ_j coeffs[j] k_j` over the first `coeffs.len()` stage
 /// vectors in `ks` (each `base.len()` long). Zero coefficients are skipped.
