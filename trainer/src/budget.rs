@@ -32,6 +32,15 @@ fn candidates() -> Vec<Method> {
     v
 }
 
+/// The candidates as a Markdown table (solver, max and mean error, mean NFE).
+pub fn table(candidates: &[Candidate]) -> String {
+    let mut s = String::from("| solver | max error | mean error | mean NFE |\n|---|---|---|---|\n");
+    for c in candidates {
+        s += &format!("| {} | {:.2e} | {:.2e} | {:.1} |\n", c.solver, c.max_error, c.mean_error, c.mean_nfe);
+    }
+    s
+}
+
 /// Measures every candidate on `rows` (data units) against Dopri5 at 1e-7 and
 /// returns (the cheapest within `eps`, all candidates).
 pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candidate, Vec<Candidate>)> {

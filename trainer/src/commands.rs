@@ -142,11 +142,7 @@ pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
     let valid = rows_f32(&valid, 1000);
     let (best, all) = ffjord_trainer::budget::choose(&bytes, &valid, args.max_error)?;
     println!("validation: {} rows; errors against Dopri5 1e-7\n", valid.len());
-    println!("| solver | max error | mean error | mean NFE |");
-    println!("|---|---|---|---|");
-    for c in &all {
-        println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
-    }
+    print!("{}", ffjord_trainer::budget::table(&all));
     let test = match (&args.test, &args.data.toy) {
         (Some(path), _) => match &args.test_labels {
             Some(col) => ffjord_trainer::anomaly::split_labels(&data::load(path, None)?, col)?.0,

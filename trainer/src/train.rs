@@ -571,11 +571,7 @@ pub fn export(
             "solver budget (max |Δ log p| ≤ {eps} nats on {} validation rows, vs Dopri5 1e-7):",
             rows.len()
         );
-        println!("| solver | max error | mean error | mean NFE |");
-        println!("|---|---|---|---|");
-        for c in &all {
-            println!("| {} | {:.2e} | {:.2e} | {:.1} |", c.solver, c.max_error, c.mean_error, c.mean_nfe);
-        }
+        print!("{}", crate::budget::table(&all));
         println!("chosen: {} (mean NFE {:.1}, max error {:.2e})", best.solver, best.mean_nfe, best.max_error);
         bytes = export_bytes(chain, &ExportInfo { solver: best.method, ..info })?;
     }
