@@ -372,10 +372,14 @@ pub struct BenchmarkRow {
     pub at_99: Detection,
 }
 
-fn quantile(v: &[f64], q: f64) -> f64 {
+/// The `q`-quantile of `v` by rounded rank (the value at index
+/// `round((n − 1) q)` of the sorted values): how every threshold in the
+/// trainer is set. NaN for no values.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * q).round() as usize]
+    let rank = (s.len().saturating_sub(1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    s.get(rank).copied().unwrap_or(f64::NAN)
 }
 
 /// FFJORD (the model file) against a Gaussian, a Gaussian mixture and an

@@ -638,8 +638,9 @@ fn calibrate(
     let opts = SolveOptions::eval(cfg.eval_method());
     let out = tch::no_grad(|| chain.log_prob(valid, &opts))?;
     let scores = (-out.log_p.to_kind(Kind::Double) + log_std).to_device(Device::Cpu);
-    let mut v = Vec::<f64>::try_from(&scores)?;
-    v.sort_by(f64::total_cmp);
-    let idx = ((v.len() - 1) as f64 * q).round() as usize;
-    Ok(ffjord_runtime::Threshold { score: v[idx] as f32, quantile: q as f32 })
+    let score = crate::anomaly::quantile(&Vec::<f64>::try_from(&scores)?, q);
+    if !score.is_finite() {
+        bail!("no finite validation scores to calibrate the threshold on");
+    }
+    Ok(ffjord_runtime::Threshold { score: score as f32, quantile: q as f32 })
 }
