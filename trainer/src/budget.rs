@@ -3,7 +3,7 @@
 //! and make it the model's default (an MCU then spends exactly the work the
 //! accuracy needs).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ffjord_runtime::{Dopri5, Flow, Model, Solver};
 
 use crate::ode::Method;
@@ -44,14 +44,14 @@ pub fn table(candidates: &[Candidate]) -> String {
 /// Measures every candidate on `rows` (data units) against Dopri5 at 1e-7 and
 /// returns (the cheapest within `eps`, all candidates).
 pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candidate, Vec<Candidate>)> {
-    let model = Model::from_bytes(model_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(model_bytes)?;
     let reference = Solver::Dopri5(Dopri5 { max_steps: 1_000_000, ..Dopri5::with_tolerance(1e-7) });
     let log_p = |solver: Solver| -> Result<Vec<(f64, u32)>> {
-        let flow = Flow::new(&model, solver).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let flow = Flow::new(&model, solver)?;
         let mut scratch = vec![0.0; flow.scratch_len()];
         rows.iter()
             .map(|x| {
-                let ld = flow.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let ld = flow.log_density(x, &mut scratch)?;
                 Ok((f64::from(ld.log_p), ld.stats.nfe))
             })
             .collect()
@@ -91,17 +91,14 @@ pub struct Accuracy {
 
 /// Error of `solver` against Dopri5 1e-7 on `rows` (data units), and its NFE.
 pub fn accuracy(model_bytes: &[u8], rows: &[Vec<f32>], solver: Solver) -> Result<Accuracy> {
-    let model = Model::from_bytes(model_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(model_bytes)?;
     let reference = Solver::Dopri5(Dopri5 { max_steps: 1_000_000, ..Dopri5::with_tolerance(1e-7) });
-    let (tight, flow) = (
-        Flow::new(&model, reference).map_err(|e| anyhow::anyhow!("{e}"))?,
-        Flow::new(&model, solver).map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    let (tight, flow) = (Flow::new(&model, reference)?, Flow::new(&model, solver)?);
     let mut scratch = vec![0.0; tight.scratch_len().max(flow.scratch_len())];
     let (mut max_error, mut sum, mut nfe) = (0.0f64, 0.0f64, 0u64);
     for (i, x) in rows.iter().enumerate() {
-        let want = tight.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
-        let got = flow.log_density(x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let want = tight.log_density(x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
+        let got = flow.log_density(x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
         let err = (f64::from(got.log_p) - f64::from(want.log_p)).abs();
         max_error = max_error.max(err);
         sum += err;

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ffjord_runtime::{Flow, Model, Solver, Verdict};
 use tch::{Device, Kind};
 
@@ -29,7 +29,7 @@ pub(crate) fn write_table(
 /// Reads a model file and data rows whose width matches the model.
 pub(crate) fn model_and_rows(path: &std::path::Path, data: &DataArgs) -> Result<(Vec<u8>, data::Table)> {
     let bytes = modelfile::read_model_bytes(path)?;
-    let dim = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?.dim();
+    let dim = Model::from_bytes(&bytes)?.dim();
     let table = data.load()?;
     check_width(&data.source(), &table, path, dim)?;
     Ok((bytes, table))
@@ -63,7 +63,7 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
             (bytes, table, None)
         }
     };
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(&bytes)?;
     check_width(&args.data.source(), &table, &args.model, model.dim())?;
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
@@ -138,7 +138,7 @@ pub(crate) fn rows_f32(table: &data::Table, limit: usize) -> Vec<Vec<f32>> {
 
 pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
     let (bytes, valid) = model_and_rows(&args.model, &args.data)?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(&bytes)?;
     let valid = rows_f32(&valid, 1000);
     let (best, all) = ffjord_trainer::budget::choose(&bytes, &valid, args.max_error)?;
     println!("validation: {} rows; errors against Dopri5 1e-7\n", valid.len());
@@ -168,15 +168,14 @@ pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
 
 pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     let (bytes, table) = model_and_rows(&args.model, &args.data)?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(&bytes)?;
+    let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))?;
     let mut scratch = vec![0.0f32; flow.scratch_len()];
     let mut out = String::from("row,log_p,score,verdict,nfe\n");
     let (mut anomalies, mut n) = (0, 0);
     for i in 0..table.rows {
         let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
-        let s = flow.score(&x, &mut scratch).map_err(|e| anyhow::anyhow!("row {}: {e}", i + 1))?;
+        let s = flow.score(&x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
         let verdict = match s.verdict {
             Verdict::Normal => "normal",
             Verdict::Anomaly => {
@@ -199,15 +198,15 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
 pub(crate) fn sample(args: &SampleArgs) -> Result<()> {
     use rand_xoshiro::rand_core::SeedableRng;
     let bytes = modelfile::read_model_bytes(&args.model)?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let flow = Flow::new(&model, model.default_solver()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(&bytes)?;
+    let flow = Flow::new(&model, model.default_solver())?;
     let mut scratch = vec![0.0f32; flow.scratch_len()];
     // Xoshiro128++ is what the firmware examples use, so seeds reproduce across devices.
     let mut rng = rand_xoshiro::Xoshiro128PlusPlus::seed_from_u64(args.seed);
     let mut rows = Vec::new();
     for _ in 0..args.n {
         let mut x = vec![0.0f32; model.dim()];
-        let s = flow.sample(&mut rng, &mut x, &mut scratch).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let s = flow.sample(&mut rng, &mut x, &mut scratch)?;
         let mut r: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
         r.push(f64::from(s.log_p));
         rows.push(r);
@@ -227,7 +226,7 @@ pub(crate) fn sample(args: &SampleArgs) -> Result<()> {
 
 pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
     let bytes = modelfile::read_model_bytes(&args.model)?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::from_bytes(&bytes)?;
     let h = model.header();
     println!("file        {} ({} bytes)", args.model.display(), bytes.len());
     println!("name        {}", h.metadata.name);

@@ -233,8 +233,8 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
         threshold: j.threshold,
         metadata: Metadata { name: &m.name, description: &m.description, command: &m.command },
     };
-    let mut out = vec![0u8; encoded_len(&header).map_err(|e| anyhow::anyhow!("{e}"))?];
-    encode(&header, &weights, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = vec![0u8; encoded_len(&header)?];
+    encode(&header, &weights, &mut out)?;
     Ok(out)
 }
 

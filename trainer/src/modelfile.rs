@@ -43,10 +43,10 @@ pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
         threshold: info.threshold,
         metadata: Metadata { name: info.name, description: info.description, command: info.command },
     };
-    let mut out = vec![0u8; encoded_len(&header).map_err(|e| anyhow::anyhow!("{e}"))?];
-    encode(&header, &weights, &mut out).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = vec![0u8; encoded_len(&header)?];
+    encode(&header, &weights, &mut out)?;
     // Round trip through the loader: a file we write must load.
-    Model::from_bytes(&out).map_err(|e| anyhow::anyhow!("exported model does not load: {e}"))?;
+    Model::from_bytes(&out).context("exported model does not load")?;
     Ok(out)
 }
 
@@ -73,7 +73,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Reads and validates a model file, naming the file in every error.
 pub fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
-    Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Model::from_bytes(&bytes).with_context(|| format!("{}", path.display()))?;
     Ok(bytes)
 }
 

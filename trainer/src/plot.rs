@@ -43,7 +43,7 @@ pub fn plot(
     tol: f64,
 ) -> Result<PlotSummary> {
     let bytes = std::fs::read(model_path).with_context(|| format!("reading {}", model_path.display()))?;
-    let model = Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
+    let model = Model::from_bytes(&bytes).with_context(|| format!("{}", model_path.display()))?;
     if model.dim() != 2 {
         bail!("plot needs a 2-D model; {} has dimension {}", model_path.display(), model.dim());
     }

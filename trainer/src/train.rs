@@ -578,7 +578,7 @@ pub fn export(
     match format {
         Format::Model => write_atomic(out, &bytes)?,
         Format::Json => {
-            let model = ffjord_runtime::Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let model = ffjord_runtime::Model::from_bytes(&bytes)?;
             let json = serde_json::to_string_pretty(&crate::json::to_json(&model, &bytes)?)?;
             write_atomic(out, json.as_bytes())?;
         }
