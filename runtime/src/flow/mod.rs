@@ -1,0 +1,246 @@
+//! Log-densities, anomaly scores and samples: the chain of stages around the
+//! solver, one row at a time. Many rows at a time (batch, packed blocks,
+//! streaming slots) are in [`rows`].
+
+mod rows;
+
+use rand_core::Rng;
+
+use crate::error::SolveError;
+use crate::format::Stage;
+use crate::math::standard_normal_log_prob;
+use crate::model::{Direction, Model};
+use crate::solver::{Solver, Stats, take};
+
+/// The log-density of one row and what it cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogDensity {
+    /// `log p(x)` in the data's own units (standardization included).
+    pub log_p: f32,
+    /// `log N(z; 0, I)` of the latent point.
+    pub log_p_base: f32,
+    /// `Δ` with `log_p = log_p_base − delta_log_p` (spec §1): the negated sum
+    /// of every stage's log|det|.
+    pub delta_log_p: f32,
+    /// Solver work, summed over CNF stages.
+    pub stats: Stats,
+}
+
+/// An anomaly verdict against the model's calibrated threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Score at or below the threshold.
+    Normal,
+    /// Score above the threshold.
+    Anomaly,
+    /// The model carries no threshold.
+    Uncalibrated,
+}
+
+/// An anomaly score: `−log p(x)`, with the verdict.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Score {
+    /// `−log p(x)`; larger is more anomalous.
+    pub score: f32,
+    /// The verdict against [`Model::threshold`].
+    pub verdict: Verdict,
+    /// The underlying log-density.
+    pub log_density: LogDensity,
+}
+
+/// A drawn sample's log-density, carried along the sampling path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    /// `log p(x)` of the sample written to the output buffer.
+    pub log_p: f32,
+    /// Solver work, summed over CNF stages.
+    pub stats: Stats,
+}
+
+/// A failure of one row inside a batch call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchError {
+    /// Index of the row that failed.
+    pub row: usize,
+    /// Why.
+    pub error: SolveError,
+}
+
+impl core::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "row {}: {}", self.row, self.error)
+    }
+}
+
+impl core::error::Error for BatchError {}
+
+/// Most rows [`Flow::log_density_packed`] integrates together (larger
+/// requests are split into blocks of this size).
+pub const MAX_PACKED_ROWS: usize = crate::solver::MAX_LOCKSTEP_ROWS;
+
+/// A model together with the solver used to evaluate it.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow<'m, 'a> {
+    model: &'m Model<'a>,
+    solver: Solver,
+}
+
+impl<'m, 'a> Flow<'m, 'a> {
+    /// A flow evaluated with `solver` (e.g. [`Model::default_solver`]).
+    pub fn new(model: &'m Model<'a>, solver: Solver) -> Result<Self, SolveError> {
+        solver.validate()?;
+        Ok(Flow { model, solver })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model<'a> {
+        self.model
+    }
+
+    /// The solver.
+    pub fn solver(&self) -> Solver {
+        self.solver
+    }
+
+    /// Floats of scratch each call needs.
+    pub fn scratch_len(&self) -> usize {
+        self.model.scratch_len(&self.solver)
+    }
+
+    fn split_scratch<'s>(
+        &self,
+        scratch: &'s mut [f32],
+    ) -> Result<(&'s mut [f32], &'s mut [f32]), SolveError> {
+        let needed = self.scratch_len();
+        if scratch.len() < needed {
+            return Err(crate::solver::scratch_error(needed, scratch.len()));
+        }
+        take(scratch, self.model.dim() + 1)
+    }
+
+    /// Exact `log p(x)` for one row `x` of length `D`.
+    pub fn log_density(&self, x: &[f32], scratch: &mut [f32]) -> Result<LogDensity, SolveError> {
+        self.forward(x, None, scratch)
+    }
+
+    /// Like [`Flow::log_density`], also writing the latent point `z` (length `D`).
+    pub fn forward(
+        &self,
+        x: &[f32],
+        latent: Option<&mut [f32]>,
+        scratch: &mut [f32],
+    ) -> Result<LogDensity, SolveError> {
+        let model = self.model;
+        model.check_input(x)?;
+        let d = model.dim();
+        let (y, work) = self.split_scratch(scratch)?;
+        y.split_at_mut(d).0.copy_from_slice(x);
+        let mut log_det = 0.0f32;
+        if let Some((mean, std)) = model.standardization() {
+            for ((v, m), s) in y.iter_mut().zip(mean.iter()).zip(std.iter()) {
+                *v = (*v - m) / s;
+            }
+            log_det += model.standardize_log_det();
+        }
+        let mut stats = Stats::default();
+        for (i, stage) in model.stages() {
+            match stage {
+                Stage::Affine | Stage::Linear => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det +=
+                        model.apply_map(i, &stage, z, Direction::Forward).ok_or(SolveError::InvalidSolver)?;
+                }
+                Stage::Cnf(spec) => {
+                    let block = model.cnf_block(i).ok_or(SolveError::InvalidSolver)?;
+                    // State [z, ℓ] with ℓ(0) = 0; ℓ(T) = −∫ Tr J dt = −log|det| of this block.
+                    let s = self.solver.integrate(&block, 0.0, spec.end_time, reset_ell(y), work)?;
+                    stats = stats.merge(s);
+                    log_det -= y.last().copied().unwrap_or(0.0);
+                }
+            }
+        }
+        let (z, _) = y.split_at(d);
+        if let Some(out) = latent {
+            if out.len() != d {
+                return Err(SolveError::OutputLength { expected: d as u32, found: out.len() as u32 });
+            }
+            out.copy_from_slice(z);
+        }
+        let log_p_base = standard_normal_log_prob(z);
+        Ok(LogDensity { log_p: log_p_base + log_det, log_p_base, delta_log_p: -log_det, stats })
+    }
+
+    /// Anomaly score `−log p(x)` and the verdict against the model's threshold.
+    pub fn score(&self, x: &[f32], scratch: &mut [f32]) -> Result<Score, SolveError> {
+        let log_density = self.log_density(x, scratch)?;
+        let score = -log_density.log_p;
+        let verdict = match self.model.threshold() {
+            None => Verdict::Uncalibrated,
+            Some(t) if score > t.score => Verdict::Anomaly,
+            Some(_) => Verdict::Normal,
+        };
+        Ok(Score { score, verdict, log_density })
+    }
+
+    /// Draws one sample into `out` (length `D`) by integrating every stage in
+    /// reverse from `z ~ N(0, I)`, carrying the log-density along the path.
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        out: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<Sample, SolveError> {
+        let d = self.model.dim();
+        if out.len() != d {
+            return Err(SolveError::OutputLength { expected: d as u32, found: out.len() as u32 });
+        }
+        crate::base::fill_standard_normal(rng, out);
+        self.inverse(out, scratch)
+    }
+
+    /// Maps a latent point `z` (in `x`, length `D`) to data space in place and
+    /// returns the data-space log-density of the result.
+    pub fn inverse(&self, x: &mut [f32], scratch: &mut [f32]) -> Result<Sample, SolveError> {
+        let model = self.model;
+        model.check_input(x)?;
+        let d = model.dim();
+        let (y, work) = self.split_scratch(scratch)?;
+        y.split_at_mut(d).0.copy_from_slice(x);
+        let log_p_base = standard_normal_log_prob(x);
+        let mut log_det = 0.0f32;
+        let mut stats = Stats::default();
+        for (i, stage) in model.stages().rev() {
+            match stage {
+                Stage::Affine | Stage::Linear => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det +=
+                        model.apply_map(i, &stage, z, Direction::Inverse).ok_or(SolveError::InvalidSolver)?;
+                }
+                Stage::Cnf(spec) => {
+                    let block = model.cnf_block(i).ok_or(SolveError::InvalidSolver)?;
+                    // Integrating T → 0 from ℓ = 0 leaves ℓ(0) = +∫ Tr J dt.
+                    let s = self.solver.integrate(&block, spec.end_time, 0.0, reset_ell(y), work)?;
+                    stats = stats.merge(s);
+                    log_det += y.last().copied().unwrap_or(0.0);
+                }
+            }
+        }
+        if let Some((mean, std)) = model.standardization() {
+            for ((v, m), s) in y.iter_mut().zip(mean.iter()).zip(std.iter()) {
+                *v = *v * s + m;
+            }
+            log_det += model.standardize_log_det();
+        }
+        let (z, _) = y.split_at(d);
+        x.copy_from_slice(z);
+        Ok(Sample { log_p: log_p_base + log_det, stats })
+    }
+}
+
+/// Sets the log-density channel (the last element) of the state to zero.
+fn reset_ell(y: &mut [f32]) -> &mut [f32] {
+    if let Some(ell) = y.last_mut() {
+        *ell = 0.0;
+    }
+    y
+}
