@@ -11,6 +11,7 @@
 //! gradient.
 
 use anyhow::{Result, bail};
+use ffjord_runtime::Stats;
 use ffjord_runtime::solver::tableau as rt;
 use tch::Tensor;
 
@@ -59,14 +60,6 @@ impl Method {
             }),
         }
     }
-}
-
-/// Work counters of one solve.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SolveStats {
-    pub nfe: u32,
-    pub accepted: u32,
-    pub rejected: u32,
 }
 
 /// Which state components take part in adaptive error control (regulariser
@@ -161,7 +154,7 @@ pub fn odeint(
     controlled: &[bool],
     time_scale: f64,
     tape: Option<&mut Vec<Step>>,
-) -> Result<(Vec<Tensor>, SolveStats)> {
+) -> Result<(Vec<Tensor>, Stats)> {
     match method {
         Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER, tape),
         Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT, tape),
@@ -192,12 +185,12 @@ fn fixed(
     steps: u32,
     tab: &'static Tableau,
     mut tape: Option<&mut Vec<Step>>,
-) -> Result<(Vec<Tensor>, SolveStats)> {
+) -> Result<(Vec<Tensor>, Stats)> {
     if steps == 0 {
         bail!("a fixed-step solver needs at least one step");
     }
     let h = (t1 - t0) / f64::from(steps);
-    let mut stats = SolveStats::default();
+    let mut stats = Stats::default();
     for s in 0..steps {
         let t = t0 + f64::from(s) * h;
         let mut ks: Vec<Vec<Tensor>> = Vec::with_capacity(tab.c.len());
@@ -245,9 +238,9 @@ fn dopri5(
     controlled: &[bool],
     time_scale: f64,
     mut tape: Option<&mut Vec<Step>>,
-) -> Result<(Vec<Tensor>, SolveStats)> {
+) -> Result<(Vec<Tensor>, Stats)> {
     let Tolerances { rtol, atol, max_steps } = tol;
-    let mut stats = SolveStats::default();
+    let mut stats = Stats::default();
     if t0 == t1 {
         return Ok((y, stats));
     }

@@ -495,7 +495,7 @@ impl FlowLayer for Cnf {
         }
         controlled.extend(params.iter().skip(n_net).map(|_| false));
         let (out, s) = odeint(&mut rhs, state, 1.0, 0.0, opts.method, &controlled, self.end_time(), None)?;
-        add_stats(&mut stats.backward, s);
+        stats.backward = stats.backward.merge(s);
         let mut out = out.into_iter();
         out.next(); // z(0), re-integrated
         let grad_x = out.next().context("adjoint state lost a_z")?;

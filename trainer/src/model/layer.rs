@@ -54,7 +54,7 @@ pub(super) fn backward_by_recompute<L: FlowLayer + ?Sized>(
     let graph_opts = SolveOptions { create_graph: true, record_steps: false, ..*opts };
     let mut local = PassStats::default();
     let (y, ld) = tch::with_grad(|| layer.forward(&x, &graph_opts, &mut local))?;
-    add_stats(&mut stats.backward, local.solve);
+    stats.backward = stats.backward.merge(local.solve);
     tch::with_grad(|| {
         let mut surrogate = (y * grad_y).sum(x.kind()) + (ld * grad_log_det).sum(x.kind());
         if let Some(r) = &local.regularization {

@@ -2,7 +2,8 @@
 
 use tch::Tensor;
 
-use crate::ode::{Method, SolveStats};
+use crate::ode::Method;
+use ffjord_runtime::Stats;
 
 use super::*;
 
@@ -68,23 +69,17 @@ impl SolveOptions {
 /// What one pass through the chain did.
 #[derive(Debug, Default)]
 pub struct PassStats {
-    pub solve: SolveStats,
+    pub solve: Stats,
     /// Backward (adjoint) solves.
-    pub backward: SolveStats,
+    pub backward: Stats,
     /// Σ over blocks of the weighted RNODE terms (a scalar with a graph in
     /// backprop training), if regularization is on.
     pub regularization: Option<Tensor>,
 }
 
-pub(super) fn add_stats(into: &mut SolveStats, s: SolveStats) {
-    into.nfe += s.nfe;
-    into.accepted += s.accepted;
-    into.rejected += s.rejected;
-}
-
 impl PassStats {
-    pub(super) fn add(&mut self, s: SolveStats) {
-        add_stats(&mut self.solve, s);
+    pub(super) fn add(&mut self, s: Stats) {
+        self.solve = self.solve.merge(s);
     }
 
     pub(super) fn add_regularization(&mut self, r: Tensor) {
