@@ -14,7 +14,7 @@ use ffjord_trainer::config::TrainConfig;
 use ffjord_trainer::data;
 use ffjord_trainer::model::{Gradient, SolveOptions, TraceMode};
 use ffjord_trainer::modelfile::{ExportInfo, export_bytes};
-use ffjord_trainer::ode::Method;
+use ffjord_trainer::ode::dopri5_at;
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 fn cpu_seconds() -> f64 {
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         let info = ExportInfo {
             mean: &zeros,
             std: &zeros.ones_like(),
-            solver: Method::Dopri5 { rtol: 1e-5, atol: 1e-5, max_steps: 10_000 },
+            solver: dopri5_at(1e-5, 10_000),
             threshold: None,
             name: "bench-init",
             description: "initial weights of the train_step benchmark",
@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
     let opts = SolveOptions {
-        method: Method::Dopri5 { rtol: 1e-5, atol: 1e-5, max_steps: 10_000 },
+        method: dopri5_at(1e-5, 10_000),
         trace: TraceMode::Exact,
         create_graph: true,
         seminorm: false,

@@ -6,8 +6,6 @@
 use anyhow::{Context, Result, bail};
 use ffjord_runtime::{Dopri5, Flow, Model, Solver};
 
-use crate::ode::Method;
-
 /// One candidate's measured accuracy and cost.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Candidate {
@@ -16,19 +14,15 @@ pub struct Candidate {
     pub mean_error: f64,
     pub mean_nfe: f64,
     #[serde(skip)]
-    pub method: Method,
+    pub method: Solver,
 }
 
-fn candidates() -> Vec<Method> {
-    let mut v: Vec<Method> = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64]
+fn candidates() -> Vec<Solver> {
+    let mut v: Vec<Solver> = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64]
         .into_iter()
-        .map(|steps| Method::Rk4 { steps })
+        .map(|steps| Solver::Rk4 { steps })
         .collect();
-    v.extend([1e-2, 1e-3, 1e-4, 1e-5].into_iter().map(|t| Method::Dopri5 {
-        rtol: t,
-        atol: t,
-        max_steps: 10_000,
-    }));
+    v.extend([1e-2, 1e-3, 1e-4, 1e-5].into_iter().map(|t| crate::ode::dopri5_at(t, 10_000)));
     v
 }
 
@@ -59,7 +53,7 @@ pub fn choose(model_bytes: &[u8], rows: &[Vec<f32>], eps: f64) -> Result<(Candid
     let truth = log_p(reference)?;
     let mut all = Vec::new();
     for method in candidates() {
-        let Ok(values) = log_p(method.to_runtime()) else { continue };
+        let Ok(values) = log_p(method) else { continue };
         let errors: Vec<f64> = values.iter().zip(&truth).map(|((a, _), (b, _))| (a - b).abs()).collect();
         let max_error = errors.iter().cloned().fold(0.0, f64::max);
         all.push(Candidate {

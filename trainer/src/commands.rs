@@ -67,7 +67,7 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
     check_width(&args.data.source(), &table, &args.model, model.dim())?;
     let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
-    let method = ode::Method::Dopri5 { rtol: args.tol, atol: args.tol, max_steps: 1_000_000 };
+    let method = ode::dopri5_at(args.tol, 1_000_000);
     let opts = model::SolveOptions::eval(method);
     // In chunks: memory stays bounded however many rows the file has (one
     // batch of 144k rows took 4 GB); each chunk takes its own adaptive steps.
@@ -157,7 +157,7 @@ pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
         .map_or_else(|| format!("test rows from {}", args.data.source()), |p| p.display().to_string());
     check_width(&source, &test, &args.model, model.dim())?;
     let test = rows_f32(&test, 1000);
-    let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method.to_runtime())?;
+    let acc = ffjord_trainer::budget::accuracy(&bytes, &test, best.method)?;
     let flops = model.flops_per_evaluation() as f64 * acc.mean_nfe;
     println!(
         "\nchosen: {} (cheapest within {} nats) | test on {} rows: max error {:.2e}, mean error {:.2e}, mean NFE {:.1}, {:.0} FLOPs per log p",

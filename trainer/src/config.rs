@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use ffjord_runtime::Solver;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Gradient, TraceMode};
@@ -252,31 +253,29 @@ impl TrainConfig {
     }
 
     /// The training solver.
-    pub fn method(&self) -> crate::ode::Method {
-        use crate::ode::Method;
+    pub fn method(&self) -> Solver {
         match self.solver {
-            SolverArg::Dopri5 => {
-                Method::Dopri5 { rtol: self.rtol, atol: self.atol, max_steps: self.max_steps }
-            }
-            SolverArg::Rk4 => Method::Rk4 { steps: self.steps },
-            SolverArg::Midpoint => Method::Midpoint { steps: self.steps },
-            SolverArg::Euler => Method::Euler { steps: self.steps },
+            SolverArg::Dopri5 => Solver::Dopri5(ffjord_runtime::Dopri5 {
+                rtol: self.rtol as f32,
+                atol: self.atol as f32,
+                max_steps: self.max_steps,
+                ..Default::default()
+            }),
+            SolverArg::Rk4 => Solver::Rk4 { steps: self.steps },
+            SolverArg::Midpoint => Solver::Midpoint { steps: self.steps },
+            SolverArg::Euler => Solver::Euler { steps: self.steps },
         }
     }
 
     /// The exported model's default solver: Dopri5 at `eval_tol` with the
     /// `max_steps` asked for (validation in the trainer allows more:
     /// [`TrainConfig::eval_method`]).
-    pub fn export_method(&self) -> crate::ode::Method {
-        crate::ode::Method::Dopri5 { rtol: self.eval_tol, atol: self.eval_tol, max_steps: self.max_steps }
+    pub fn export_method(&self) -> Solver {
+        crate::ode::dopri5_at(self.eval_tol, self.max_steps)
     }
 
     /// The evaluation solver (Dopri5 at `eval_tol`).
-    pub fn eval_method(&self) -> crate::ode::Method {
-        crate::ode::Method::Dopri5 {
-            rtol: self.eval_tol,
-            atol: self.eval_tol,
-            max_steps: self.max_steps.max(100_000),
-        }
+    pub fn eval_method(&self) -> Solver {
+        crate::ode::dopri5_at(self.eval_tol, self.max_steps.max(100_000))
     }
 }

@@ -9,13 +9,13 @@ use ffjord_runtime::{Header, Metadata, Model, Stage, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, push};
-use crate::ode::Method;
+use ffjord_runtime::Solver;
 
 /// What goes into the header besides the chain.
 pub struct ExportInfo<'a> {
     pub mean: &'a Tensor,
     pub std: &'a Tensor,
-    pub solver: Method,
+    pub solver: Solver,
     pub threshold: Option<Threshold>,
     pub name: &'a str,
     pub description: &'a str,
@@ -39,7 +39,7 @@ pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
         dim: u16::try_from(chain.dim).context("dimension too large")?,
         standardize: true,
         stages,
-        solver: info.solver.to_runtime(),
+        solver: info.solver,
         threshold: info.threshold,
         metadata: Metadata { name: info.name, description: info.description, command: info.command },
     };

@@ -11,55 +11,18 @@
 //! gradient.
 
 use anyhow::{Result, bail};
-use ffjord_runtime::Stats;
 use ffjord_runtime::solver::tableau as rt;
+use ffjord_runtime::{Dopri5, Solver, Stats};
 use tch::Tensor;
 
 /// An ODE right-hand side on a tuple state.
 pub type Rhs<'a> = dyn FnMut(f64, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
 
-/// Solver settings on tensors (mirrors `ffjord_runtime::Solver`).
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Method {
-    /// Forward Euler with fixed steps.
-    Euler { steps: u32 },
-    /// Explicit midpoint with fixed steps.
-    Midpoint { steps: u32 },
-    /// Classic RK4 with fixed steps.
-    Rk4 { steps: u32 },
-    /// Dormand–Prince 5(4), adaptive.
-    Dopri5 { rtol: f64, atol: f64, max_steps: u32 },
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Method::Euler { steps } => write!(f, "Euler × {steps}"),
-            Method::Midpoint { steps } => write!(f, "midpoint × {steps}"),
-            Method::Rk4 { steps } => write!(f, "RK4 × {steps}"),
-            Method::Dopri5 { rtol, atol, .. } if rtol == atol => write!(f, "Dopri5 {rtol:e}"),
-            Method::Dopri5 { rtol, atol, .. } => write!(f, "Dopri5 rtol {rtol:e} atol {atol:e}"),
-        }
-    }
-}
-
-impl Method {
-    /// The runtime's solver with the same settings.
-    pub fn to_runtime(self) -> ffjord_runtime::Solver {
-        use ffjord_runtime::Solver;
-        match self {
-            Method::Euler { steps } => Solver::Euler { steps },
-            Method::Midpoint { steps } => Solver::Midpoint { steps },
-            Method::Rk4 { steps } => Solver::Rk4 { steps },
-            Method::Dopri5 { rtol, atol, max_steps } => Solver::Dopri5(ffjord_runtime::Dopri5 {
-                rtol: rtol as f32,
-                atol: atol as f32,
-                max_steps,
-                ..Default::default()
-            }),
-        }
-    }
+/// Dopri5 at tolerance `tol` (relative and absolute) with `max_steps`: the
+/// common case, as the runtime's [`Solver`] (one type describes a solver on
+/// both sides; tolerances are stored as f32 there, and used so here).
+pub fn dopri5_at(tol: f64, max_steps: u32) -> Solver {
+    Solver::Dopri5(Dopri5 { rtol: tol as f32, atol: tol as f32, max_steps, ..Dopri5::default() })
 }
 
 /// Which state components take part in adaptive error control (regulariser
@@ -111,6 +74,11 @@ const RK4: Tableau = Tableau {
     a: &[row(&rt::RK4.a, 0), row(&rt::RK4.a, 1), row(&rt::RK4.a, 2), row(&rt::RK4.a, 3)],
     b: &rt::RK4.b,
 };
+const RK38: Tableau = Tableau {
+    c: &rt::RK38.c,
+    a: &[row(&rt::RK38.a, 0), row(&rt::RK38.a, 1), row(&rt::RK38.a, 2), row(&rt::RK38.a, 3)],
+    b: &rt::RK38.b,
+};
 /// Dopri5's accepted step as a plain scheme: the six stages the fifth-order
 /// solution combines (the seventh, at the new point, is the next step's first).
 const DOPRI5: Tableau = Tableau {
@@ -137,7 +105,8 @@ pub struct Step {
     pub evals: Vec<usize>,
 }
 
-/// Integrates `y` from `t0` to `t1` with `method`. `controlled[c]` says whether
+/// Integrates `y` from `t0` to `t1` with `solver` (the runtime's settings
+/// type). `controlled[c]` says whether
 /// component `c` enters the adaptive error norm. `time_scale` is how many units
 /// of the physical time one unit of `t` is (a CNF solved in τ = t/T passes T):
 /// only Dopri5's initial step depends on it (the rest of the algorithm is
@@ -150,31 +119,25 @@ pub fn odeint(
     y0: Vec<Tensor>,
     t0: f64,
     t1: f64,
-    method: Method,
+    solver: Solver,
     controlled: &[bool],
     time_scale: f64,
     tape: Option<&mut Vec<Step>>,
 ) -> Result<(Vec<Tensor>, Stats)> {
-    match method {
-        Method::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER, tape),
-        Method::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT, tape),
-        Method::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4, tape),
-        Method::Dopri5 { rtol, atol, max_steps } => {
-            dopri5(f, y0, t0, t1, Tolerances { rtol, atol, max_steps }, controlled, time_scale, tape)
-        }
+    if solver.validate().is_err() {
+        bail!("invalid solver settings: {solver:?}");
+    }
+    match solver {
+        Solver::Euler { steps } => fixed(f, y0, t0, t1, steps, &EULER, tape),
+        Solver::Midpoint { steps } => fixed(f, y0, t0, t1, steps, &MIDPOINT, tape),
+        Solver::Rk4 { steps } => fixed(f, y0, t0, t1, steps, &RK4, tape),
+        Solver::Rk38 { steps } => fixed(f, y0, t0, t1, steps, &RK38, tape),
+        Solver::Dopri5(d) => dopri5(f, y0, t0, t1, d, controlled, time_scale, tape),
     }
 }
 
 fn shallow(y: &[Tensor]) -> Vec<Tensor> {
     y.iter().map(Tensor::shallow_clone).collect()
-}
-
-/// Dopri5 settings, grouped.
-#[derive(Clone, Copy)]
-struct Tolerances {
-    rtol: f64,
-    atol: f64,
-    max_steps: u32,
 }
 
 fn fixed(
@@ -234,12 +197,13 @@ fn dopri5(
     mut y: Vec<Tensor>,
     t0: f64,
     t1: f64,
-    tol: Tolerances,
+    settings: Dopri5,
     controlled: &[bool],
     time_scale: f64,
     mut tape: Option<&mut Vec<Step>>,
 ) -> Result<(Vec<Tensor>, Stats)> {
-    let Tolerances { rtol, atol, max_steps } = tol;
+    let (rtol, atol, max_steps) = (f64::from(settings.rtol), f64::from(settings.atol), settings.max_steps);
+    let min_step = f64::from(settings.min_step);
     let mut stats = Stats::default();
     if t0 == t1 {
         return Ok((y, stats));
@@ -251,7 +215,10 @@ fn dopri5(
     stats.nfe += 1;
     // Initial step (Hairer–Nørsett–Wanner II.4, order 4), as in the runtime,
     // computed in physical time (derivatives divided by `time_scale`).
-    let mut h = {
+    let mut h = if let Some(first) = settings.first_step {
+        // A first step given in physical time, like the runtime's.
+        f64::from(first) / time_scale
+    } else {
         let s = time_scale;
         let d0 = ratio(&y, &y, &y, rtol, atol, controlled);
         let d1 = ratio(&k1, &y, &y, rtol, atol, controlled) / s;
@@ -275,9 +242,12 @@ fn dopri5(
                 "Dopri5 gave up after {max_steps} steps at t = {t:.6} (raise max_steps or loosen tolerances)"
             );
         }
+        if !h.is_finite() {
+            bail!("Dopri5 step size became {h} at t = {t:.6}: the state or its derivative overflowed");
+        }
         let last = h >= remaining;
         let step = if last { remaining } else { h };
-        if t + dir * step == t || step <= span * 1e-12 {
+        if step * time_scale < min_step || t + dir * step == t || step <= span * 1e-12 {
             bail!(
                 "Dopri5 step size underflow ({step:e}) at t = {t:.6}: the dynamics are too stiff or non-finite"
             );

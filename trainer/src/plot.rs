@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::SolveOptions;
 use crate::modelfile::{chain_from_model, write_atomic};
-use crate::ode::Method;
+use crate::ode::dopri5_at;
 
 /// Anchor colours of a perceptually ordered dark-to-bright map (magma-like).
 const MAP: [[f64; 3]; 5] =
@@ -49,7 +49,7 @@ pub fn plot(
     }
     let (_vs, chain) = chain_from_model(&model, &bytes, Kind::Float, Device::Cpu)?;
     tch::manual_seed(seed);
-    let opts = SolveOptions::eval(Method::Dopri5 { rtol: tol, atol: tol, max_steps: 100_000 });
+    let opts = SolveOptions::eval(dopri5_at(tol, 100_000));
     let z = Tensor::randn([samples, 2], (Kind::Float, Device::Cpu));
     let xs = tch::no_grad(|| chain.sample_from(&z, &opts))?.z;
     // View: the central 99% of the samples, padded by 10%.

@@ -182,7 +182,7 @@ fn truncate_metrics(path: &Path, iteration: u64) -> Result<()> {
 }
 
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
-pub fn mean_nll(chain: &Chain, x: &Tensor, method: crate::ode::Method, batch: i64) -> Result<(f64, u32)> {
+pub fn mean_nll(chain: &Chain, x: &Tensor, method: ffjord_runtime::Solver, batch: i64) -> Result<(f64, u32)> {
     let opts = SolveOptions::eval(method);
     let n = x.size()[0];
     let mut total = 0.0;

@@ -7,7 +7,7 @@
 use ffjord_runtime::Model;
 use ffjord_trainer::model::SolveOptions;
 use ffjord_trainer::modelfile::chain_from_model;
-use ffjord_trainer::ode::Method;
+use ffjord_trainer::ode::dopri5_at;
 use tch::{Device, Kind, Tensor};
 
 /// Stated tolerance: the goldens come from f32 arithmetic and Dopri5 at the
@@ -35,7 +35,7 @@ fn committed_golden_values_agree_with_a_float64_evaluation() {
             .flat_map(|r| r["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
             .collect();
         let x = Tensor::from_slice(&x).reshape([rows.len() as i64, model.dim() as i64]);
-        let opts = SolveOptions::eval(Method::Dopri5 { rtol: 1e-8, atol: 1e-8, max_steps: 1_000_000 });
+        let opts = SolveOptions::eval(dopri5_at(1e-8, 1_000_000));
         let log_p = Vec::<f64>::try_from(&tch::no_grad(|| chain.log_prob(&x, &opts)).unwrap().log_p).unwrap();
         let mut worst = 0.0f64;
         for (row, reference) in rows.iter().zip(&log_p) {

@@ -3,11 +3,12 @@
 //! equals autograd's, and backprop agrees with finite differences (float64,
 //! tight tolerances).
 
+use ffjord_runtime::Solver;
 use ffjord_runtime::{Activation, LayerKind};
 use ffjord_trainer::model::{
     Chain, Cnf, FlowLayer, Gradient, KEPT_PASS_BUDGET, OdeNet, SolveOptions, TraceMode,
 };
-use ffjord_trainer::ode::Method;
+use ffjord_trainer::ode::dopri5_at;
 use tch::{Device, Kind, Tensor, nn};
 
 const TOL: f64 = 1e-9;
@@ -37,7 +38,7 @@ fn chain(vs: &nn::VarStore, dim: i64, blocks: usize, kind: LayerKind, budget: us
 
 fn opts(trace: TraceMode, create_graph: bool) -> SolveOptions {
     SolveOptions {
-        method: Method::Dopri5 { rtol: TOL, atol: TOL, max_steps: 100_000 },
+        method: dopri5_at(TOL, 100_000),
         trace,
         create_graph,
         seminorm: false,
@@ -112,7 +113,7 @@ fn setup_with_budget(
 #[test]
 fn reversed_steps_equal_autograd_backprop() {
     let _rng = lock();
-    let rk4 = Method::Rk4 { steps: 5 };
+    let rk4 = Solver::Rk4 { steps: 5 };
     let cases = [
         (2, 1, LayerKind::ConcatSquash, TraceMode::Exact, None),
         (3, 2, LayerKind::Concat, TraceMode::Gaussian, None),

@@ -105,6 +105,21 @@ impl Default for Solver {
     }
 }
 
+impl core::fmt::Display for Solver {
+    /// `RK4 × 8`, `Dopri5 1e-5` (or `Dopri5 rtol 1e-5 atol 1e-7`), as the
+    /// trainer's tables print solvers.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Solver::Euler { steps } => write!(f, "Euler × {steps}"),
+            Solver::Midpoint { steps } => write!(f, "midpoint × {steps}"),
+            Solver::Rk4 { steps } => write!(f, "RK4 × {steps}"),
+            Solver::Rk38 { steps } => write!(f, "RK4 (3/8 rule) × {steps}"),
+            Solver::Dopri5(d) if d.rtol == d.atol => write!(f, "Dopri5 {:e}", d.rtol),
+            Solver::Dopri5(d) => write!(f, "Dopri5 rtol {:e} atol {:e}", d.rtol, d.atol),
+        }
+    }
+}
+
 impl Solver {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), SolveError> {

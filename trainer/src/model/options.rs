@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use crate::ode::Method;
+use ffjord_runtime::Solver;
 use ffjord_runtime::Stats;
 
 use super::*;
@@ -20,7 +20,7 @@ pub enum Gradient {
 /// Settings of one evaluation of the chain.
 #[derive(Clone, Copy, Debug)]
 pub struct SolveOptions {
-    pub method: Method,
+    pub method: Solver,
     pub trace: TraceMode,
     /// Build a differentiable graph (training); otherwise results are detached.
     pub create_graph: bool,
@@ -54,7 +54,7 @@ impl Regularization {
 
 impl SolveOptions {
     /// Evaluation: exact trace, no graph.
-    pub fn eval(method: Method) -> Self {
+    pub fn eval(method: Solver) -> Self {
         SolveOptions {
             method,
             trace: TraceMode::Exact,

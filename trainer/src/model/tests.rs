@@ -2,8 +2,9 @@
 //! trace against the VJP trace, the kernel against autograd, whitening.
 
 use super::*;
-use crate::ode::Method;
+use crate::ode::dopri5_at;
 use cnf::divergence;
+use ffjord_runtime::Solver;
 use ffjord_runtime::{Activation, LayerKind};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -38,7 +39,7 @@ fn sampling_inverts_the_forward_pass_and_carries_log_p() {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let c = chain(&vs, 3);
     vs.double();
-    let opts = SolveOptions::eval(Method::Dopri5 { rtol: 1e-9, atol: 1e-9, max_steps: 10_000 });
+    let opts = SolveOptions::eval(dopri5_at(1e-9, 10_000));
     let x = Tensor::randn([5, 3], (Kind::Double, Device::Cpu));
     let fwd = c.log_prob(&x, &opts).unwrap();
     let back = c.sample_from(&fwd.z, &opts).unwrap();
@@ -66,11 +67,11 @@ fn whitening_starts_the_chain_as_the_full_covariance_gaussian() {
     vs.double();
     linear.set_whitening(&x, &Tensor::zeros([3], opts), 0.0).unwrap();
     let (y, _) =
-        linear.forward(&x, &SolveOptions::eval(Method::Rk4 { steps: 2 }), &mut PassStats::default()).unwrap();
+        linear.forward(&x, &SolveOptions::eval(Solver::Rk4 { steps: 2 }), &mut PassStats::default()).unwrap();
     let cov = y.transpose(0, 1).cov(1, None::<Tensor>, None::<Tensor>);
     assert!(f64::try_from((cov - Tensor::eye(3, opts)).abs().max()).unwrap() < 1e-10);
     let chain = Chain { layers: vec![Box::new(linear), Box::new(cnf)], dim: 3 };
-    let eval = SolveOptions::eval(Method::Dopri5 { rtol: 1e-9, atol: 1e-9, max_steps: 10_000 });
+    let eval = SolveOptions::eval(dopri5_at(1e-9, 10_000));
     let out = chain.log_prob(&x, &eval).unwrap();
     // log N(x; m, C) with the sample mean and (unbiased) covariance.
     let m = x.mean_dim(0, false, Kind::Double);
@@ -208,7 +209,7 @@ fn hutchinson_is_unbiased_for_the_exact_trace() {
     let c = chain(&vs, 4);
     vs.double();
     let x = Tensor::randn([1, 4], (Kind::Double, Device::Cpu)).repeat([4000, 1]);
-    let method = Method::Rk4 { steps: 4 };
+    let method = Solver::Rk4 { steps: 4 };
     let exact = c.log_prob(&x, &SolveOptions::eval(method)).unwrap();
     for trace in [TraceMode::Gaussian, TraceMode::Rademacher] {
         let est = c.log_prob(&x, &SolveOptions { trace, ..SolveOptions::eval(method) }).unwrap();
