@@ -138,6 +138,40 @@ pub fn chain_from_model(
     let mut vs = vs;
     if kind == Kind::Double {
         vs.double();
+        // The variables were created in f32, so √T came back rounded: set it
+        // again from the file's T, so float64 evaluation integrates to exactly
+        // the end time the runtime uses (it was off by up to 1e-7 relative).
+        let variables = vs.variables();
+        for (i, stage) in model.header().stages().enumerate() {
+            if let (Stage::Cnf(spec), Some(v)) = (stage, variables.get(&format!("chain.{i}.sqrt_end_time"))) {
+                let _ = tch::no_grad(|| v.shallow_clone().fill_(f64::from(spec.end_time).sqrt()));
+            }
+        }
     }
     Ok((vs, Chain { layers, dim }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In float64 every CNF integrates to the file's end time exactly (as the
+    /// runtime does), not to the square of an f32-rounded √T.
+    #[test]
+    fn float64_chains_use_the_files_end_time() {
+        for name in ["8gaussians", "power", "shuttle"] {
+            let path = format!("{}/../models/{name}/model.ffjd", env!("CARGO_MANIFEST_DIR"));
+            let bytes = std::fs::read(path).unwrap();
+            let model = Model::from_bytes(&bytes).unwrap();
+            let (vs, _) = chain_from_model(&model, &bytes, Kind::Double, Device::Cpu).unwrap();
+            let variables = vs.variables();
+            for (i, stage) in model.header().stages().enumerate() {
+                if let Stage::Cnf(spec) = stage {
+                    let s = variables[&format!("chain.{i}.sqrt_end_time")].double_value(&[]);
+                    let t = f64::from(spec.end_time);
+                    assert!((s * s - t).abs() <= 1e-15 * t, "{name} stage {i}: {} vs {t}", s * s);
+                }
+            }
+        }
+    }
 }
