@@ -19,8 +19,16 @@ fn main() {
     }
 }
 
+/// The command as recorded in a model's metadata: the program by its name
+/// (not the machine's absolute path to it), then the arguments as given.
 fn command_line() -> String {
-    std::env::args().collect::<Vec<_>>().join(" ")
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(program) = args.first_mut()
+        && let Some(name) = std::path::Path::new(program.as_str()).file_name()
+    {
+        *program = name.to_string_lossy().into_owned();
+    }
+    args.join(" ")
 }
 
 fn run() -> Result<()> {

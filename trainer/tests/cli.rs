@@ -154,6 +154,8 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     assert_parity(d, "six.ffjd", "six-200.csv");
     let inspected = ok(&["inspect", "six.ffjd"], d);
     assert_eq!(inspected.matches("affine").count(), 3, "{inspected}");
+    // The recorded command names the program, not this machine's path to it.
+    assert!(inspected.contains("command     trainer fit --data six.csv"), "{inspected}");
     // Whitened: a linear stage (format version 2) before the CNF; the runtime's
     // triangular map agrees with the trainer's, and JSON round-trips it.
     let whitened = "fit --data six.csv --out white.ffjd --iterations 20 --valid-every 10 --hidden 24,24 \
