@@ -6,7 +6,8 @@
 # mean ± sd table per set. Not part of the tests (about 30 minutes on 2 cores).
 # Usage: bench/anomaly.sh OUT_DIR [SETS...]   (default sets: cardio satellite shuttle)
 # FIT_ARGS="--whiten false" bench/anomaly.sh …  adds flags to every fit (an ablation);
-# SEEDS="0" limits the split seeds.
+# SEEDS="0" limits the split seeds; MEMBERS=3 benchmarks an ensemble of three
+# flows per split (fit seeds s, s+1000, s+2000) instead of one.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out=${1:?usage: bench/anomaly.sh OUT_DIR [SETS...]}
@@ -38,11 +39,19 @@ for set in "${sets[@]}"; do
   for seed in ${SEEDS:-0 1 2}; do
     d="$out/$set/seed$seed"
     "$trainer" prepare "$set" --raw "$raw" --out-dir "$d/data" --seed "$seed"
-    # shellcheck disable=SC2046,SC2086
     TIMEFORMAT="%U s CPU, %R s wall"
-    { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
-      --out "$d/model.ffjd" --seed "$seed" $(with_overrides $(recipe "$set")) ${FIT_ARGS:-} > "$d/fit.log" 2>&1; } 2> "$d/fit-time.txt"
-    "$trainer" benchmark --run-dir "$d/model.run" --model "$d/model.ffjd" --test "$d/data/test.csv" \
+    # Member 0 is the single model (fit seed = split seed); MEMBERS=K adds K − 1
+    # flows with other fit seeds on the same split, benchmarked as an ensemble.
+    models=()
+    for m in $(seq 0 $(( ${MEMBERS:-1} - 1 ))); do
+      suffix=$([ "$m" = 0 ] && echo "" || echo "-$m")
+      # shellcheck disable=SC2046,SC2086
+      { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
+        --out "$d/model$suffix.ffjd" --seed $(( seed + 1000 * m )) $(with_overrides $(recipe "$set")) ${FIT_ARGS:-} \
+        > "$d/fit$suffix.log" 2>&1; } 2> "$d/fit-time$suffix.txt"
+      models+=(--model "$d/model$suffix.ffjd")
+    done
+    "$trainer" benchmark --run-dir "$d/model.run" "${models[@]}" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
     echo "$set seed $seed: $(grep FFJORD "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"
   done

@@ -29,6 +29,6 @@ pub use base::fill_standard_normal;
 pub use error::{Error, Field, LoadError, SolveError};
 pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Verdict};
 pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, Metadata, Stage, Threshold};
-pub use model::Model;
-pub use net::CnfBlock;
+pub use model::{Model, StageWeights};
+pub use net::{CnfBlock, LayerWeights};
 pub use solver::{Dopri5, Dynamics, Solver, Stats};

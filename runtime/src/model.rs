@@ -25,6 +25,28 @@ pub struct Model<'a> {
     stage_log_dets: heapless::Vec<f32, MAX_STAGES>,
 }
 
+/// One stage's weights, by kind ([`Model::stage_weights`]).
+#[derive(Clone, Debug)]
+pub enum StageWeights<'a> {
+    /// `y = x ⊙ scale + shift`.
+    Affine {
+        /// `scale[D]`.
+        scale: Weights<'a>,
+        /// `shift[D]`.
+        shift: Weights<'a>,
+    },
+    /// `y = L x + shift`, `L` lower-triangular.
+    Linear {
+        /// The lower triangle of `L` row by row (row `i` is the `i + 1`
+        /// floats from `i(i+1)/2`).
+        lower: Weights<'a>,
+        /// `shift[D]`.
+        shift: Weights<'a>,
+    },
+    /// A CNF block: its spec and layers ([`CnfBlock::layers`]).
+    Cnf(CnfBlock<'a>),
+}
+
 /// Which way a stage maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -211,8 +233,28 @@ impl<'a> Model<'a> {
         (0..self.header.stage_count()).filter_map(|i| self.header.stage(i).map(|s| (i, s)))
     }
 
-    /// `(mean, std)` of input standardization.
-    pub(crate) fn standardization(&self) -> Option<(Weights<'a>, Weights<'a>)> {
+    /// Stage `i`'s weights by kind, as FORMAT.md lays them out.
+    pub fn stage_weights(&self, i: usize) -> Option<StageWeights<'a>> {
+        let d = self.dim();
+        let offset = *self.layout.stage_offsets.get(i)?;
+        Some(match self.header.stage(i)? {
+            Stage::Affine => StageWeights::Affine {
+                scale: self.weights.slice(offset, d),
+                shift: self.weights.slice(offset + d, d),
+            },
+            Stage::Linear => {
+                let triangle = crate::format::linear_weight_count(d)? - d;
+                StageWeights::Linear {
+                    lower: self.weights.slice(offset, triangle),
+                    shift: self.weights.slice(offset + triangle, d),
+                }
+            }
+            Stage::Cnf(_) => StageWeights::Cnf(self.cnf_block(i)?),
+        })
+    }
+
+    /// `(mean, std)` of input standardization, if the model has it.
+    pub fn standardization(&self) -> Option<(Weights<'a>, Weights<'a>)> {
         let d = self.dim();
         self.header.standardize.then(|| (self.weights.slice(0, d), self.weights.slice(d, d)))
     }

@@ -9,7 +9,7 @@
 //! activation of each unit are computed once, on lane 0, and applied to the
 //! tangent lanes as one scale factor per unit.
 
-use crate::format::{Activation, CnfSpec, LayerKind, Weights};
+use crate::format::{Activation, CnfSpec, LayerKind, LayerSpec, Weights};
 use crate::math::{copy, sigmoid, softplus};
 use crate::solver::Dynamics;
 
@@ -39,14 +39,28 @@ impl<'a> CnfBlock<'a> {
         self.max_width
     }
 
-    /// The block's layers and settings.
-    pub(crate) fn spec(&self) -> &CnfSpec {
-        &self.spec
-    }
-
     /// The block's weights, layer after layer.
     pub(crate) fn weights(&self) -> Weights<'a> {
         self.weights
+    }
+
+    /// The block's layers with their weights, input to output.
+    pub fn layers(&self) -> impl Iterator<Item = (LayerSpec, LayerWeights<'a>)> + '_ {
+        let mut d_in = self.dim;
+        let mut offset = 0;
+        self.spec.layers.iter().map(move |layer| {
+            let d_out = usize::from(layer.out_dim);
+            let count = layer.kind.weight_count(d_in, d_out).unwrap_or(0);
+            let w = LayerWeights::split(layer.kind, self.weights.slice(offset, count), d_in, d_out);
+            offset += count;
+            d_in = d_out;
+            (*layer, w)
+        })
+    }
+
+    /// The block's layers, activation and end time.
+    pub fn spec(&self) -> &CnfSpec {
+        &self.spec
     }
 
     /// End time `T` of this block.
@@ -153,24 +167,33 @@ pub(crate) fn net_work_len(max_width: usize, lanes: usize) -> usize {
     (2 * lanes + 1) * max_width
 }
 
-/// One layer's weight section, split as FORMAT.md lays it out.
-pub(crate) struct LayerWeights<'a> {
-    /// `W`, `d_out` rows of `cols` floats.
+/// One layer's weight section, split as FORMAT.md lays it out — the one
+/// reading of that layout (the runtime's kernels and the trainer's loaders
+/// and JSON form all go through it).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeights<'a> {
+    /// `W`, `d_out` rows of `cols` floats (row-major `[out, in]`).
     pub matrix: Weights<'a>,
-    /// Columns of `W`: `d_in`, plus the time column for concat.
+    /// Columns of `W`: `d_in`, plus the time column (first) for concat.
     pub cols: usize,
     /// Whether `W`'s first column multiplies `t` (concat).
     pub concat: bool,
     /// Whether the gate and hyper-bias vectors follow (concatsquash).
     pub squash: bool,
+    /// `b[d_out]`.
     pub bias: Weights<'a>,
+    /// Concatsquash: the gate's weight `w_g[d_out]` (empty otherwise).
     pub gate_w: Weights<'a>,
+    /// Concatsquash: the gate's bias `b_g[d_out]` (empty otherwise).
     pub gate_b: Weights<'a>,
+    /// Concatsquash: the hyper-bias weight `w_b[d_out]` (empty otherwise).
     pub hyper_b: Weights<'a>,
 }
 
 impl<'a> LayerWeights<'a> {
-    pub(crate) fn split(kind: LayerKind, w: Weights<'a>, d_in: usize, d_out: usize) -> Self {
+    /// Splits one layer's `w` (exactly [`LayerKind::weight_count`] floats, or
+    /// fewer: missing parts come back empty) mapping `d_in` to `d_out` values.
+    pub fn split(kind: LayerKind, w: Weights<'a>, d_in: usize, d_out: usize) -> Self {
         let concat = kind == LayerKind::Concat;
         let squash = kind == LayerKind::ConcatSquash;
         let cols = if concat { d_in + 1 } else { d_in };

@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         };
         let bytes = export_bytes(&chain, &info)?;
         let model = ffjord_runtime::Model::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::fs::write(&path, serde_json::to_string(&ffjord_trainer::json::to_json(&model, &bytes)?)?)?;
+        std::fs::write(&path, serde_json::to_string(&ffjord_trainer::json::to_json(&model)?)?)?;
     }
     let mut opt = nn::Adam::default().build(&vs, 1e-3)?;
     let opts = SolveOptions {

@@ -388,7 +388,7 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 /// scores on the run's validation rows, and all are measured on the labelled test rows.
 pub fn benchmark(
     run_dir: &Path,
-    model_path: &Path,
+    model_paths: &[std::path::PathBuf],
     test: &Table,
     labels: &[bool],
     components: i64,
@@ -409,11 +409,12 @@ pub fn benchmark(
         splits.dim()
     );
 
-    let bytes = crate::modelfile::read_model_bytes(model_path)?;
-    let model = ffjord_runtime::Model::from_bytes(&bytes)?;
-    let (_vs, chain) = crate::modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
-    let opts = crate::model::SolveOptions::eval(cfg.eval_method());
-    let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
+    // −log p of each row under each model file (data units), in chunks.
+    let score_with = |model_path: &Path, x: &Tensor| -> Result<Vec<f64>> {
+        let bytes = crate::modelfile::read_model_bytes(model_path)?;
+        let model = ffjord_runtime::Model::from_bytes(&bytes)?;
+        let (_vs, chain) = crate::modelfile::chain_from_model(&model, Kind::Double, Device::Cpu)?;
+        let opts = crate::model::SolveOptions::eval(cfg.eval_method());
         let mut out = Vec::new();
         let n = x.size()[0];
         let mut s = 0;
@@ -425,12 +426,24 @@ pub fn benchmark(
         }
         Ok(out)
     };
+    // One model: its scores. Several: the ensemble's, −log (1/K Σ_k p_k).
+    let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
+        let per_model: Vec<Vec<f64>> = model_paths.iter().map(|m| score_with(m, x)).collect::<Result<_>>()?;
+        let k = per_model.len() as f64;
+        Ok((0..per_model[0].len())
+            .map(|i| {
+                let lps: Vec<f64> = per_model.iter().map(|s| -s[i]).collect();
+                let max = lps.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                -(max + (lps.iter().map(|l| (l - max).exp()).sum::<f64>() / k).ln())
+            })
+            .collect())
+    };
+    let name = match model_paths.len() {
+        1 => "FFJORD (this model)".to_string(),
+        k => format!("FFJORD (ensemble of {k})"),
+    };
     let mut methods: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
-    methods.push((
-        "FFJORD (this model)".into(),
-        ffjord_scores(&to_data(&splits.valid))?,
-        ffjord_scores(&test_x)?,
-    ));
+    methods.push((name, ffjord_scores(&to_data(&splits.valid))?, ffjord_scores(&test_x)?));
 
     let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
     let train = splits.train.shallow_clone();

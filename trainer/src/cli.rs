@@ -97,8 +97,10 @@ pub(crate) struct BenchmarkArgs {
     /// The run folder of the model's `fit` (its train/validation split is reused).
     #[arg(long)]
     pub(crate) run_dir: PathBuf,
-    #[arg(long)]
-    pub(crate) model: PathBuf,
+    /// The model file; give it several times (flows trained on the same split,
+    /// e.g. with other seeds) to benchmark their ensemble, log p = log mean p_k.
+    #[arg(long, required = true)]
+    pub(crate) model: Vec<PathBuf>,
     /// Labelled test rows.
     #[arg(long)]
     pub(crate) test: PathBuf,

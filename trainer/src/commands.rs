@@ -65,7 +65,7 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
     };
     let model = Model::from_bytes(&bytes)?;
     check_width(&args.data.source(), &table, &args.model, model.dim())?;
-    let (_vs, chain) = modelfile::chain_from_model(&model, &bytes, Kind::Double, Device::Cpu)?;
+    let (_vs, chain) = modelfile::chain_from_model(&model, Kind::Double, Device::Cpu)?;
     let x = table.to_tensor();
     let method = ode::dopri5_at(args.tol, 1_000_000);
     let opts = model::SolveOptions::eval(method);
@@ -253,7 +253,7 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
     println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());
     println!("scratch     {} floats with the default solver", model.scratch_len(&model.default_solver()));
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&ffjord_trainer::json::to_json(&model, &bytes)?)?;
+        let json = serde_json::to_string_pretty(&ffjord_trainer::json::to_json(&model)?)?;
         modelfile::write_atomic(path, json.as_bytes())?;
         println!("wrote {}", path.display());
     }

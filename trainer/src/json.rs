@@ -5,7 +5,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use ffjord_runtime::format::{Weights, encode, encoded_len};
 use ffjord_runtime::{
-    Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Model, Solver, Stage, Threshold,
+    Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Model, Solver, Stage, StageWeights,
+    Threshold,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,46 +71,39 @@ pub struct JsonLayer {
     pub hyper_bias: Option<Vec<f32>>,
 }
 
-/// The JSON form of a loaded model.
-pub fn to_json(model: &Model<'_>, bytes: &[u8]) -> Result<JsonModel> {
-    let n = model.weight_count();
-    let w = Weights::new(&bytes[bytes.len() - 4 - 4 * n..bytes.len() - 4]);
-    let all: Vec<f32> = w.iter().collect();
-    let d = model.dim();
-    let mut off = 0;
-    let mut take = |k: usize| -> Vec<f32> {
-        let v = all[off..off + k].to_vec();
-        off += k;
-        v
-    };
+/// The JSON form of a loaded model (through the runtime's weight views).
+pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
+    let vec = |w: Weights<'_>| w.iter().collect::<Vec<f32>>();
     let h = model.header();
-    let standardize = h.standardize.then(|| JsonStandardize { mean: take(d), std: take(d) });
+    let standardize =
+        model.standardization().map(|(mean, std)| JsonStandardize { mean: vec(mean), std: vec(std) });
     let mut stages = Vec::new();
-    for stage in h.stages() {
-        match stage {
-            Stage::Affine => stages.push(JsonStage::Affine { scale: take(d), shift: take(d) }),
-            Stage::Linear => {
-                let lower = (0..d).map(|i| take(i + 1)).collect();
-                stages.push(JsonStage::Linear { lower, shift: take(d) });
+    for i in 0..model.stage_count() {
+        match model.stage_weights(i).context("stage weights")? {
+            StageWeights::Affine { scale, shift } => {
+                stages.push(JsonStage::Affine { scale: vec(scale), shift: vec(shift) })
             }
-            Stage::Cnf(c) => {
-                let mut layers = Vec::new();
-                let mut d_in = d;
-                for l in &c.layers {
-                    let d_out = usize::from(l.out_dim);
-                    let cols = if l.kind == LayerKind::Concat { d_in + 1 } else { d_in };
-                    let weight = take(d_out * cols).chunks(cols.max(1)).map(<[f32]>::to_vec).collect();
-                    let bias = take(d_out);
-                    let squash = l.kind == LayerKind::ConcatSquash;
-                    let (gate_weight, gate_bias, hyper_bias) = if squash {
-                        (Some(take(d_out)), Some(take(d_out)), Some(take(d_out)))
-                    } else {
-                        (None, None, None)
-                    };
-                    layers.push(JsonLayer { kind: l.kind, weight, bias, gate_weight, gate_bias, hyper_bias });
-                    d_in = d_out;
-                }
-                stages.push(JsonStage::Cnf { end_time: c.end_time, activation: c.activation, layers });
+            StageWeights::Linear { lower, shift } => {
+                let lower = (0..model.dim()).map(|r| vec(lower.slice(r * (r + 1) / 2, r + 1))).collect();
+                stages.push(JsonStage::Linear { lower, shift: vec(shift) });
+            }
+            StageWeights::Cnf(block) => {
+                let layers = block
+                    .layers()
+                    .map(|(spec, w)| {
+                        let squash = |v: Weights<'_>| w.squash.then(|| vec(v));
+                        JsonLayer {
+                            kind: spec.kind,
+                            weight: w.matrix.rows(w.cols).map(vec).collect(),
+                            bias: vec(w.bias),
+                            gate_weight: squash(w.gate_w),
+                            gate_bias: squash(w.gate_b),
+                            hyper_bias: squash(w.hyper_b),
+                        }
+                    })
+                    .collect();
+                let spec = block.spec();
+                stages.push(JsonStage::Cnf { end_time: spec.end_time, activation: spec.activation, layers });
             }
         }
     }
@@ -247,7 +241,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/8gaussians/model.ffjd");
         let bytes = std::fs::read(path).unwrap();
         let model = Model::from_bytes(&bytes).unwrap();
-        let json = serde_json::to_string(&to_json(&model, &bytes).unwrap()).unwrap();
+        let json = serde_json::to_string(&to_json(&model).unwrap()).unwrap();
         let back: JsonModel = serde_json::from_str(&json).unwrap();
         assert_eq!(from_json(&back).unwrap(), bytes);
     }

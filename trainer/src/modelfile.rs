@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-use ffjord_runtime::format::{encode, encoded_len};
-use ffjord_runtime::{Header, Metadata, Model, Stage, Threshold};
+use anyhow::{Context, Result};
+use ffjord_runtime::format::{Weights, encode, encoded_len};
+use ffjord_runtime::{Header, Metadata, Model, Stage, StageWeights, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, push};
@@ -79,61 +79,43 @@ pub fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
 
 /// Rebuilds a model file as a tch chain in `kind` (standardization included as
 /// the first layer, so `log_prob` is in the data's units).
-pub fn chain_from_model(
-    model: &Model<'_>,
-    bytes: &[u8],
-    kind: Kind,
-    device: Device,
-) -> Result<(nn::VarStore, Chain)> {
-    let n = model.weight_count();
-    let weights: Vec<f32> = bytes[bytes.len() - 4 - 4 * n..bytes.len() - 4]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result<(nn::VarStore, Chain)> {
     let d = model.dim();
     let dim = d as i64;
     let vs = nn::VarStore::new(device);
     let mut layers: Vec<Box<dyn crate::model::FlowLayer>> = Vec::new();
-    let mut off = 0;
-    let t = |w: &[f32]| Tensor::from_slice(w).to_kind(kind).to_device(device);
-    if model.header().standardize {
-        let (mean, std) = (t(&weights[..d]), t(&weights[d..2 * d]));
+    // Every weight is read through the runtime's views of the layout.
+    let t =
+        |w: Weights<'_>| Tensor::from_slice(&w.iter().collect::<Vec<f32>>()).to_kind(kind).to_device(device);
+    if let Some((mean, std)) = model.standardization() {
+        let (mean, std) = (t(mean), t(std));
         layers.push(Box::new(Affine { scale: std.reciprocal(), shift: -(mean / &std) }));
-        off = 2 * d;
     }
-    for (i, stage) in model.header().stages().enumerate() {
-        match stage {
-            Stage::Affine => {
-                layers.push(Box::new(Affine {
-                    scale: t(&weights[off..off + d]),
-                    shift: t(&weights[off + d..off + 2 * d]),
-                }));
-                off += 2 * d;
+    for i in 0..model.stage_count() {
+        match model.stage_weights(i).context("stage weights")? {
+            StageWeights::Affine { scale, shift } => {
+                layers.push(Box::new(Affine { scale: t(scale), shift: t(shift) }))
             }
-            Stage::Linear => {
+            StageWeights::Linear { lower, shift } => {
                 let mut matrix = vec![0f32; d * d];
-                for i in 0..d {
-                    let row = &weights[off + i * (i + 1) / 2..off + (i + 1) * (i + 2) / 2];
-                    matrix[i * d..i * d + i + 1].copy_from_slice(row);
+                for (r, row) in matrix.chunks_exact_mut(d).enumerate() {
+                    for (c, v) in lower.slice(r * (r + 1) / 2, r + 1).iter().enumerate() {
+                        row[c] = v;
+                    }
                 }
-                off += d * (d + 1) / 2;
-                let linear =
-                    Linear { matrix: t(&matrix).reshape([dim, dim]), shift: t(&weights[off..off + d]) };
-                layers.push(Box::new(linear));
-                off += d;
+                let matrix = Tensor::from_slice(&matrix).reshape([dim, dim]).to_kind(kind).to_device(device);
+                layers.push(Box::new(Linear { matrix, shift: t(shift) }));
             }
-            Stage::Cnf(spec) => {
+            StageWeights::Cnf(block) => {
+                let spec = block.spec();
                 let p = vs.root() / "chain" / i;
                 let specs: Vec<_> = spec.layers.iter().map(|l| (l.kind, i64::from(l.out_dim))).collect();
                 let mut net = OdeNet::from_layers(&(&p / "odefunc"), dim, &specs, spec.activation);
-                off += net.load_weights(&weights[off..])?;
+                net.load_layers(block.layers().map(|(_, w)| w))?;
                 let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
                 layers.push(Box::new(cnf));
             }
         }
-    }
-    if off != n {
-        bail!("model weights: used {off} of {n}");
     }
     let mut vs = vs;
     if kind == Kind::Double {
@@ -163,7 +145,7 @@ mod tests {
             let path = format!("{}/../models/{name}/model.ffjd", env!("CARGO_MANIFEST_DIR"));
             let bytes = std::fs::read(path).unwrap();
             let model = Model::from_bytes(&bytes).unwrap();
-            let (vs, _) = chain_from_model(&model, &bytes, Kind::Double, Device::Cpu).unwrap();
+            let (vs, _) = chain_from_model(&model, Kind::Double, Device::Cpu).unwrap();
             let variables = vs.variables();
             for (i, stage) in model.header().stages().enumerate() {
                 if let Stage::Cnf(spec) = stage {

@@ -47,7 +47,7 @@ pub fn plot(
     if model.dim() != 2 {
         bail!("plot needs a 2-D model; {} has dimension {}", model_path.display(), model.dim());
     }
-    let (_vs, chain) = chain_from_model(&model, &bytes, Kind::Float, Device::Cpu)?;
+    let (_vs, chain) = chain_from_model(&model, Kind::Float, Device::Cpu)?;
     tch::manual_seed(seed);
     let opts = SolveOptions::eval(dopri5_at(tol, 100_000));
     let z = Tensor::randn([samples, 2], (Kind::Float, Device::Cpu));

@@ -579,7 +579,7 @@ pub fn export(
         Format::Model => write_atomic(out, &bytes)?,
         Format::Json => {
             let model = ffjord_runtime::Model::from_bytes(&bytes)?;
-            let json = serde_json::to_string_pretty(&crate::json::to_json(&model, &bytes)?)?;
+            let json = serde_json::to_string_pretty(&crate::json::to_json(&model)?)?;
             write_atomic(out, json.as_bytes())?;
         }
     }

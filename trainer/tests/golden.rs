@@ -28,7 +28,7 @@ fn committed_golden_values_agree_with_a_float64_evaluation() {
         let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
         let bytes = std::fs::read(folder.join("model.ffjd")).unwrap();
         let model = Model::from_bytes(&bytes).unwrap();
-        let (_vs, chain) = chain_from_model(&model, &bytes, Kind::Double, Device::Cpu).unwrap();
+        let (_vs, chain) = chain_from_model(&model, Kind::Double, Device::Cpu).unwrap();
         let rows = golden["rows"].as_array().unwrap();
         let x: Vec<f64> = rows
             .iter()

@@ -1,8 +1,9 @@
 //! The dynamics network: the [`VectorField`] trait a CNF integrates, and
 //! FFJORD's MLP ([`OdeNet`]) with its hand-written CPU kernel hooks.
 
-use anyhow::{Context, Result};
-use ffjord_runtime::{Activation, LayerKind, LayerSpec};
+use anyhow::{Context, Result, ensure};
+use ffjord_runtime::format::Weights;
+use ffjord_runtime::{Activation, LayerKind, LayerSpec, LayerWeights};
 use tch::{Kind, Tensor, nn};
 
 use crate::kernel::{LayerShape, Mlp, Pass, Real};
@@ -262,29 +263,40 @@ impl OdeNet {
         }
     }
 
-    /// Overwrites all parameters from `weights` (in export order); returns the count used.
-    pub fn load_weights(&mut self, weights: &[f32]) -> Result<usize> {
-        let mut off = 0;
-        let mut take = |t: &mut Tensor| -> Result<()> {
-            let n = t.numel();
-            let src = weights.get(off..off + n).context("weight section too short")?;
-            let v = Tensor::from_slice(src).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
+    /// Loads the layers' weights from the runtime's views of a model file
+    /// (`CnfBlock::layers`), in this net's layer order.
+    pub fn load_layers<'a>(&mut self, weights: impl Iterator<Item = LayerWeights<'a>>) -> Result<()> {
+        let take = |t: &mut Tensor, w: Weights<'_>| -> Result<()> {
+            ensure!(
+                w.len() as i64 == t.numel() as i64,
+                "layer weights: {} floats for a tensor of {}",
+                w.len(),
+                t.numel()
+            );
+            let v: Vec<f32> = w.iter().collect();
+            let v = Tensor::from_slice(&v).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
             tch::no_grad(|| t.copy_(&v));
-            off += n;
             Ok(())
         };
-        for l in &mut self.layers {
-            take(&mut l.linear.ws)?;
+        let mut count = 0;
+        for (l, w) in self.layers.iter_mut().zip(weights) {
+            take(&mut l.linear.ws, w.matrix)?;
             if let Some(b) = &mut l.linear.bs {
-                take(b)?;
+                take(b, w.bias)?;
             }
             if let (Some(g), Some(b)) = (&mut l.hyper_gate, &mut l.hyper_bias) {
-                take(&mut g.ws)?;
-                take(g.bs.as_mut().context("hyper gate has a bias")?)?;
-                take(&mut b.ws)?;
+                take(&mut g.ws, w.gate_w)?;
+                take(g.bs.as_mut().context("hyper gate has a bias")?, w.gate_b)?;
+                take(&mut b.ws, w.hyper_b)?;
             }
+            count += 1;
         }
-        Ok(off)
+        ensure!(
+            count == self.layers.len(),
+            "the model file has {count} layers, the net {}",
+            self.layers.len()
+        );
+        Ok(())
     }
 }
 
