@@ -151,6 +151,12 @@ pub enum SolveError {
         /// Time at which it was detected.
         t: f32,
     },
+    /// `rows_per_block` (packed path) is zero, or a lockstep solve got no
+    /// slots or more than it can hold.
+    InvalidBlockSize,
+    /// A stage of a model that passed [`crate::Model::from_bytes`] could not
+    /// be read: a bug in the runtime, reported instead of panicking.
+    Internal,
     /// The solver settings are invalid (zero steps, non-positive tolerance, …).
     InvalidSolver,
 }
@@ -262,6 +268,10 @@ impl fmt::Display for SolveError {
                 write!(f, "state became NaN or infinite at t = {}", Decimal(t))
             }
             SolveError::InvalidSolver => f.write_str("invalid solver settings"),
+            SolveError::InvalidBlockSize => f.write_str("rows per block must be at least 1"),
+            SolveError::Internal => {
+                f.write_str("internal error: a validated model's stage could not be read")
+            }
         }
     }
 }

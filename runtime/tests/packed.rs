@@ -156,7 +156,7 @@ fn bad_batches_are_typed_errors() {
     assert_eq!(err.error, SolveError::OutputLength { expected: 2, found: 3 });
     let mut out = vec![0.0; 3];
     let err = flow.log_density_packed(&[0.0; 6], &mut out, 0, &mut scratch).unwrap_err();
-    assert_eq!(err.error, SolveError::InvalidSolver);
+    assert_eq!(err.error, SolveError::InvalidBlockSize);
     let err = flow.log_density_packed(&[0.0; 6], &mut out, 16, &mut scratch).unwrap_err();
     assert!(matches!(err.error, SolveError::ScratchTooSmall { .. }), "{err:?}");
     // Bad input names its own row.

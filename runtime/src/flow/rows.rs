@@ -89,7 +89,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         let needed = self.packed_scratch_len(rows_per_block);
         if rows_per_block == 0 || scratch.len() < needed {
             let error = if rows_per_block == 0 {
-                SolveError::InvalidSolver
+                SolveError::InvalidBlockSize
             } else {
                 crate::solver::scratch_error(needed, scratch.len())
             };
@@ -131,8 +131,8 @@ impl<'m, 'a> Flow<'m, 'a> {
         let (cnf, spec) = model
             .stages()
             .find_map(|(i, s)| if let Stage::Cnf(spec) = s { Some((i, spec)) } else { None })
-            .ok_or(at_start(SolveError::InvalidSolver))?;
-        let block = model.cnf_block(cnf).ok_or(at_start(SolveError::InvalidSolver))?;
+            .ok_or(at_start(SolveError::Internal))?;
+        let block = model.cnf_block(cnf).ok_or(at_start(SolveError::Internal))?;
         let slots = slots.min(log_p.len()).max(1);
         let packed = crate::packed::PackedBlock::new(&block, slots);
         let mut stream = ChainStream { model, cnf, xs, out: log_p, next: 0, stats: Stats::default() };
@@ -168,13 +168,12 @@ impl<'m, 'a> Flow<'m, 'a> {
                 Stage::Affine | Stage::Linear => {
                     for (state, ld) in y.chunks_exact_mut(d + 1).zip(out.iter_mut()) {
                         let (z, _) = state.split_at_mut(d);
-                        *ld += model
-                            .apply_map(i, &stage, z, Direction::Forward)
-                            .ok_or(SolveError::InvalidSolver)?;
+                        *ld +=
+                            model.apply_map(i, &stage, z, Direction::Forward).ok_or(SolveError::Internal)?;
                     }
                 }
                 Stage::Cnf(spec) => {
-                    let block = model.cnf_block(i).ok_or(SolveError::InvalidSolver)?;
+                    let block = model.cnf_block(i).ok_or(SolveError::Internal)?;
                     for state in y.chunks_exact_mut(d + 1) {
                         reset_ell(state);
                     }

@@ -90,7 +90,7 @@ impl Dopri5 {
         let slots = f.rows();
         let n = f.dim();
         if slots == 0 || slots > MAX_LOCKSTEP_ROWS || !n.is_multiple_of(slots) {
-            return Err(fail(SolveError::InvalidSolver));
+            return Err(fail(SolveError::InvalidBlockSize));
         }
         let len = n / slots;
         let split = f.row_error_split();
