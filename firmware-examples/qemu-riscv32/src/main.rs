@@ -8,18 +8,4 @@ use scorer_core::{Expected, Golden};
 
 include!(concat!(env!("OUT_DIR"), "/golden.rs"));
 
-unsafe extern "C" {
-    static _stack_start: u32;
-    static __sheap: u32;
-}
-
-#[riscv_rt::entry]
-fn main() -> ! {
-    let (bottom, top) = (core::ptr::addr_of!(__sheap) as usize, core::ptr::addr_of!(_stack_start) as usize);
-    // SAFETY: riscv-rt places the stack above the heap start `__sheap` (all
-    // static data lies below it) up to `_stack_start`; nothing uses a heap.
-    let code = unsafe {
-        scorer_core::firmware_main::<DIM, SCRATCH>(&mut scorer_core::Semihosting, &GOLDEN, bottom, top)
-    };
-    semihosting::process::exit(code)
-}
+scorer_core::qemu_main!(riscv_rt::entry);

@@ -85,6 +85,38 @@ impl Write for Semihosting {
     }
 }
 
+#[cfg(feature = "semihosting")]
+#[doc(hidden)]
+pub use semihosting as __semihosting;
+
+/// The `main` of a QEMU example: `scorer_core::qemu_main!(cortex_m_rt::entry);`
+/// (or `riscv_rt::entry`) after `include!`-ing the generated golden values
+/// (`DIM`, `SCRATCH`, `GOLDEN`). The runtime crate's linker script must put the
+/// stack above all static data (`__sheap`) and below `_stack_start`, with no
+/// heap — as cortex-m-rt and riscv-rt do.
+#[cfg(feature = "semihosting")]
+#[macro_export]
+macro_rules! qemu_main {
+    ($entry:path) => {
+        unsafe extern "C" {
+            static _stack_start: u32;
+            static __sheap: u32;
+        }
+
+        #[$entry]
+        fn main() -> ! {
+            let (bottom, top) =
+                (core::ptr::addr_of!(__sheap) as usize, core::ptr::addr_of!(_stack_start) as usize);
+            // SAFETY: the runtime crate puts the stack above all static data
+            // (`__sheap`) and below `_stack_start`; nothing uses a heap.
+            let code = unsafe {
+                $crate::firmware_main::<DIM, SCRATCH>(&mut $crate::Semihosting, &GOLDEN, bottom, top)
+            };
+            $crate::__semihosting::process::exit(code)
+        }
+    };
+}
+
 /// The whole firmware program: paint the stack, run the checks with `N` floats
 /// of scratch on the stack, report the peak stack use, return the exit code.
 ///
