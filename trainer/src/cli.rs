@@ -202,6 +202,10 @@ pub(crate) struct FitArgs {
     /// Continue from the run folder's last checkpoint.
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Try several network widths within MINUTES of wall-clock time and keep
+    /// the one with the best validation NLL (candidates in RUN/search/N).
+    #[arg(long, value_name = "MINUTES", conflicts_with = "resume")]
+    pub(crate) search: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
     /// Built-in toy data set: 8gaussians, pinwheel, checkerboard, 2spirals, moons, circles, rings, swissroll.

@@ -133,6 +133,10 @@ pub struct TrainConfig {
     pub eval_tol: f64,
     /// Rows drawn for the toy validation and test sets.
     pub toy_eval_rows: i64,
+    /// Stop training at the first validation after this many seconds
+    /// (`fit --search` gives each candidate its share of the budget).
+    #[serde(default)]
+    pub time_limit: Option<f64>,
     /// Anomaly threshold quantile of validation scores written at export.
     pub threshold_quantile: Option<f64>,
 }
@@ -180,6 +184,7 @@ impl Default for TrainConfig {
             seed: 0,
             eval_tol: 1e-5,
             toy_eval_rows: 2000,
+            time_limit: None,
             threshold_quantile: Some(0.99),
         }
     }

@@ -38,7 +38,11 @@ fn run() -> Result<()> {
             let cfg = args.config()?;
             let run_dir = args.run_dir.clone().unwrap_or_else(|| args.out.with_extension("run"));
             let device = args.device.resolve()?;
-            train::fit(&cfg, &args.out, &train::RunDir { dir: run_dir }, args.resume, device, &command_line())
+            let run = train::RunDir { dir: run_dir };
+            match args.search {
+                Some(minutes) => train::search(&cfg, minutes, &args.out, &run, device, &command_line()),
+                None => train::fit(&cfg, &args.out, &run, args.resume, device, &command_line()),
+            }
         }
         Command::Eval(args) => eval(&args),
         Command::Score(args) => score(&args),

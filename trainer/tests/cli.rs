@@ -257,6 +257,55 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     assert!(scored.lines().skip(1).all(|l| l.contains(",normal,") || l.contains(",anomaly,")));
 }
 
+/// `fit --search`: every width is tried within the budget, the one with the
+/// best validation NLL is written to --out under the final name, and the
+/// table it prints says which.
+#[test]
+fn search_keeps_the_candidate_with_the_best_validation_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let printed = ok(
+        &[
+            "fit",
+            "--toy",
+            "moons",
+            "--out",
+            "s.ffjd",
+            "--search",
+            "0.05",
+            "--valid-every",
+            "5",
+            "--batch",
+            "128",
+        ],
+        d,
+    );
+    let rows: Vec<(String, f64)> = printed
+        .lines()
+        .filter(|l| l.starts_with("| ["))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].to_string(), cells[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "{printed}");
+    let best = rows.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert!(
+        printed.contains(&format!("chosen: hidden {} (validation NLL {:.4})", best.0, best.1)),
+        "{printed}"
+    );
+    let bytes = std::fs::read(d.join("s.ffjd")).unwrap();
+    assert_eq!(Model::from_bytes(&bytes).unwrap().metadata().name, "s");
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "s.ffjd", "--search", "0"], d)
+            .contains("positive number of minutes")
+    );
+    assert!(
+        err(&["fit", "--toy", "moons", "--out", "s.ffjd", "--search", "1", "--resume"], d)
+            .contains("cannot be used with")
+    );
+}
+
 #[test]
 fn adjoint_training_runs_a_backward_solve_and_logs_it() {
     let dir = tempfile::tempdir().unwrap();
