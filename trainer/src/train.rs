@@ -458,8 +458,8 @@ const SEARCH_WIDTHS: [&[i64]; 4] = [&[32, 32], &[64, 64], &[64, 64, 64], &[128, 
 /// [`SEARCH_WIDTHS`] (each candidate gets an equal share of what is left of
 /// the budget, early stopping as configured), keeps the one with the best
 /// validation NLL and writes it to `out`. Candidates live in
-/// `RUN/search/N/` (model file and run folder); a table of what each reached
-/// is printed.
+/// `RUN/search/N/` (model file and run folder), and RUN gets the chosen
+/// one's run files; a table of what each reached is printed.
 pub fn search(
     cfg: &TrainConfig,
     minutes: f64,
@@ -508,6 +508,16 @@ pub fn search(
     }
     let bytes = std::fs::read(&best.4).with_context(|| format!("reading {}", best.4.display()))?;
     write_atomic(out, &bytes)?;
+    // RUN itself becomes the chosen candidate's run folder, so `export` and
+    // `benchmark --run-dir RUN` work on the model written to `out`.
+    let chosen_run = best.4.with_file_name("run");
+    for name in RUN_FILES.iter().chain(&["config.toml"]) {
+        let from = chosen_run.join(name);
+        if from.exists() {
+            let data = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            write_atomic(&run.path(name), &data)?;
+        }
+    }
     println!(
         "chosen: hidden {:?} (validation NLL {:.4}); wrote {} ({} bytes)",
         best.0,

@@ -296,6 +296,11 @@ fn search_keeps_the_candidate_with_the_best_validation_nll() {
     );
     let bytes = std::fs::read(d.join("s.ffjd")).unwrap();
     assert_eq!(Model::from_bytes(&bytes).unwrap().metadata().name, "s");
+    // s.run is the chosen candidate's run folder: export re-creates the model.
+    ok(&["export", "--run-dir", "s.run", "--out", "again.ffjd"], d);
+    ok(&["toy", "moons", "--n", "20", "--out", "p.csv"], d);
+    let score = |m: &str| ok(&["score", "--model", m, "--data", "p.csv"], d);
+    assert_eq!(score("s.ffjd"), score("again.ffjd"));
     assert!(
         err(&["fit", "--toy", "moons", "--out", "s.ffjd", "--search", "0"], d)
             .contains("positive number of minutes")
