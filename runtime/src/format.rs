@@ -133,6 +133,17 @@ pub fn linear_weight_count(dim: usize) -> Option<usize> {
     dim.checked_mul(dim.checked_add(1)?)?.checked_div(2)?.checked_add(dim)
 }
 
+/// Row `i` of a [`Stage::Linear`]'s packed lower triangle: `L[i][0..=i]`, the
+/// `i + 1` floats from `i(i+1)/2` (its last one is the diagonal).
+pub fn lower_triangle_row<'a>(lower: Weights<'a>, i: usize) -> Weights<'a> {
+    lower.slice(i * (i + 1) / 2, i + 1)
+}
+
+/// The oldest format version that has every one of `stages`.
+fn version_of(stages: impl Iterator<Item = Stage>) -> u16 {
+    stages.map(|s| s.min_version()).max().unwrap_or(MIN_FORMAT_VERSION)
+}
+
 /// An anomaly threshold on the score `−log p(x)`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct Threshold {
@@ -187,7 +198,7 @@ impl Header<'_> {
     /// The format version [`encode`] writes for this header: the oldest that
     /// has every stage in it.
     pub fn version(&self) -> u16 {
-        self.stages.iter().map(Stage::min_version).max().unwrap_or(MIN_FORMAT_VERSION)
+        version_of(self.stages.iter().cloned())
     }
 
     /// Checks every field and derives the weight layout.
@@ -295,6 +306,12 @@ impl<'a> HeaderView<'a> {
     /// Number of stages.
     pub fn stage_count(&self) -> usize {
         self.stage_starts.len()
+    }
+
+    /// The oldest format version that has every stage of this header (a
+    /// file must declare at least this one).
+    pub fn version(&self) -> u16 {
+        version_of(self.stages())
     }
 
     /// Stage `i`, decoded from the file.

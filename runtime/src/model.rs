@@ -106,7 +106,7 @@ impl<'a> Model<'a> {
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
         let (header, layout, after) = decoded?;
-        if header.stages().any(|s| s.min_version() > version) {
+        if header.version() > version {
             return Err(LoadError::InvalidField(crate::error::Field::StageVersion));
         }
         // The header must end before the CRC trailer.
@@ -148,7 +148,7 @@ impl<'a> Model<'a> {
         for (stage, &offset) in header.stages().zip(layout.stage_offsets.iter()) {
             let ld = match stage {
                 Stage::Affine => log_abs_sum(&mut (offset..offset + dim))?,
-                // Row i of the packed triangle starts at i(i+1)/2; its diagonal is its last entry.
+                // The diagonal is the last entry of each row of the packed triangle.
                 Stage::Linear => log_abs_sum(&mut (0..dim).map(|i| offset + i * (i + 1) / 2 + i))?,
                 Stage::Cnf(_) => 0.0,
             };
@@ -298,7 +298,8 @@ impl<'a> Model<'a> {
             Stage::Linear => {
                 let triangle = crate::format::linear_weight_count(d)? - d;
                 let shift = self.weights.slice(offset + triangle, d);
-                let row = |i: usize| self.weights.slice(offset + i * (i + 1) / 2, i + 1);
+                let lower = self.weights.slice(offset, triangle);
+                let row = |i: usize| crate::format::lower_triangle_row(lower, i);
                 match direction {
                     // y_i = Σ_{j≤i} L_ij x_j + b_i, last row first, so every
                     // row reads inputs not yet overwritten.

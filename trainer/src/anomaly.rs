@@ -120,8 +120,7 @@ fn read_csv(raw: &Path, src: &CsvSource) -> Result<Labelled> {
     };
     let first: Vec<String> = first.iter().map(|f| f.trim().to_string()).collect();
     let width = first.len();
-    // A header only when no field of the first row is a number.
-    let header = first.iter().all(|f| f.parse::<f64>().is_err());
+    let header = crate::data::is_header_row(&first);
     let names: Vec<String> =
         if header { first.clone() } else { (0..width).map(|i| format!("x{i}")).collect() };
     let label = match names.iter().position(|n| n == src.label) {
@@ -409,26 +408,26 @@ pub fn benchmark(
         splits.dim()
     );
 
-    // −log p of each row under each model file (data units), in chunks.
-    let score_with = |model_path: &Path, x: &Tensor| -> Result<Vec<f64>> {
-        let bytes = crate::modelfile::read_model_bytes(model_path)?;
-        let model = ffjord_runtime::Model::from_bytes(&bytes)?;
-        let (_vs, chain) = crate::modelfile::chain_from_model(&model, Kind::Double, Device::Cpu)?;
-        let opts = crate::model::SolveOptions::eval(cfg.eval_method());
-        let mut out = Vec::new();
-        let n = x.size()[0];
-        let mut s = 0;
-        while s < n {
-            let len = 2000.min(n - s);
-            let lp = tch::no_grad(|| chain.log_prob(&x.narrow(0, s, len), &opts))?.log_p;
-            out.extend(Vec::<f64>::try_from(&lp)?.into_iter().map(|v| -v));
-            s += len;
-        }
-        Ok(out)
-    };
+    // Each model file is loaded once; −log p of each row (data units).
+    let chains = model_paths
+        .iter()
+        .map(|path| {
+            let bytes = crate::modelfile::read_model_bytes(path)?;
+            crate::modelfile::chain_from_model(
+                &ffjord_runtime::Model::from_bytes(&bytes)?,
+                Kind::Double,
+                Device::Cpu,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opts = crate::model::SolveOptions::eval(cfg.eval_method());
+    let score_with =
+        |(_, chain): &(tch::nn::VarStore, crate::model::Chain), x: &Tensor| -> Result<Vec<f64>> {
+            Ok(chain.log_prob_rows(x, &opts, 2000)?.0.into_iter().map(|v| -v).collect())
+        };
     // One model: its scores. Several: the ensemble's, −log (1/K Σ_k p_k).
     let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
-        let per_model: Vec<Vec<f64>> = model_paths.iter().map(|m| score_with(m, x)).collect::<Result<_>>()?;
+        let per_model: Vec<Vec<f64>> = chains.iter().map(|c| score_with(c, x)).collect::<Result<_>>()?;
         let k = per_model.len() as f64;
         Ok((0..per_model[0].len())
             .map(|i| {

@@ -69,14 +69,8 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
     let x = table.to_tensor();
     let method = ode::dopri5_at(args.tol, 1_000_000);
     let opts = model::SolveOptions::eval(method);
-    // In chunks: memory stays bounded however many rows the file has (one
-    // batch of 144k rows took 4 GB); each chunk takes its own adaptive steps.
-    let (mut log_p, mut nfe) = (Vec::with_capacity(table.rows), 0u64);
-    for chunk in x.split(EVAL_CHUNK_ROWS, 0) {
-        let out = tch::no_grad(|| chain.log_prob(&chunk, &opts))?;
-        log_p.extend(Vec::<f64>::try_from(&out.log_p)?);
-        nfe += u64::from(out.stats.solve.nfe);
-    }
+    // In chunks: one batch of 144k rows took 4 GB.
+    let (log_p, nfe) = chain.log_prob_rows(&x, &opts, EVAL_CHUNK_ROWS)?;
     let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
     let d = model.dim() as f64;
     println!(

@@ -81,6 +81,13 @@ fn load_npy(path: &Path, columns: Option<&[String]>) -> Result<Table> {
     select(table, columns, path)
 }
 
+/// Whether a CSV's first row is a header: only when none of its fields is a
+/// number, so a first data row with a typo is reported, never taken for names
+/// (every CSV reader in the trainer uses this rule).
+pub fn is_header_row<S: AsRef<str>>(fields: &[S]) -> bool {
+    fields.iter().all(|f| f.as_ref().trim().parse::<f64>().is_err())
+}
+
 fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -99,7 +106,7 @@ fn load_csv(path: &Path, columns: Option<&[String]>) -> Result<Table> {
         // A header only when no field of the first row is a number: a first
         // data row with one typo is an error naming it, never silently taken
         // for column names (which would drop the row and shift row numbers).
-        if i == 0 && fields.iter().all(|f| f.parse::<f64>().is_err()) {
+        if i == 0 && is_header_row(&fields) {
             header = Some(fields.iter().map(|s| s.to_string()).collect());
             width = Some(fields.len());
             continue;

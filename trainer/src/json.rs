@@ -3,7 +3,7 @@
 //! so a model can be read by other tools or written by hand.
 
 use anyhow::{Context, Result, bail, ensure};
-use ffjord_runtime::format::{Weights, encode, encoded_len};
+use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{
     Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Model, Solver, Stage, StageWeights,
     Threshold,
@@ -84,7 +84,7 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
                 stages.push(JsonStage::Affine { scale: vec(scale), shift: vec(shift) })
             }
             StageWeights::Linear { lower, shift } => {
-                let lower = (0..model.dim()).map(|r| vec(lower.slice(r * (r + 1) / 2, r + 1))).collect();
+                let lower = (0..model.dim()).map(|r| vec(lower_triangle_row(lower, r))).collect();
                 stages.push(JsonStage::Linear { lower, shift: vec(shift) });
             }
             StageWeights::Cnf(block) => {
@@ -110,7 +110,7 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
     let m = &h.metadata;
     Ok(JsonModel {
         format: "ffjord-model".into(),
-        version: h.stages().map(|s| s.min_version()).max().unwrap_or(1),
+        version: h.version(),
         dim: h.dim,
         standardize,
         stages,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use ffjord_runtime::format::{Weights, encode, encoded_len};
+use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{Header, Metadata, Model, Stage, StageWeights, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -99,7 +99,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
             StageWeights::Linear { lower, shift } => {
                 let mut matrix = vec![0f32; d * d];
                 for (r, row) in matrix.chunks_exact_mut(d).enumerate() {
-                    for (c, v) in lower.slice(r * (r + 1) / 2, r + 1).iter().enumerate() {
+                    for (c, v) in lower_triangle_row(lower, r).iter().enumerate() {
                         row[c] = v;
                     }
                 }

@@ -183,19 +183,9 @@ fn truncate_metrics(path: &Path, iteration: u64) -> Result<()> {
 
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
 pub fn mean_nll(chain: &Chain, x: &Tensor, method: ffjord_runtime::Solver, batch: i64) -> Result<(f64, u32)> {
-    let opts = SolveOptions::eval(method);
-    let n = x.size()[0];
-    let mut total = 0.0;
-    let mut nfe = 0;
-    let mut start = 0;
-    while start < n {
-        let len = batch.min(n - start);
-        let out = chain.log_prob(&x.narrow(0, start, len), &opts)?;
-        total += out.log_p.sum(Kind::Double).double_value(&[]);
-        nfe += out.stats.solve.nfe;
-        start += len;
-    }
-    Ok((-total / n as f64, nfe))
+    let (log_p, nfe) = chain.log_prob_rows(x, &SolveOptions::eval(method), batch)?;
+    let nll = -log_p.iter().sum::<f64>() / log_p.len().max(1) as f64;
+    Ok((nll, u32::try_from(nfe).unwrap_or(u32::MAX)))
 }
 
 /// Trains, keeps the best checkpoint, and exports the best model to `out`.

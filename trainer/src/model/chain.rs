@@ -1,7 +1,7 @@
 //! The [`Chain`]: layers from data to a standard-normal base.
 
 use anyhow::{Context, Result};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::*;
 
@@ -39,6 +39,20 @@ impl Chain {
         }
         let log_p = standard_normal_log_prob(&z) + log_det;
         Ok(ChainOutput { z, log_p, stats })
+    }
+
+    /// `log p` of every row of `x`, without a graph, `chunk` rows at a time
+    /// (memory stays bounded however many rows there are; each chunk takes
+    /// its own adaptive steps). Returns the values (float64) and the NFE
+    /// summed over chunks.
+    pub fn log_prob_rows(&self, x: &Tensor, opts: &SolveOptions, chunk: i64) -> Result<(Vec<f64>, u64)> {
+        let (mut log_p, mut nfe) = (Vec::with_capacity(x.size()[0] as usize), 0u64);
+        for part in x.split(chunk.max(1), 0) {
+            let out = tch::no_grad(|| self.log_prob(&part, opts))?;
+            log_p.extend(Vec::<f64>::try_from(&out.log_p.to_kind(Kind::Double))?);
+            nfe += u64::from(out.stats.solve.nfe);
+        }
+        Ok((log_p, nfe))
     }
 
     /// The training loss `−mean log p(x)` (+ RNODE's terms) and its parameter
