@@ -25,13 +25,6 @@ pub struct Model<'a> {
     stage_log_dets: heapless::Vec<f32, MAX_STAGES>,
 }
 
-/// `Σ w_i x_i` in order. Not [`Weights::dot`]: a call of it here made LLVM
-/// stop inlining that one into the network kernel on the Cortex-M4F
-/// (opt-level "s"), costing 13% more instructions per log-density.
-fn plain_dot(w: Weights<'_>, x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(a, b)| a * b).sum()
-}
-
 /// One stage's weights, by kind ([`Model::stage_weights`]).
 #[derive(Clone, Debug)]
 pub enum StageWeights<'a> {
@@ -305,7 +298,7 @@ impl<'a> Model<'a> {
                     // row reads inputs not yet overwritten.
                     Direction::Forward => {
                         for i in (0..d.min(z.len())).rev() {
-                            let y = plain_dot(row(i), z) + shift.get(i).unwrap_or(0.0);
+                            let y = row(i).dot(z) + shift.get(i).unwrap_or(0.0);
                             if let Some(v) = z.get_mut(i) {
                                 *v = y;
                             }
@@ -317,7 +310,7 @@ impl<'a> Model<'a> {
                             let (l, diag) = row(i).split_at(i);
                             let (solved, rest) = z.split_at_mut(i);
                             if let Some(v) = rest.first_mut() {
-                                *v = (*v - shift.get(i).unwrap_or(0.0) - plain_dot(l, solved))
+                                *v = (*v - shift.get(i).unwrap_or(0.0) - l.dot(solved))
                                     / diag.get(0).unwrap_or(1.0);
                             }
                         }
