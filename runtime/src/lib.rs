@@ -23,6 +23,7 @@ pub mod math;
 mod model;
 mod net;
 mod packed;
+pub mod parts;
 pub mod solver;
 
 pub use base::fill_standard_normal;
@@ -31,4 +32,5 @@ pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Ver
 pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, Metadata, Stage, Threshold};
 pub use model::{Model, StageWeights};
 pub use net::{CnfBlock, LayerWeights};
+pub use parts::{LayerParts, PartError, StageParts};
 pub use solver::{Dopri5, Dynamics, Solver, Stats};

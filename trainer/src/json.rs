@@ -2,11 +2,11 @@
 //! `trainer import`): every stage, layer kind, activation and weight by name,
 //! so a model can be read by other tools or written by hand.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{
-    Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Model, Solver, Stage, StageWeights,
-    Threshold,
+    Activation, CnfSpec, Header, LayerKind, LayerParts, LayerSpec, Metadata, Model, Solver, Stage,
+    StageParts, StageWeights, Threshold,
 };
 use serde::{Deserialize, Serialize};
 
@@ -137,36 +137,33 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
     let d = usize::from(j.dim);
     let mut weights = Vec::new();
     if let Some(s) = &j.standardize {
-        ensure!(s.mean.len() == d && s.std.len() == d, "standardize: mean and std need {d} values each");
-        weights.extend(&s.mean);
-        weights.extend(&s.std);
+        let parts = StageParts::Affine { scale: &s.mean, shift: &s.std };
+        weights.extend(parts.floats(d).map_err(|e| anyhow!("standardize: {e}"))?);
     }
     let mut stages = heapless::Vec::new();
     for (si, stage) in j.stages.iter().enumerate() {
         let spec = match stage {
             JsonStage::Affine { scale, shift } => {
-                ensure!(
-                    scale.len() == d && shift.len() == d,
-                    "stages[{si}] affine: scale and shift need {d} values each"
-                );
-                weights.extend(scale);
-                weights.extend(shift);
+                let parts = StageParts::Affine { scale, shift };
+                weights.extend(parts.floats(d).map_err(|e| anyhow!("stages[{si}] affine: {e}"))?);
                 Stage::Affine
             }
             JsonStage::Linear { lower, shift } => {
                 ensure!(j.version >= 2, "stages[{si}] linear needs \"version\": 2");
                 ensure!(lower.len() == d, "stages[{si}] linear: lower needs {d} rows, found {}", lower.len());
-                for (r, row) in lower.iter().enumerate() {
+                // The JSON form holds the triangle's rows; the writer takes L dense.
+                let mut dense = vec![0.0; d * d];
+                for (r, (row, out)) in lower.iter().zip(dense.chunks_exact_mut(d)).enumerate() {
                     ensure!(
                         row.len() == r + 1,
                         "stages[{si}] linear: lower[{r}] needs {} values (up to the diagonal), found {}",
                         r + 1,
                         row.len()
                     );
-                    weights.extend(row);
+                    out[..=r].copy_from_slice(row);
                 }
-                ensure!(shift.len() == d, "stages[{si}] linear: shift needs {d} values");
-                weights.extend(shift);
+                let parts = StageParts::Linear { dense: &dense, shift };
+                weights.extend(parts.floats(d).map_err(|e| anyhow!("stages[{si}] linear: {e}"))?);
                 Stage::Linear
             }
             JsonStage::Cnf { end_time, activation, layers } => {
@@ -176,6 +173,7 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                     let at = format!("stages[{si}].layers[{li}]");
                     let d_out = l.weight.len();
                     let cols = if l.kind == LayerKind::Concat { d_in + 1 } else { d_in };
+                    let mut matrix = Vec::with_capacity(d_out * cols);
                     for (r, row) in l.weight.iter().enumerate() {
                         ensure!(
                             row.len() == cols,
@@ -183,30 +181,26 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                             row.len(),
                             if l.kind == LayerKind::Concat { " plus time" } else { "" }
                         );
-                        weights.extend(row);
+                        matrix.extend(row);
                     }
-                    ensure!(l.bias.len() == d_out, "{at}.bias: {} values, expected {d_out}", l.bias.len());
-                    weights.extend(&l.bias);
+                    let squash = l.kind == LayerKind::ConcatSquash;
+                    let mut gates: [&[f32]; 3] = [&[]; 3];
                     let hyper = [
                         ("gate_weight", &l.gate_weight),
                         ("gate_bias", &l.gate_bias),
                         ("hyper_bias", &l.hyper_bias),
                     ];
-                    for (name, v) in hyper {
-                        match (l.kind, v) {
-                            (LayerKind::ConcatSquash, Some(v)) => {
-                                ensure!(
-                                    v.len() == d_out,
-                                    "{at}.{name}: {} values, expected {d_out}",
-                                    v.len()
-                                );
-                                weights.extend(v);
-                            }
-                            (LayerKind::ConcatSquash, None) => bail!("{at}: ConcatSquash needs {name}"),
-                            (_, Some(_)) => bail!("{at}: {name} is only for ConcatSquash layers"),
-                            (_, None) => {}
+                    for ((name, v), slot) in hyper.into_iter().zip(&mut gates) {
+                        match (squash, v) {
+                            (true, Some(v)) => *slot = v,
+                            (true, None) => bail!("{at}: ConcatSquash needs {name}"),
+                            (false, Some(_)) => bail!("{at}: {name} is only for ConcatSquash layers"),
+                            (false, None) => {}
                         }
                     }
+                    let [gate_w, gate_b, hyper_b] = gates;
+                    let parts = LayerParts { matrix: &matrix, bias: &l.bias, gate_w, gate_b, hyper_b };
+                    weights.extend(parts.floats(l.kind, d_in, d_out).map_err(|e| anyhow!("{at}.{e}"))?);
                     let out_dim = u16::try_from(d_out).with_context(|| format!("{at}: too wide"))?;
                     specs
                         .push(LayerSpec { kind: l.kind, out_dim })

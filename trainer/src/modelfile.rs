@@ -5,10 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
-use ffjord_runtime::{Header, Metadata, Model, Stage, StageWeights, Threshold};
+use ffjord_runtime::{Header, Metadata, Model, Stage, StageParts, StageWeights, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, push};
+use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, floats};
 use ffjord_runtime::Solver;
 
 /// What goes into the header besides the chain.
@@ -24,9 +24,10 @@ pub struct ExportInfo<'a> {
 
 /// Encodes `chain` (trained on standardized data) as a model file.
 pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
-    let mut weights = Vec::new();
-    push(&mut weights, info.mean)?;
-    push(&mut weights, info.std)?;
+    // Standardization has the affine layout: mean, then std.
+    let (mean, std) = (floats(info.mean)?, floats(info.std)?);
+    let mut weights: Vec<f32> =
+        StageParts::Affine { scale: &mean, shift: &std }.floats(mean.len())?.collect();
     let mut stages = heapless::Vec::new();
     for layer in &chain.layers {
         let (stage, w) = layer.export()?;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, ensure};
 use ffjord_runtime::format::Weights;
-use ffjord_runtime::{Activation, LayerKind, LayerSpec, LayerWeights};
+use ffjord_runtime::{Activation, LayerKind, LayerParts, LayerSpec, LayerWeights};
 use tch::{Kind, Tensor, nn};
 
 use crate::kernel::{LayerShape, Mlp, Pass, Real};
@@ -183,17 +183,23 @@ impl DiffeqLayer {
         b.addmm(x, &w.tr())
     }
 
-    fn export(&self, out: &mut Vec<f32>) -> Result<()> {
-        push(out, &self.linear.ws)?;
-        match &self.linear.bs {
-            Some(b) => push(out, b)?,
-            None => out.extend(std::iter::repeat_n(0.0, self.d_out as usize)),
-        }
-        if let (Some(g), Some(b)) = (&self.hyper_gate, &self.hyper_bias) {
-            push(out, &g.ws)?;
-            push(out, g.bs.as_ref().context("hyper gate has a bias")?)?;
-            push(out, &b.ws)?;
-        }
+    /// Appends the layer's weights in file order (the runtime's [`LayerParts`] lays them out).
+    fn export(&self, d_in: usize, out: &mut Vec<f32>) -> Result<()> {
+        let d_out = self.d_out as usize;
+        let matrix = floats(&self.linear.ws)?;
+        let bias = match &self.linear.bs {
+            Some(b) => floats(b)?,
+            None => vec![0.0; d_out],
+        };
+        let (gate_w, gate_b, hyper_b) = match (&self.hyper_gate, &self.hyper_bias) {
+            (Some(g), Some(h)) => {
+                (floats(&g.ws)?, floats(g.bs.as_ref().context("hyper gate has a bias")?)?, floats(&h.ws)?)
+            }
+            _ => Default::default(),
+        };
+        let parts =
+            LayerParts { matrix: &matrix, bias: &bias, gate_w: &gate_w, gate_b: &gate_b, hyper_b: &hyper_b };
+        out.extend(parts.floats(self.kind, d_in, d_out)?);
         Ok(())
     }
 }
@@ -210,12 +216,10 @@ fn torch_default_init(fan_in: i64, bias: bool) -> nn::LinearConfig {
     }
 }
 
-/// Appends a tensor's values (row-major, as f32) to `out`.
-pub fn push(out: &mut Vec<f32>, t: &Tensor) -> Result<()> {
+/// A tensor's values, row-major, as f32.
+pub fn floats(t: &Tensor) -> Result<Vec<f32>> {
     let flat = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view(-1);
-    let v: Vec<f32> = Vec::<f32>::try_from(&flat)?;
-    out.extend(v);
-    Ok(())
+    Ok(Vec::<f32>::try_from(&flat)?)
 }
 
 /// FFJORD's ODE net (spec §2.2): diffeq layers with an activation after all but the last.
@@ -448,10 +452,13 @@ impl VectorField for OdeNet {
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)> {
         let mut specs = Vec::new();
         let mut weights = Vec::new();
+        // The net maps the data dimension to itself: the last layer's width.
+        let mut d_in = self.layers.last().map_or(0, |l| l.d_out as usize);
         for l in &self.layers {
             specs
                 .push(LayerSpec { kind: l.kind, out_dim: u16::try_from(l.d_out).context("layer too wide")? });
-            l.export(&mut weights)?;
+            l.export(d_in, &mut weights)?;
+            d_in = l.d_out as usize;
         }
         Ok((specs, self.activation, weights))
     }

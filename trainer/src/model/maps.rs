@@ -2,7 +2,7 @@
 //! form), [`Linear`] (whitening) and FFJORD's [`MovingBatchNorm`].
 
 use anyhow::{Context, Result};
-use ffjord_runtime::Stage;
+use ffjord_runtime::{Stage, StageParts};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::*;
@@ -26,9 +26,8 @@ impl FlowLayer for Affine {
     }
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
-        let mut w = Vec::new();
-        push(&mut w, &self.scale)?;
-        push(&mut w, &self.shift)?;
+        let (scale, shift) = (floats(&self.scale)?, floats(&self.shift)?);
+        let w = StageParts::Affine { scale: &scale, shift: &shift }.floats(scale.len())?.collect();
         Ok((Stage::Affine, w))
     }
 }
@@ -93,12 +92,8 @@ impl FlowLayer for Linear {
     }
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
-        let d = self.matrix.size()[0];
-        let mut w = Vec::new();
-        for i in 0..d {
-            push(&mut w, &self.matrix.get(i).narrow(0, 0, i + 1))?;
-        }
-        push(&mut w, &self.shift)?;
+        let (dense, shift) = (floats(&self.matrix)?, floats(&self.shift)?);
+        let w = StageParts::Linear { dense: &dense, shift: &shift }.floats(shift.len())?.collect();
         Ok((Stage::Linear, w))
     }
 }
@@ -168,9 +163,8 @@ impl FlowLayer for MovingBatchNorm {
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
         let (scale, shift) = self.affine(Kind::Double);
-        let mut w = Vec::new();
-        push(&mut w, &scale)?;
-        push(&mut w, &shift)?;
+        let (scale, shift) = (floats(&scale)?, floats(&shift)?);
+        let w = StageParts::Affine { scale: &scale, shift: &shift }.floats(scale.len())?.collect();
         Ok((Stage::Affine, w))
     }
 }
