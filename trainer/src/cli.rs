@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use ffjord_trainer::config::{ActivationArg, LayerArg, SolverArg, TrainConfig};
@@ -187,26 +188,36 @@ pub(crate) struct PlotArgs {
     pub(crate) tol: f64,
 }
 
-/// Flags override the `--config` file; the merged config is saved in the run folder.
-#[derive(clap::Args)]
+/// Flags override the `--config` file; the merged config is saved in the run
+/// folder. Every flag but the first six is a [`TrainConfig`] key of the same
+/// name: they are merged by name (serialized, `None` left out), so this struct
+/// only declares the flags and their help, and a flag that names no key fails
+/// a test (`every_config_flag_names_a_config_key`).
+#[derive(clap::Args, Serialize)]
 pub(crate) struct FitArgs {
     /// TOML config file (keys as the long flags, with underscores).
     #[arg(long)]
+    #[serde(skip)]
     pub(crate) config: Option<PathBuf>,
     /// Where the exported model goes.
     #[arg(long)]
+    #[serde(skip)]
     pub(crate) out: PathBuf,
     /// Run folder for checkpoints and metrics (default: OUT with extension `.run`).
     #[arg(long)]
+    #[serde(skip)]
     pub(crate) run_dir: Option<PathBuf>,
     /// Continue from the run folder's last checkpoint.
     #[arg(long)]
+    #[serde(skip)]
     pub(crate) resume: bool,
     /// Try several network widths within MINUTES of wall-clock time and keep
     /// the one with the best validation NLL (candidates in RUN/search/N).
     #[arg(long, value_name = "MINUTES", conflicts_with = "resume")]
+    #[serde(skip)]
     pub(crate) search: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
+    #[serde(skip)]
     pub(crate) device: DeviceArg,
     /// Built-in toy data set: 8gaussians, pinwheel, checkerboard, 2spirals, moons, circles, rings, swissroll.
     #[arg(long)]
@@ -286,6 +297,15 @@ pub(crate) struct FitArgs {
     pub(crate) steps: Option<u32>,
     #[arg(long)]
     pub(crate) lr: Option<f64>,
+    /// Learning-rate schedule: constant, or cosine decay to 1 % at the last iteration.
+    #[arg(long, value_enum)]
+    pub(crate) lr_schedule: Option<ffjord_trainer::optim::LrSchedule>,
+    /// Iterations of linear learning-rate warm-up.
+    #[arg(long)]
+    pub(crate) warmup: Option<u64>,
+    /// Validate and export an exponential moving average of the weights with this decay (0 = off, e.g. 0.999).
+    #[arg(long)]
+    pub(crate) ema: Option<f64>,
     #[arg(long)]
     pub(crate) weight_decay: Option<f64>,
     #[arg(long)]
@@ -310,81 +330,32 @@ pub(crate) struct FitArgs {
     pub(crate) threshold_quantile: Option<f64>,
 }
 
-macro_rules! override_fields {
-    ($cfg:ident, $args:ident, $($f:ident),*) => { $( if let Some(v) = $args.$f.clone() { $cfg.$f = v; } )* };
-}
+/// The flags of `fit` that are not [`TrainConfig`] keys (`#[serde(skip)]` above).
+#[cfg(test)]
+const RUN_FLAGS: [&str; 6] = ["config", "out", "run_dir", "resume", "search", "device"];
 
 impl FitArgs {
     pub(crate) fn config(&self) -> Result<TrainConfig> {
-        let mut cfg = match &self.config {
+        let mut table = match &self.config {
             Some(p) => {
                 let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&s).with_context(|| format!("{}: invalid config", p.display()))?
+                // Parsed as the config first, so that a bad key names its line.
+                toml::from_str::<TrainConfig>(&s)
+                    .with_context(|| format!("{}: invalid config", p.display()))?;
+                toml::from_str::<toml::Table>(&s)
+                    .with_context(|| format!("{}: invalid config", p.display()))?
             }
-            None => TrainConfig::default(),
+            None => toml::Table::new(),
         };
-        if self.toy.is_some() {
-            cfg.toy = self.toy.clone();
-            cfg.data = None;
-        }
-        if self.data.is_some() {
-            cfg.data = self.data.clone();
-            cfg.toy = None;
-        }
-        if self.columns.is_some() {
-            cfg.columns = self.columns.clone();
-        }
-        if self.label.is_some() {
-            cfg.label = self.label.clone();
-        }
-        for (field, value) in [(&mut cfg.valid_data, &self.valid_data), (&mut cfg.test_data, &self.test_data)]
-        {
-            if value.is_some() {
-                *field = value.clone();
+        let flags = toml::Table::try_from(self).context("reading the flags")?;
+        // One data source: a flag's source replaces the config file's other one.
+        for (given, other) in [("toy", "data"), ("data", "toy")] {
+            if flags.contains_key(given) {
+                table.remove(other);
             }
         }
-        for (field, value) in [(&mut cfg.valid_rows, self.valid_rows), (&mut cfg.test_rows, self.test_rows)] {
-            if value.is_some() {
-                *field = value;
-            }
-        }
-        if self.threshold_quantile.is_some() {
-            cfg.threshold_quantile = self.threshold_quantile;
-        }
-        if self.epochs.is_some() {
-            cfg.epochs = self.epochs;
-        }
-        override_fields!(
-            cfg,
-            self,
-            hidden,
-            layer,
-            activation,
-            blocks,
-            batch_norm,
-            dequantize,
-            input_noise,
-            whiten,
-            end_time,
-            train_end_time,
-            trace,
-            gradient,
-            seminorm,
-            kinetic,
-            jacobian,
-            solver,
-            rtol,
-            atol,
-            steps,
-            lr,
-            weight_decay,
-            batch,
-            iterations,
-            valid_every,
-            patience,
-            seed,
-            eval_tol
-        );
+        table.extend(flags);
+        let cfg = TrainConfig::deserialize(table).context("merging the flags into the config")?;
         cfg.validate()?;
         if let Some(name) = &cfg.toy
             && !data::TOYS.contains(&name.as_str())
@@ -542,4 +513,59 @@ pub(crate) fn cli_command() -> clap::Command {
             None => fit,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `fit` flag but the run-level ones must be a `TrainConfig` key:
+    /// the merge is by name, so a flag renamed on one side only would be
+    /// refused here (as an unknown field) rather than ignored.
+    #[test]
+    fn every_config_flag_names_a_config_key() {
+        let cli = Cli::command();
+        let fit = cli.find_subcommand("fit").expect("fit exists");
+        let mut checked = 0;
+        for arg in fit.get_arguments() {
+            let id = arg.get_id().as_str();
+            if RUN_FLAGS.contains(&id) || id == "help" {
+                continue;
+            }
+            let mut table = toml::Table::new();
+            // A value of any type: a wrong type is an error too, but never "unknown field".
+            table.insert(id.to_string(), toml::Value::Boolean(true));
+            let err = TrainConfig::deserialize(table).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!err.contains("unknown field"), "flag --{id} is no TrainConfig key: {err}");
+            checked += 1;
+        }
+        assert!(checked > 30, "only {checked} flags checked");
+        let mut table = toml::Table::new();
+        table.insert("no_such_key".into(), toml::Value::Boolean(true));
+        let err = TrainConfig::deserialize(table).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    /// Flags override the config file key by key; a flag's data source
+    /// replaces the file's other one.
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("ffjord-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("fit.toml");
+        std::fs::write(&file, "toy = \"moons\"\nlr = 0.01\nhidden = [8, 8]\n").unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["trainer", "fit", "--out", "m.ffjd", "--config", file.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            let Command::Fit(args) = Cli::try_parse_from(argv).unwrap().command else { panic!("not fit") };
+            args.config().unwrap()
+        };
+        let cfg = parse(&[]);
+        assert_eq!((cfg.toy.as_deref(), cfg.lr, cfg.hidden.clone()), (Some("moons"), 0.01, vec![8, 8]));
+        let cfg = parse(&["--lr", "0.002", "--data", "rows.csv"]);
+        assert_eq!((cfg.toy, cfg.lr, cfg.hidden), (None, 0.002, vec![8, 8]));
+        assert_eq!(cfg.data.as_deref(), Some(std::path::Path::new("rows.csv")));
+        assert_eq!(cfg.batch, TrainConfig::default().batch);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

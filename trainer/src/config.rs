@@ -120,6 +120,13 @@ pub struct TrainConfig {
     pub steps: u32,
     pub max_steps: u32,
     pub lr: f64,
+    /// Learning-rate schedule over the planned iterations.
+    pub lr_schedule: crate::optim::LrSchedule,
+    /// Iterations of linear learning-rate warm-up (0: none).
+    pub warmup: u64,
+    /// Decay of an exponential moving average of the weights used for
+    /// validation and export (0: off; e.g. 0.999).
+    pub ema: f64,
     pub weight_decay: f64,
     pub batch: i64,
     pub iterations: u64,
@@ -175,6 +182,9 @@ impl Default for TrainConfig {
             steps: 8,
             max_steps: 10_000,
             lr: 1e-3,
+            lr_schedule: crate::optim::LrSchedule::Constant,
+            warmup: 0,
+            ema: 0.0,
             weight_decay: 1e-5,
             batch: 512,
             iterations: 2000,
@@ -206,6 +216,7 @@ impl TrainConfig {
             self.weight_decay.is_finite() && self.weight_decay >= 0.0,
             "weight_decay must be ≥ 0"
         );
+        anyhow::ensure!((0.0..1.0).contains(&self.ema), "ema must be in [0, 1) (0: off), got {}", self.ema);
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
         anyhow::ensure!(
             self.iterations >= 1 && self.epochs != Some(0),

@@ -12,7 +12,7 @@ use crate::config::TrainConfig;
 use crate::data::{self, Splits};
 use crate::model::{Chain, Cnf, FlowLayer, Linear, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
-use crate::optim::Adam;
+use crate::optim::{Adam, Ema, scheduled_lr};
 
 /// Ridge added to the whitening covariance (standardized units): keeps the
 /// Cholesky factor finite for collinear or constant columns, as the Gaussian
@@ -103,10 +103,11 @@ fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
 /// atomically: a kill at any moment leaves either the previous or the new
 /// checkpoint, never parameters from one validation with bookkeeping from
 /// another (which could let a worse model overwrite `best.ot` later).
-fn save_last(vs: &nn::VarStore, opt: &Adam, state: &RunState, path: &Path) -> Result<()> {
+fn save_last(vs: &nn::VarStore, opt: &Adam, ema: Option<&Ema>, state: &RunState, path: &Path) -> Result<()> {
     let mut named: Vec<(String, Tensor)> =
         vs.variables().into_iter().map(|(n, t)| (format!("param.{n}"), t.detach())).collect();
     named.extend(opt.state());
+    named.extend(ema.map(Ema::state).unwrap_or_default());
     named.push(("run.iteration".into(), Tensor::from(state.iteration as i64)));
     named.push(("run.state".into(), Tensor::from_slice(serde_json::to_string(state)?.as_bytes())));
     let tmp = path.with_extension("tmp.ot");
@@ -117,7 +118,13 @@ fn save_last(vs: &nn::VarStore, opt: &Adam, state: &RunState, path: &Path) -> Re
 /// Restores [`save_last`]'s file into `vs` and `opt`; returns the run state
 /// it was taken with (from `state.json` for checkpoints written before the
 /// state travelled inside them).
-fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path, state_json: &Path) -> Result<RunState> {
+fn load_last(
+    vs: &nn::VarStore,
+    opt: &mut Adam,
+    ema: Option<&mut Ema>,
+    path: &Path,
+    state_json: &Path,
+) -> Result<RunState> {
     let named = Tensor::load_multi(path).with_context(|| format!("resuming from {}", path.display()))?;
     let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
     for (n, t) in vs.variables() {
@@ -134,6 +141,9 @@ fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path, state_json: &Path) 
         tch::no_grad(|| t.shallow_clone().copy_(&saved));
     }
     opt.restore(&named, path)?;
+    if let Some(ema) = ema {
+        ema.restore(&named, path)?;
+    }
     let iteration = get("run.iteration")
         .with_context(|| format!("{}: no iteration", path.display()))?
         .int64_value(&[]) as u64;
@@ -148,6 +158,15 @@ fn load_last(vs: &nn::VarStore, opt: &mut Adam, path: &Path, state_json: &Path) 
     };
     state.iteration = iteration;
     Ok(state)
+}
+
+/// Runs `f` with the weights that are validated and exported: the moving
+/// average where the run keeps one, else the trained weights.
+fn with_eval_weights<T>(ema: Option<&Ema>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match ema {
+        Some(ema) => ema.with_averaged(f),
+        None => f(),
+    }
 }
 
 /// Fault injection for the tests: `FFJORD_CRASH_AT=POINT:ITERATION` ends the
@@ -266,9 +285,10 @@ fn fit_in_run_dir(
     let mut vs = nn::VarStore::new(device);
     let chain = build_chain(&vs, cfg, dim, Some(&splits))?;
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
+    let mut ema = (cfg.ema > 0.0).then(|| Ema::new(&vs, cfg.ema));
     let mut state = RunState::default();
     if resume {
-        state = load_last(&vs, &mut opt, &run.path("last.ot"), &run.path("state.json"))?;
+        state = load_last(&vs, &mut opt, ema.as_mut(), &run.path("last.ot"), &run.path("state.json"))?;
         truncate_metrics(&run.path("metrics.jsonl"), state.iteration)?;
         eprintln!("resumed at iteration {}", state.iteration);
     }
@@ -328,7 +348,11 @@ fn fit_in_run_dir(
         }
         let (nfe_forward, nfe_backward) = (stats.solve.nfe, stats.backward.nfe);
         let reg_value = stats.regularization.as_ref().map(|r| r.double_value(&[]));
+        opt.set_lr(scheduled_lr(cfg.lr, cfg.lr_schedule, cfg.warmup, state.iteration, iterations));
         opt.step();
+        if let Some(ema) = &mut ema {
+            ema.update();
+        }
         state.iteration += 1;
         let dt = t0.elapsed().as_secs_f64();
         let its = (state.iteration - start_iteration) as f64 / t_start.elapsed().as_secs_f64();
@@ -340,7 +364,9 @@ fn fit_in_run_dir(
             "seconds": dt,
         });
         let validation = if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {
-            let (nll, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, cfg.eval_method(), 1000))?;
+            let (nll, nfe) = with_eval_weights(ema.as_ref(), || {
+                tch::no_grad(|| mean_nll(&chain, &valid, cfg.eval_method(), 1000))
+            })?;
             record["valid_nll"] = nll.into();
             record["valid_nfe"] = nfe.into();
             Some(nll)
@@ -360,12 +386,12 @@ fn fit_in_run_dir(
             state.best_valid = Some(nll);
             state.best_iteration = state.iteration;
             state.stale_validations = 0;
-            save_checkpoint(&vs, &run.path("best.ot"))?;
+            with_eval_weights(ema.as_ref(), || save_checkpoint(&vs, &run.path("best.ot")))?;
         } else {
             state.stale_validations += 1;
         }
         crash_point("after-best", state.iteration);
-        save_last(&vs, &opt, &state, &run.path("last.ot"))?;
+        save_last(&vs, &opt, ema.as_ref(), &state, &run.path("last.ot"))?;
         crash_point("after-last", state.iteration);
         write_atomic(&run.path("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
         crash_point("after-state", state.iteration);

@@ -526,6 +526,33 @@ fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
     assert_eq!(metrics.lines().count(), 10);
 }
 
+/// With a weight average and a warm-up, a resumed run still continues
+/// exactly (the average travels in last.ot), and the export is the average:
+/// it scores differently from the same run without one.
+#[test]
+fn a_resumed_run_with_a_weight_average_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common =
+        ["--toy", "rings", "--hidden", "16,16", "--batch", "128", "--valid-every", "5", "--warmup", "8"];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["fit"];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        ok(&a, d);
+    };
+    run(&["--out", "whole.ffjd", "--iterations", "20", "--ema", "0.9"]);
+    run(&["--out", "plain.ffjd", "--iterations", "20"]);
+    run(&["--out", "split.ffjd", "--iterations", "10", "--ema", "0.9"]);
+    run(&["--out", "split.ffjd", "--iterations", "20", "--ema", "0.9", "--resume"]);
+    ok(&["toy", "rings", "--n", "50", "--out", "pts.csv"], d);
+    let score = |m: &str| ok(&["score", "--model", m, "--data", "pts.csv"], d);
+    assert_eq!(score("whole.ffjd"), score("split.ffjd"), "the average carries over a resume");
+    assert_ne!(score("whole.ffjd"), score("plain.ffjd"), "the export is the averaged model");
+    let err = err(&["fit", "--toy", "rings", "--out", "x.ffjd", "--ema", "1"], d);
+    assert!(err.contains("ema must be in [0, 1)"), "{err}");
+}
+
 /// A run stopped at each point of the checkpoint commit (before best.ot, after
 /// it, after last.ot, after state.json — deterministic fault injection, no
 /// timing) resumes to the same model as an uninterrupted run, and its
