@@ -12,30 +12,37 @@ fn js<E: core::fmt::Display>(e: E) -> JsError {
     JsError::new(&e.to_string())
 }
 
+self_cell::self_cell!(
+    /// A model file's bytes and the model validated over them — once, at
+    /// construction (the runtime's `Model` borrows the bytes it checked).
+    struct LoadedModel {
+        owner: Vec<u8>,
+        #[covariant]
+        dependent: Model,
+    }
+);
+
 /// A loaded model with a chosen solver and its working memory.
 #[wasm_bindgen]
 pub struct Detector {
-    bytes: Vec<u8>,
+    model: LoadedModel,
     solver: Solver,
     scratch: Vec<f32>,
     /// Working memory of the packed path.
     packed_scratch: Vec<f32>,
     stats: Stats,
-    // Read once at construction (the bytes never change afterwards).
-    dim: usize,
-    name: String,
-    description: String,
-    threshold: Option<(f32, f32)>,
-    default_solver: Solver,
 }
 
 impl Detector {
+    fn model(&self) -> &Model<'_> {
+        self.model.borrow_dependent()
+    }
+
     fn with_flow<T>(
         &mut self,
         f: impl FnOnce(&Flow<'_, '_>, &mut [f32]) -> Result<T, JsError>,
     ) -> Result<T, JsError> {
-        let model = Model::from_bytes(&self.bytes).map_err(js)?;
-        let flow = Flow::new(&model, self.solver).map_err(js)?;
+        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
         self.scratch.resize(flow.scratch_len(), 0.0);
         f(&flow, &mut self.scratch)
     }
@@ -46,48 +53,34 @@ impl Detector {
     /// Loads and validates a model file.
     #[wasm_bindgen(constructor)]
     pub fn new(bytes: Vec<u8>) -> Result<Detector, JsError> {
-        let model = Model::from_bytes(&bytes).map_err(js)?;
-        let (dim, default_solver) = (model.dim(), model.default_solver());
-        let (name, description) =
-            (model.metadata().name.to_string(), model.metadata().description.to_string());
-        let threshold = model.threshold().map(|t| (t.score, t.quantile));
-        Ok(Detector {
-            bytes,
-            solver: default_solver,
-            scratch: Vec::new(),
-            packed_scratch: Vec::new(),
-            stats: Stats::default(),
-            dim,
-            name,
-            description,
-            threshold,
-            default_solver,
-        })
+        let model = LoadedModel::try_new(bytes, |b| Model::from_bytes(b)).map_err(js)?;
+        let solver = model.borrow_dependent().default_solver();
+        Ok(Detector { model, solver, scratch: Vec::new(), packed_scratch: Vec::new(), stats: Stats::default() })
     }
 
     /// Data dimension.
     pub fn dim(&self) -> usize {
-        self.dim
+        self.model().dim()
     }
 
     /// The model's name.
     pub fn name(&self) -> String {
-        self.name.clone()
+        self.model().metadata().name.to_string()
     }
 
     /// What the training data was.
     pub fn description(&self) -> String {
-        self.description.clone()
+        self.model().metadata().description.to_string()
     }
 
     /// The anomaly threshold on −log p, if the model is calibrated.
     pub fn threshold(&self) -> Option<f32> {
-        self.threshold.map(|t| t.0)
+        self.model().threshold().map(|t| t.score)
     }
 
     /// The quantile of validation scores the threshold was set at.
     pub fn threshold_quantile(&self) -> Option<f32> {
-        self.threshold.map(|t| t.1)
+        self.model().threshold().map(|t| t.quantile)
     }
 
     /// Use fixed-step RK4 with `steps` steps per block.
@@ -108,7 +101,7 @@ impl Detector {
 
     /// Back to the solver stored in the model file.
     pub fn use_default_solver(&mut self) {
-        self.solver = self.default_solver;
+        self.solver = self.model().default_solver();
     }
 
     /// `log p(x)` of one row.
@@ -152,8 +145,7 @@ impl Detector {
     pub fn log_density_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
         let d = self.dim();
         let mut out = vec![0.0; xs.len() / d.max(1)];
-        let model = Model::from_bytes(&self.bytes).map_err(js)?;
-        let flow = Flow::new(&model, self.solver).map_err(js)?;
+        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
         self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
         self.stats =
             flow.log_density_packed(xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
