@@ -4,19 +4,8 @@
 //! exact trace, Dopri5 at 1e-8 — another implementation of the network, the
 //! trace and the solver.
 
+use ffjord_e2e::{float64_log_p, runtime_tolerance};
 use ffjord_runtime::Model;
-use ffjord_trainer::model::SolveOptions;
-use ffjord_trainer::modelfile::chain_from_model;
-use ffjord_trainer::ode::dopri5_at;
-use tch::{Device, Kind, Tensor};
-
-/// Stated tolerance: the goldens come from f32 arithmetic and Dopri5 at the
-/// model's exported tolerance (1e-5 relative for all committed models), so
-/// they may differ from the tight float64 value by that much of |log p| plus
-/// f32 rounding of the state.
-fn tolerance(log_p: f64) -> f64 {
-    2e-3 + 1e-4 * log_p.abs()
-}
 
 #[test]
 fn committed_golden_values_agree_with_a_float64_evaluation() {
@@ -28,21 +17,18 @@ fn committed_golden_values_agree_with_a_float64_evaluation() {
         let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
         let bytes = std::fs::read(folder.join("model.ffjd")).unwrap();
         let model = Model::from_bytes(&bytes).unwrap();
-        let (_vs, chain) = chain_from_model(&model, Kind::Double, Device::Cpu).unwrap();
         let rows = golden["rows"].as_array().unwrap();
         let x: Vec<f64> = rows
             .iter()
             .flat_map(|r| r["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
             .collect();
-        let x = Tensor::from_slice(&x).reshape([rows.len() as i64, model.dim() as i64]);
-        let opts = SolveOptions::eval(dopri5_at(1e-8, 1_000_000));
-        let log_p = Vec::<f64>::try_from(&tch::no_grad(|| chain.log_prob(&x, &opts)).unwrap().log_p).unwrap();
+        let log_p = float64_log_p(&model, &x);
         let mut worst = 0.0f64;
         for (row, reference) in rows.iter().zip(&log_p) {
             let stored = row["log_p"].as_f64().unwrap();
             let err = (stored - reference).abs();
             assert!(
-                err <= tolerance(*reference),
+                err <= runtime_tolerance(*reference),
                 "{}: golden log p {stored}, float64 {reference} (|Δ| = {err:.2e})",
                 folder.display()
             );
