@@ -16,4 +16,6 @@ pub mod ode;
 pub mod optim;
 pub mod plot;
 pub mod power;
+pub mod run;
+pub mod search;
 pub mod train;

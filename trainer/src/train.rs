@@ -2,10 +2,10 @@
 //! best-checkpoint keeping, early stopping, resume, metrics log, export).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::TrainConfig;
@@ -13,6 +13,12 @@ use crate::data::{self, Splits};
 use crate::model::{Chain, Cnf, FlowLayer, Linear, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 use crate::optim::{Adam, Ema, scheduled_lr};
+pub use crate::run::RunDir;
+use crate::run::{
+    RUN_FILES, RunState, crash_point, load_last, save_checkpoint, save_last, truncate_metrics,
+    with_eval_weights,
+};
+pub use crate::search::search;
 
 /// Ridge added to the whitening covariance (standardized units): keeps the
 /// Cholesky factor finite for collinear or constant columns, as the Gaussian
@@ -55,151 +61,6 @@ pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64, splits: Optio
     Ok(Chain { layers, dim })
 }
 
-/// Where a run keeps its files.
-pub struct RunDir {
-    pub dir: PathBuf,
-}
-
-impl RunDir {
-    /// A file in the run folder.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-struct RunState {
-    iteration: u64,
-    best_valid: Option<f64>,
-    best_iteration: u64,
-    stale_validations: u64,
-}
-
-/// Moves a fully written temporary file into place: its bytes reach the disk
-/// before the rename, and the rename before the next step (a power cut leaves
-/// the old file or the new one, never a torn one).
-fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all(); // not supported everywhere; the rename itself is atomic
-    }
-    Ok(())
-}
-
-fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("tmp.ot");
-    vs.save(&tmp).with_context(|| format!("saving {}", tmp.display()))?;
-    commit_file(&tmp, path)
-}
-
-/// Saves parameters, optimizer state, iteration and the run's bookkeeping
-/// (best validation NLL, its iteration, stale validations) in one file,
-/// atomically: a kill at any moment leaves either the previous or the new
-/// checkpoint, never parameters from one validation with bookkeeping from
-/// another (which could let a worse model overwrite `best.ot` later).
-fn save_last(vs: &nn::VarStore, opt: &Adam, ema: Option<&Ema>, state: &RunState, path: &Path) -> Result<()> {
-    let mut named: Vec<(String, Tensor)> =
-        vs.variables().into_iter().map(|(n, t)| (format!("param.{n}"), t.detach())).collect();
-    named.extend(opt.state());
-    named.extend(ema.map(Ema::state).unwrap_or_default());
-    named.push(("run.iteration".into(), Tensor::from(state.iteration as i64)));
-    named.push(("run.state".into(), Tensor::from_slice(serde_json::to_string(state)?.as_bytes())));
-    let tmp = path.with_extension("tmp.ot");
-    Tensor::save_multi(&named, &tmp).with_context(|| format!("saving {}", tmp.display()))?;
-    commit_file(&tmp, path)
-}
-
-/// Restores [`save_last`]'s file into `vs` and `opt`; returns the run state
-/// it was taken with (from `state.json` for checkpoints written before the
-/// state travelled inside them).
-fn load_last(
-    vs: &nn::VarStore,
-    opt: &mut Adam,
-    ema: Option<&mut Ema>,
-    path: &Path,
-    state_json: &Path,
-) -> Result<RunState> {
-    let named = Tensor::load_multi(path).with_context(|| format!("resuming from {}", path.display()))?;
-    let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone());
-    for (n, t) in vs.variables() {
-        let saved =
-            get(&format!("param.{n}")).with_context(|| format!("{}: no parameter {n}", path.display()))?;
-        if saved.size() != t.size() {
-            bail!(
-                "{}: {n} has shape {:?}, the model {:?} (was the config changed?)",
-                path.display(),
-                saved.size(),
-                t.size()
-            );
-        }
-        tch::no_grad(|| t.shallow_clone().copy_(&saved));
-    }
-    opt.restore(&named, path)?;
-    if let Some(ema) = ema {
-        ema.restore(&named, path)?;
-    }
-    let iteration = get("run.iteration")
-        .with_context(|| format!("{}: no iteration", path.display()))?
-        .int64_value(&[]) as u64;
-    let mut state: RunState = match get("run.state") {
-        Some(bytes) => serde_json::from_slice(&Vec::<u8>::try_from(&bytes)?)
-            .with_context(|| format!("{}: unreadable run state", path.display()))?,
-        None => {
-            let s = std::fs::read_to_string(state_json)
-                .with_context(|| format!("reading {} to resume", state_json.display()))?;
-            serde_json::from_str(&s).with_context(|| format!("{}: invalid", state_json.display()))?
-        }
-    };
-    state.iteration = iteration;
-    Ok(state)
-}
-
-/// Runs `f` with the weights that are validated and exported: the moving
-/// average where the run keeps one, else the trained weights.
-fn with_eval_weights<T>(ema: Option<&Ema>, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match ema {
-        Some(ema) => ema.with_averaged(f),
-        None => f(),
-    }
-}
-
-/// Fault injection for the tests: `FFJORD_CRASH_AT=POINT:ITERATION` ends the
-/// process at that point of the checkpoint commit, as a kill or power cut
-/// would (no further writes), so resuming from every point is tested
-/// deterministically rather than by the timing of a kill.
-fn crash_point(point: &str, iteration: u64) {
-    if std::env::var("FFJORD_CRASH_AT").is_ok_and(|v| v == format!("{point}:{iteration}")) {
-        eprintln!("FFJORD_CRASH_AT: stopping at {point} of iteration {iteration}");
-        std::process::exit(86);
-    }
-}
-
-/// Keeps the lines of `metrics.jsonl` up to `iteration`: a resumed run
-/// replays the iterations after its checkpoint, which must not be logged twice.
-fn truncate_metrics(path: &Path, iteration: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("iteration").and_then(serde_json::Value::as_u64))
-                .is_some_and(|i| i <= iteration)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    if kept.len() != text.len() {
-        write_atomic(path, kept.as_bytes())?;
-    }
-    Ok(())
-}
-
 /// Mean NLL (nats, standardized data) with the exact trace, in batches.
 pub fn mean_nll(chain: &Chain, x: &Tensor, method: ffjord_runtime::Solver, batch: i64) -> Result<(f64, u32)> {
     let (log_p, nfe) = chain.log_prob_rows(x, &SolveOptions::eval(method), batch)?;
@@ -224,10 +85,6 @@ pub fn fit(
     }
     result
 }
-
-/// The files of one run; a fresh run in a folder that holds another run's
-/// removes them first, so one folder never mixes two runs.
-const RUN_FILES: [&str; 5] = ["best.ot", "last.ot", "state.json", "metrics.jsonl", "summary.json"];
 
 fn fit_in_run_dir(
     cfg: &TrainConfig,
@@ -459,89 +316,12 @@ fn fit_in_run_dir(
 
 /// The name a model written to `out` gets: `models/NAME/model.ffjd` is named
 /// NAME, other files by their stem.
-fn model_name(out: &Path) -> String {
+pub(crate) fn model_name(out: &Path) -> String {
     let stem = out.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string());
     match out.parent().and_then(|p| p.file_name()) {
         Some(dir) if stem == "model" => dir.to_string_lossy().to_string(),
         _ => stem,
     }
-}
-
-/// Network widths `fit --search` tries, smallest first.
-const SEARCH_WIDTHS: [&[i64]; 4] = [&[32, 32], &[64, 64], &[64, 64, 64], &[128, 128, 128]];
-
-/// `trainer fit --search MINUTES`: trains the config with each of
-/// [`SEARCH_WIDTHS`] (each candidate gets an equal share of what is left of
-/// the budget, early stopping as configured), keeps the one with the best
-/// validation NLL and writes it to `out`. Candidates live in
-/// `RUN/search/N/` (model file and run folder), and RUN gets the chosen
-/// one's run files; a table of what each reached is printed.
-pub fn search(
-    cfg: &TrainConfig,
-    minutes: f64,
-    out: &Path,
-    run: &RunDir,
-    device: Device,
-    command: &str,
-) -> Result<()> {
-    ensure!(
-        minutes.is_finite() && minutes > 0.0,
-        "--search needs a positive number of minutes, got {minutes}"
-    );
-    let budget = minutes * 60.0;
-    let start = Instant::now();
-    let mut tried = Vec::new();
-    for (i, hidden) in SEARCH_WIDTHS.iter().enumerate() {
-        let left = budget - start.elapsed().as_secs_f64();
-        if left <= 0.0 {
-            eprintln!("search: budget spent after {i} of {} candidates", SEARCH_WIDTHS.len());
-            break;
-        }
-        let share = left / (SEARCH_WIDTHS.len() - i) as f64;
-        let cfg = TrainConfig { hidden: hidden.to_vec(), time_limit: Some(share), ..cfg.clone() };
-        let dir = run.dir.join("search").join(i.to_string());
-        // Named as the final file will be (the chosen one is copied there).
-        let model = dir.join(format!("{}.ffjd", model_name(out)));
-        eprintln!("search {}/{}: hidden {hidden:?}, up to {share:.0} s", i + 1, SEARCH_WIDTHS.len());
-        let t0 = Instant::now();
-        fit(&cfg, &model, &RunDir { dir: dir.join("run") }, false, device, command)?;
-        let summary = dir.join("run/summary.json");
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&summary).with_context(|| format!("reading {}", summary.display()))?,
-        )?;
-        let nll = summary["best_valid_nll"].as_f64().unwrap_or(f64::INFINITY);
-        let iteration = summary["best_iteration"].as_u64().unwrap_or(0);
-        tried.push((hidden, nll, iteration, t0.elapsed().as_secs_f64(), model));
-    }
-    let best = tried
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .context("the search budget ended before a candidate finished")?;
-    println!("| hidden | best validation NLL (nats, standardized) | at iteration | seconds |");
-    println!("|---|---|---|---|");
-    for (hidden, nll, iteration, seconds, _) in &tried {
-        println!("| {hidden:?} | {nll:.4} | {iteration} | {seconds:.0} |");
-    }
-    let bytes = std::fs::read(&best.4).with_context(|| format!("reading {}", best.4.display()))?;
-    write_atomic(out, &bytes)?;
-    // RUN itself becomes the chosen candidate's run folder, so `export` and
-    // `benchmark --run-dir RUN` work on the model written to `out`.
-    let chosen_run = best.4.with_file_name("run");
-    for name in RUN_FILES.iter().chain(&["config.toml"]) {
-        let from = chosen_run.join(name);
-        if from.exists() {
-            let data = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-            write_atomic(&run.path(name), &data)?;
-        }
-    }
-    println!(
-        "chosen: hidden {:?} (validation NLL {:.4}); wrote {} ({} bytes)",
-        best.0,
-        best.1,
-        out.display(),
-        bytes.len()
-    );
-    Ok(())
 }
 
 /// The data splits a config describes. Call right after `tch::manual_seed(cfg.seed)`:
