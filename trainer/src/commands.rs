@@ -170,14 +170,8 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     for i in 0..table.rows {
         let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
         let s = flow.score(&x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
-        let verdict = match s.verdict {
-            Verdict::Normal => "normal",
-            Verdict::Anomaly => {
-                anomalies += 1;
-                "anomaly"
-            }
-            Verdict::Uncalibrated => "uncalibrated",
-        };
+        anomalies += usize::from(s.verdict == Verdict::Anomaly);
+        let verdict = s.verdict.name();
         n += 1;
         out += &format!("{i},{},{},{verdict},{}\n", s.log_density.log_p, s.score, s.log_density.stats.nfe);
     }

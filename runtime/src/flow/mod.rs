@@ -37,6 +37,27 @@ pub enum Verdict {
     Uncalibrated,
 }
 
+impl Verdict {
+    /// The rule every path applies: anomaly when `score` (`−log p`) is above
+    /// the threshold's score, uncalibrated without a threshold.
+    pub fn against(score: f32, threshold: Option<crate::Threshold>) -> Verdict {
+        match threshold {
+            None => Verdict::Uncalibrated,
+            Some(t) if score > t.score => Verdict::Anomaly,
+            Some(_) => Verdict::Normal,
+        }
+    }
+
+    /// `"normal"`, `"anomaly"` or `"uncalibrated"` (as CSV and JSON outputs write it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Normal => "normal",
+            Verdict::Anomaly => "anomaly",
+            Verdict::Uncalibrated => "uncalibrated",
+        }
+    }
+}
+
 /// An anomaly score: `−log p(x)`, with the verdict.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Score {
@@ -174,11 +195,7 @@ impl<'m, 'a> Flow<'m, 'a> {
     pub fn score(&self, x: &[f32], scratch: &mut [f32]) -> Result<Score, SolveError> {
         let log_density = self.log_density(x, scratch)?;
         let score = -log_density.log_p;
-        let verdict = match self.model.threshold() {
-            None => Verdict::Uncalibrated,
-            Some(t) if score > t.score => Verdict::Anomaly,
-            Some(_) => Verdict::Normal,
-        };
+        let verdict = Verdict::against(score, self.model.threshold());
         Ok(Score { score, verdict, log_density })
     }
 

@@ -35,16 +35,8 @@ fn main() {
     let mut entries = Vec::new();
     for ((x, anomalous), &lp_packed) in rows.iter().zip(&packed) {
         let s = flow.score(x, &mut scratch).expect("host score");
-        let verdict = match s.verdict {
-            Verdict::Anomaly => "anomaly",
-            Verdict::Normal => "normal",
-            Verdict::Uncalibrated => "uncalibrated",
-        };
-        let verdict_packed = match model.threshold() {
-            None => "uncalibrated",
-            Some(t) if -lp_packed > t.score => "anomaly",
-            Some(_) => "normal",
-        };
+        let verdict = s.verdict.name();
+        let verdict_packed = Verdict::against(-lp_packed, model.threshold()).name();
         entries.push(format!(
             "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}, \"log_p_packed\": {lp_packed:?}, \"verdict_packed\": \"{verdict_packed}\"}}",
             list(x),
