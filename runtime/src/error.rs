@@ -171,6 +171,83 @@ pub enum Error {
     Solve(SolveError),
 }
 
+/// Stable numeric codes, one per error variant, for C callers, firmware
+/// logs and other places that cannot carry the typed value: load errors are
+/// −1…−19, solve errors −20…−39 (0 is success). [`CODES`] names them all.
+impl LoadError {
+    /// This error's code (see [`CODES`]).
+    pub const fn code(&self) -> i32 {
+        match self {
+            LoadError::Truncated { .. } => -1,
+            LoadError::BadMagic => -2,
+            LoadError::UnsupportedVersion { .. } => -3,
+            LoadError::ChecksumMismatch { .. } => -4,
+            LoadError::MalformedHeader => -5,
+            LoadError::InvalidField(_) => -6,
+            LoadError::ShapeMismatch { .. } => -7,
+            LoadError::WeightCount { .. } => -8,
+            LoadError::NonFiniteWeight { .. } => -9,
+            LoadError::ZeroScale { .. } => -10,
+            LoadError::BadPadding => -11,
+        }
+    }
+}
+
+impl SolveError {
+    /// This error's code (see [`CODES`]).
+    pub const fn code(&self) -> i32 {
+        match self {
+            SolveError::InputDimension { .. } => -20,
+            SolveError::NonFiniteInput { .. } => -21,
+            SolveError::ScratchTooSmall { .. } => -22,
+            SolveError::OutputLength { .. } => -23,
+            SolveError::MaxStepsReached { .. } => -24,
+            SolveError::StepSizeUnderflow { .. } => -25,
+            SolveError::NonFiniteState { .. } => -26,
+            SolveError::NonFiniteStep { .. } => -27,
+            SolveError::InvalidBlockSize => -28,
+            SolveError::Internal => -29,
+            SolveError::InvalidSolver => -30,
+        }
+    }
+}
+
+impl Error {
+    /// The wrapped error's code (see [`CODES`]).
+    pub const fn code(&self) -> i32 {
+        match self {
+            Error::Load(e) => e.code(),
+            Error::Solve(e) => e.code(),
+        }
+    }
+}
+
+/// Every error code with a short name, in code order within each group.
+pub const CODES: [(i32, &str); 22] = [
+    (-1, "truncated"),
+    (-2, "bad magic"),
+    (-3, "unsupported version"),
+    (-4, "checksum mismatch"),
+    (-5, "malformed header"),
+    (-6, "invalid header field"),
+    (-7, "shape mismatch"),
+    (-8, "wrong weight count"),
+    (-9, "non-finite weight"),
+    (-10, "zero scale"),
+    (-11, "bad padding"),
+    (-20, "input dimension mismatch"),
+    (-21, "non-finite input"),
+    (-22, "scratch too small"),
+    (-23, "output length mismatch"),
+    (-24, "max steps reached"),
+    (-25, "step size underflow"),
+    (-26, "non-finite state"),
+    (-27, "non-finite step size"),
+    (-28, "invalid block size"),
+    (-29, "internal error"),
+    (-30, "invalid solver"),
+];
+
 impl From<LoadError> for Error {
     fn from(e: LoadError) -> Self {
         Error::Load(e)
@@ -288,3 +365,45 @@ impl fmt::Display for Error {
 impl core::error::Error for LoadError {}
 impl core::error::Error for SolveError {}
 impl core::error::Error for Error {}
+
+#[cfg(test)]
+mod code_tests {
+    use super::*;
+
+    /// One variant of each kind, so a new variant without a code fails to
+    /// compile (the matches above) and one with a duplicate or unnamed code
+    /// fails here.
+    #[test]
+    fn every_error_has_its_own_named_code() {
+        let all: [i32; 22] = [
+            LoadError::Truncated { len: 0, needed: 1 }.code(),
+            LoadError::BadMagic.code(),
+            LoadError::UnsupportedVersion { found: 9, supported: 2 }.code(),
+            LoadError::ChecksumMismatch { stored: 0, computed: 1 }.code(),
+            LoadError::MalformedHeader.code(),
+            LoadError::InvalidField(Field::Dim).code(),
+            LoadError::ShapeMismatch { stage: 0, layer: 0, expected: 1, found: 2 }.code(),
+            LoadError::WeightCount { expected: 1, found: 2 }.code(),
+            LoadError::NonFiniteWeight { index: 0 }.code(),
+            LoadError::ZeroScale { index: 0 }.code(),
+            LoadError::BadPadding.code(),
+            SolveError::InputDimension { expected: 1, found: 2 }.code(),
+            SolveError::NonFiniteInput { index: 0 }.code(),
+            SolveError::ScratchTooSmall { needed: 1, capacity: 0 }.code(),
+            SolveError::OutputLength { expected: 1, found: 2 }.code(),
+            SolveError::MaxStepsReached { t: 0.0, steps: 1 }.code(),
+            SolveError::StepSizeUnderflow { t: 0.0, h: 0.0 }.code(),
+            SolveError::NonFiniteState { t: 0.0 }.code(),
+            SolveError::NonFiniteStep { t: 0.0 }.code(),
+            SolveError::InvalidBlockSize.code(),
+            SolveError::Internal.code(),
+            SolveError::InvalidSolver.code(),
+        ];
+        for (i, code) in all.iter().enumerate() {
+            assert_eq!(CODES[i].0, *code, "{} is listed as {}", code, CODES[i].1);
+            assert!(!all[..i].contains(code), "code {code} used twice");
+        }
+        assert_eq!(Error::Load(LoadError::BadMagic).code(), -2);
+        assert_eq!(Error::Solve(SolveError::Internal).code(), -29);
+    }
+}
