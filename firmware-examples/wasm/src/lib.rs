@@ -55,7 +55,13 @@ impl Detector {
     pub fn new(bytes: Vec<u8>) -> Result<Detector, JsError> {
         let model = LoadedModel::try_new(bytes, |b| Model::from_bytes(b)).map_err(js)?;
         let solver = model.borrow_dependent().default_solver();
-        Ok(Detector { model, solver, scratch: Vec::new(), packed_scratch: Vec::new(), stats: Stats::default() })
+        Ok(Detector {
+            model,
+            solver,
+            scratch: Vec::new(),
+            packed_scratch: Vec::new(),
+            stats: Stats::default(),
+        })
     }
 
     /// Data dimension.
