@@ -320,6 +320,9 @@ pub(crate) struct FitArgs {
     /// Early stopping after this many validations without improvement (0 = off).
     #[arg(long)]
     pub(crate) patience: Option<u64>,
+    /// Stop at the first validation after this many seconds of training (a wall-clock budget).
+    #[arg(long)]
+    pub(crate) time_limit: Option<f64>,
     #[arg(long)]
     pub(crate) seed: Option<i64>,
     /// Dopri5 tolerance for validation, test and the exported default solver.

@@ -265,6 +265,12 @@ impl TrainConfig {
         if let Some(q) = self.threshold_quantile {
             anyhow::ensure!(q > 0.0 && q < 1.0, "threshold_quantile must be in (0, 1), got {q}");
         }
+        if let Some(s) = self.time_limit {
+            anyhow::ensure!(
+                s.is_finite() && s > 0.0,
+                "time_limit must be a positive number of seconds, got {s}"
+            );
+        }
         Ok(())
     }
 

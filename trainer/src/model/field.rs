@@ -6,7 +6,7 @@ use ffjord_runtime::format::Weights;
 use ffjord_runtime::{Activation, LayerKind, LayerParts, LayerSpec, LayerWeights};
 use tch::{Kind, Tensor, nn};
 
-use crate::kernel::{LayerShape, Mlp, Pass, Real};
+use crate::kernel::{LayerShape, Mlp, Real, ShardedPass};
 
 /// `f(t, z)`: the right-hand side of a CNF, batched over rows of `z`.
 pub trait VectorField {
@@ -354,6 +354,12 @@ struct KernelAsk<'a> {
     kept: Option<KeptPass>,
 }
 
+/// Threads the kernel splits a batch over: libtorch's intra-op thread
+/// count, so `OMP_NUM_THREADS` / `tch::set_num_threads` govern both.
+fn kernel_threads() -> usize {
+    usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+}
+
 impl OdeNet {
     /// The layer shapes for the hand-written kernel, if it covers this net
     /// (every layer with a bias, as the constructors make them).
@@ -409,17 +415,18 @@ impl OdeNet {
         let (rows, d) = (z.size()[0], z.size()[1]);
         let noise = ask.noise.map(|e| values::<T>(e, kind)).transpose()?;
         let zs = values::<T>(z, kind)?;
-        let kept = ask.kept.and_then(|k| k.take::<Pass<T>>(t)).filter(|p| p.matches(&zs, noise.as_deref()));
+        let kept =
+            ask.kept.and_then(|k| k.take::<ShardedPass<T>>(t)).filter(|p| p.matches(&zs, noise.as_deref()));
         let pass = match kept {
             Some(pass) => pass,
-            None => mlp.forward(&zs, rows as usize, noise.as_deref()),
+            None => mlp.forward_sharded(&zs, rows as usize, noise.as_deref(), kernel_threads()),
         };
         let f = Tensor::from_slice(&pass.f).view([rows, d]);
         let trace = Tensor::from_slice(&pass.trace);
         let vjp = match ask.cot {
             None => None,
             Some((a_f, a_tr)) => {
-                let v = mlp.vjp(&pass, &values::<T>(a_f, kind)?, &values::<T>(a_tr, kind)?);
+                let v = mlp.vjp_sharded(&pass, &values::<T>(a_f, kind)?, &values::<T>(a_tr, kind)?);
                 let grad_t = v.grad_t.to_f64().context("non-finite time gradient")?;
                 Some((
                     Tensor::from_slice(&v.grad_z).view([rows, d]),
