@@ -124,9 +124,10 @@ pub(crate) struct BenchmarkSummaryArgs {
 #[derive(clap::Args)]
 pub(crate) struct PrepareArgs {
     /// Data set: shuttle, satellite, cardio (anomaly presets), csv (your own labelled CSV,
-    /// with --label and --outlier) or power (MAF preprocessing; use --seed 42).
+    /// with --label and --outlier), power (MAF preprocessing; use --seed 42), or the image
+    /// sets mnist and fashion-mnist (28×28, 14×14 and 8×8 uint8 splits).
     pub(crate) name: String,
-    /// The raw file (`scripts/fetch-data NAME` prints its path).
+    /// The raw file, or for images the folder (`scripts/fetch-data NAME` prints its path).
     #[arg(long)]
     pub(crate) raw: PathBuf,
     #[arg(long)]

@@ -142,6 +142,9 @@ fn run() -> Result<()> {
         Command::Prepare(a) if a.name == "power" => {
             ffjord_trainer::power::prepare(&a.raw, &a.out_dir, a.seed)
         }
+        Command::Prepare(a) if a.name == "mnist" || a.name == "fashion-mnist" => {
+            ffjord_trainer::images::prepare(&a.name, &a.raw, &a.out_dir)
+        }
         Command::Prepare(a) => {
             let outlier = a.outlier.clone().unwrap_or_default();
             let source = match (&a.label, a.outlier.is_some()) {

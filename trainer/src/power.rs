@@ -7,24 +7,6 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use tch::{Device, Kind, Tensor};
 
-/// Writes a C-order float32 NPY file atomically.
-pub fn write_npy_f32(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-    // Magic (6) + version (2) + length (2) + header + '\\n' is a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + 4 * data.len());
-    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    crate::modelfile::write_atomic(path, &bytes)
-}
-
 /// `trainer prepare power`: drop the rows the package filled in (equal to the
 /// minute one day earlier), add minutes since midnight, shuffle (seeded), drop
 /// Global_intensity and Global_reactive_power, add U(0,1) noise scaled
@@ -106,9 +88,9 @@ pub fn prepare(raw: &Path, out_dir: &Path, seed: i64) -> Result<()> {
         .flat_map(|r| (0..6).map(|j| ((r[j] - mean[j]) / std[j]) as f32).collect::<Vec<_>>())
         .collect();
     std::fs::create_dir_all(out_dir)?;
-    write_npy_f32(&out_dir.join("train.npy"), n_train, 6, &standardized[..n_train * 6])?;
-    write_npy_f32(&out_dir.join("valid.npy"), n_valid, 6, &standardized[n_train * 6..n_rest * 6])?;
-    write_npy_f32(&out_dir.join("test.npy"), n_test, 6, &standardized[n_rest * 6..])?;
+    crate::npy::write_f32(&out_dir.join("train.npy"), n_train, 6, &standardized[..n_train * 6])?;
+    crate::npy::write_f32(&out_dir.join("valid.npy"), n_valid, 6, &standardized[n_train * 6..n_rest * 6])?;
+    crate::npy::write_f32(&out_dir.join("test.npy"), n_test, 6, &standardized[n_rest * 6..])?;
     let mut f = std::fs::File::create(out_dir.join("README.txt"))?;
     writeln!(f, "POWER prepared by `trainer prepare power` (seed {seed}) from {}", raw.display())?;
     writeln!(
