@@ -207,7 +207,7 @@ impl DiffeqLayer {
 /// PyTorch's `nn.Linear` initialisation (kaiming-uniform with a = √5, i.e.
 /// weights and bias ~ U(±1/√fan_in)), which the spec's recipes assume; tch's
 /// own default draws weights √6 ≈ 2.4× wider.
-fn torch_default_init(fan_in: i64, bias: bool) -> nn::LinearConfig {
+pub(super) fn torch_default_init(fan_in: i64, bias: bool) -> nn::LinearConfig {
     let b = 1.0 / (fan_in as f64).sqrt();
     nn::LinearConfig {
         ws_init: nn::Init::Uniform { lo: -b, up: b },
@@ -304,7 +304,7 @@ impl OdeNet {
     }
 }
 
-fn activate(a: Activation, x: Tensor) -> Tensor {
+pub(super) fn activate(a: Activation, x: Tensor) -> Tensor {
     match a {
         Activation::Identity => x,
         Activation::Tanh => x.tanh(),

@@ -8,7 +8,9 @@
 
 mod chain;
 mod cnf;
+mod conv;
 mod field;
+mod image;
 mod layer;
 mod maps;
 mod options;
@@ -17,7 +19,9 @@ mod tests;
 
 pub use chain::*;
 pub use cnf::*;
+pub use conv::*;
 pub use field::*;
+pub use image::*;
 pub use layer::*;
 pub use maps::*;
 pub use options::*;
