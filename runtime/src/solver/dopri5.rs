@@ -75,7 +75,10 @@ impl Dopri5 {
         }
         let n = v.len();
         let rms0 = if split > 0 { libm::sqrt(s0 / split as f64) } else { 0.0 };
-        let rms1 = if n > split { libm::sqrt(s1 / (n - split) as f64) } else { 0.0 };
+        let rms1 = match n.checked_sub(split) {
+            Some(rest) if rest > 0 => libm::sqrt(s1 / rest as f64),
+            _ => 0.0,
+        };
         rms0.max(rms1)
     }
 
@@ -116,7 +119,7 @@ impl Dopri5 {
     ) -> Result<Stats, SolveError> {
         let n = y.len();
         let split = f.error_split();
-        let (ks, rest) = take(work, STAGES * n)?;
+        let (ks, rest) = take(work, STAGES.saturating_mul(n))?;
         let (ytmp, rest) = take(rest, n)?;
         let (err, fwork) = take(rest, n)?;
         let mut stats = Stats::default();
@@ -156,7 +159,7 @@ impl Dopri5 {
                 }
                 y.copy_from_slice(ytmp);
                 let (k1, rest) = take(ks, n)?;
-                let (_, k7) = take(rest, (STAGES - 2) * n)?;
+                let (_, k7) = take(rest, STAGES.saturating_sub(2).saturating_mul(n))?;
                 k1.copy_from_slice(k7);
                 t = if last { t1 } else { t + hs };
                 stats.accepted = stats.accepted.saturating_add(1);
@@ -183,7 +186,7 @@ impl Dopri5 {
         if remaining == 0.0 {
             return Ok(None);
         }
-        let attempted = stats.accepted + stats.rejected;
+        let attempted = stats.accepted.saturating_add(stats.rejected);
         if attempted >= self.max_steps {
             return Err(SolveError::MaxStepsReached { t: t as f32, steps: attempted });
         }

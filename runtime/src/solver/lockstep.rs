@@ -92,14 +92,14 @@ impl Dopri5 {
         if slots == 0 || slots > MAX_LOCKSTEP_ROWS || !n.is_multiple_of(slots) {
             return Err(fail(SolveError::InvalidBlockSize));
         }
-        let len = n / slots;
+        let len = n.checked_div(slots).unwrap_or(0);
         let split = f.row_error_split();
         let needed = Self::stream_work_len(slots, len).saturating_add(f.rows_work_len());
         if work.len() < needed {
             return Err(fail(super::scratch_error(needed, work.len())));
         }
         let (y, rest) = take(work, n).map_err(fail)?;
-        let (ks, rest) = take(rest, STAGES * n).map_err(fail)?;
+        let (ks, rest) = take(rest, STAGES.saturating_mul(n)).map_err(fail)?;
         let (input, rest) = take(rest, n).map_err(fail)?;
         let (output, rest) = take(rest, n).map_err(fail)?;
         let (err, rest) = take(rest, n).map_err(fail)?;
@@ -202,10 +202,10 @@ impl Dopri5 {
                         slot.h = (100.0 * h0).min(initial_h1(h0, d1, d2));
                         slot.phase = Phase::Stage(1);
                     }
-                    Phase::Stage(i) if i + 1 < STAGES => {
+                    Phase::Stage(i) if i.saturating_add(1) < STAGES => {
                         slot.stats.nfe = slot.stats.nfe.saturating_add(1);
                         copy(chunk_mut(stage_mut(ks, i, n), s, len), out);
-                        slot.phase = Phase::Stage(i + 1);
+                        slot.phase = Phase::Stage(i.saturating_add(1));
                     }
                     Phase::Stage(i) => {
                         slot.stats.nfe = slot.stats.nfe.saturating_add(1);
@@ -256,18 +256,18 @@ fn load<S: RowStream>(slot: &mut Slot, stream: &mut S, y: &mut [f32], t0: f64) {
 
 /// Stage `j`'s vectors of all slots.
 fn stage(ks: &[f32], j: usize, n: usize) -> &[f32] {
-    ks.get(j * n..(j + 1) * n).unwrap_or(&[])
+    ks.get(super::span(j, n)).unwrap_or(&[])
 }
 
 fn stage_mut(ks: &mut [f32], j: usize, n: usize) -> &mut [f32] {
-    ks.get_mut(j * n..(j + 1) * n).unwrap_or(&mut [])
+    ks.get_mut(super::span(j, n)).unwrap_or(&mut [])
 }
 
 /// Slot `s` (length `len`) of a slot-major buffer; empty if out of range.
 fn chunk(buf: &[f32], s: usize, len: usize) -> &[f32] {
-    buf.get(s * len..(s + 1) * len).unwrap_or(&[])
+    buf.get(super::span(s, len)).unwrap_or(&[])
 }
 
 fn chunk_mut(buf: &mut [f32], s: usize, len: usize) -> &mut [f32] {
-    buf.get_mut(s * len..(s + 1) * len).unwrap_or(&mut [])
+    buf.get_mut(super::span(s, len)).unwrap_or(&mut [])
 }

@@ -10,6 +10,11 @@
 //!
 //! Time and step size are kept in `f64` and stage times cast to `f32` before
 //! each evaluation, as torchdiffeq does; the state is `f32`.
+//!
+//! Integer arithmetic here — step and evaluation counters, scratch offsets —
+//! is checked or saturating (the lint below makes a plain `+` an error): a
+//! hostile step count or row count ends in a typed error, never an overflow.
+#![deny(clippy::arithmetic_side_effects)]
 
 mod dopri5;
 mod lockstep;
@@ -188,6 +193,15 @@ pub(crate) fn scratch_error(needed: usize, capacity: usize) -> SolveError {
     SolveError::ScratchTooSmall {
         needed: needed.min(u32::MAX as usize) as u32,
         capacity: capacity.min(u32::MAX as usize) as u32,
+    }
+}
+
+/// The range `i·len .. (i + 1)·len`, or an empty one where that overflows
+/// (callers slice with `get`, so it reads as out of range).
+pub(crate) fn span(i: usize, len: usize) -> core::ops::Range<usize> {
+    match (i.checked_mul(len), i.checked_add(1).and_then(|j| j.checked_mul(len))) {
+        (Some(start), Some(end)) => start..end,
+        _ => 0..0,
     }
 }
 

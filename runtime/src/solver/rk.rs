@@ -14,7 +14,7 @@ pub(crate) struct Tableau<const S: usize> {
 impl<const S: usize> Tableau<S> {
     /// Vectors of length n a fixed-step integration keeps: the stages and the trial state.
     pub const fn work_vectors(&self) -> usize {
-        S + 1
+        S.saturating_add(1)
     }
 
     /// The float64 tableau rounded once to f32 (at compile time).
@@ -31,7 +31,7 @@ pub(crate) const fn round<const S: usize>(v: &[f64; S]) -> [f32; S] {
     let mut i = 0;
     while i < S {
         out[i] = v[i] as f32;
-        i += 1;
+        i = i.saturating_add(1);
     }
     out
 }
@@ -42,7 +42,7 @@ const fn round_rows<const S: usize>(a: &[[f64; S]; S]) -> [[f32; S]; S] {
     let mut i = 0;
     while i < S {
         out[i] = round(&a[i]);
-        i += 1;
+        i = i.saturating_add(1);
     }
     out
 }
@@ -88,7 +88,7 @@ pub(crate) fn stages<D: Dynamics, const S: usize>(
     let n = y.len();
     let mut nfe: u32 = 0;
     for (i, (row, &c)) in tab.a.iter().zip(tab.c.iter()).enumerate().skip(from) {
-        let (prev, rest) = take(ks, i * n)?;
+        let (prev, rest) = take(ks, i.saturating_mul(n))?;
         let (ki, _) = take(rest, n)?;
         combine(ytmp, y, h as f32, row.get(..i).unwrap_or(&[]), prev);
         f.eval((t + f64::from(c) * h) as f32, ytmp, ki, fwork);
@@ -108,7 +108,7 @@ pub(crate) fn integrate_fixed<D: Dynamics, const S: usize>(
     work: &mut [f32],
 ) -> Result<Stats, SolveError> {
     let n = y.len();
-    let (ks, rest) = take(work, S * n)?;
+    let (ks, rest) = take(work, S.saturating_mul(n))?;
     let (ytmp, fwork) = take(rest, n)?;
     let h = (t1 - t0) / f64::from(steps);
     let mut stats = Stats::default();
