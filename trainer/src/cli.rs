@@ -321,6 +321,9 @@ pub(crate) struct FitArgs {
     /// Early stopping after this many validations without improvement (0 = off).
     #[arg(long)]
     pub(crate) patience: Option<u64>,
+    /// Images: the logit transform's α (pixels squeezed into [α, 1 − α] before the logit).
+    #[arg(long)]
+    pub(crate) logit_alpha: Option<f64>,
     /// Stop at the first validation after this many seconds of training (a wall-clock budget).
     #[arg(long)]
     pub(crate) time_limit: Option<f64>,

@@ -144,6 +144,13 @@ pub struct TrainConfig {
     /// (`fit --search` gives each candidate its share of the budget).
     #[serde(default)]
     pub time_limit: Option<f64>,
+    /// `[C, H, W]` when the data are 8-bit images (set by `fit` from the
+    /// data file's shape): the model is FFJORD's multiscale conv flow.
+    #[serde(default)]
+    pub image_shape: Option<Vec<i64>>,
+    /// The logit transform's α for images (spec: 1e-6).
+    #[serde(default = "default_logit_alpha")]
+    pub logit_alpha: f64,
     /// Anomaly threshold quantile of validation scores written at export.
     pub threshold_quantile: Option<f64>,
 }
@@ -195,6 +202,8 @@ impl Default for TrainConfig {
             eval_tol: 1e-5,
             toy_eval_rows: 2000,
             time_limit: None,
+            image_shape: None,
+            logit_alpha: default_logit_alpha(),
             threshold_quantile: Some(0.99),
         }
     }
@@ -203,6 +212,11 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Rejects values no training run can use, naming the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.logit_alpha > 0.0 && self.logit_alpha < 0.5,
+            "logit_alpha must be in (0, 0.5), got {}",
+            self.logit_alpha
+        );
         let positive = |name: &str, v: f64| {
             anyhow::ensure!(v.is_finite() && v > 0.0, "{name} must be finite and positive, got {v}");
             Ok(())
@@ -300,4 +314,8 @@ impl TrainConfig {
     pub fn eval_method(&self) -> Solver {
         crate::ode::dopri5_at(self.eval_tol, self.max_steps.max(100_000))
     }
+}
+
+fn default_logit_alpha() -> f64 {
+    1e-6
 }

@@ -189,6 +189,8 @@ pub struct Splits {
     pub noise: Tensor,
     /// The training file's column profile (empty for toy sets).
     pub profiles: Vec<crate::columns::ColumnProfile>,
+    /// `[C, H, W]` for 8-bit images ([`Splits::images`]), else `None`.
+    pub image_shape: Option<[i64; 3]>,
 }
 
 impl Splits {
@@ -232,7 +234,37 @@ impl Splits {
         let std = (var + w.square() / 12.0).sqrt().clamp_min(1e-12);
         let f = |x: &Tensor| (x - &mean) / &std;
         let noise = &w / &std;
-        Splits { train: f(&train), valid: f(&valid), test: f(&test), mean, std, noise, profiles: Vec::new() }
+        Splits {
+            train: f(&train),
+            valid: f(&valid),
+            test: f(&test),
+            mean,
+            std,
+            noise,
+            profiles: Vec::new(),
+            image_shape: None,
+        }
+    }
+
+    /// 8-bit images as rows of pixel bytes: scaled to `[0, 1)` by 256 (no
+    /// per-pixel standardization: a border pixel that is always 0 is data),
+    /// at the cell centres `(x + ½)/256`, and dequantized in training by
+    /// one byte's width, so batches are `(x + u)/256`, `u ~ U(0, 1)` — the
+    /// spec's dequantization, on the scale its bits/dim are defined on.
+    pub fn images(train: &Tensor, valid: &Tensor, test: &Tensor) -> Self {
+        let d = train.size()[1];
+        let opts = (Kind::Double, tch::Device::Cpu);
+        let f = |x: &Tensor| (x.to_kind(Kind::Double) + 0.5) / 256.0;
+        Splits {
+            train: f(train),
+            valid: f(valid),
+            test: f(test),
+            mean: Tensor::full([d], -0.5, opts),
+            std: Tensor::full([d], 256.0, opts),
+            noise: Tensor::full([d], 1.0 / 256.0, opts),
+            profiles: Vec::new(),
+            image_shape: None,
+        }
     }
 
     pub fn dim(&self) -> i64 {

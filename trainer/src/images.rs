@@ -86,6 +86,28 @@ impl Images {
     }
 }
 
+/// Whether `path` is an 8-bit image array (a uint8 NPY file of shape
+/// `[N, H, W]`), which `fit` trains the multiscale image flow on.
+pub fn is_image_file(path: &Path) -> bool {
+    let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    is_npy
+        && std::fs::File::open(path).ok().and_then(|f| npyz::NpyFile::new(std::io::BufReader::new(f)).ok()).is_some_and(
+            |npy| {
+                matches!(npy.dtype(), npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Uint && t.size_field() == 1)
+                    && npy.shape().len() == 3
+            },
+        )
+}
+
+/// The images of `path` as rows of pixel bytes (float64 `[N, H·W]`) and their `[C, H, W]`.
+pub fn load_rows(path: &Path) -> Result<(tch::Tensor, [i64; 3])> {
+    let images = Images::load(path)?;
+    let floats: Vec<f64> = images.pixels.iter().map(|&v| f64::from(v)).collect();
+    let (n, d) = (i64::try_from(images.n)?, i64::try_from(images.dim())?);
+    let shape = [1, i64::try_from(images.height)?, i64::try_from(images.width)?];
+    Ok((tch::Tensor::from_slice(&floats).reshape([n, d]), shape))
+}
+
 /// For each of `to` output cells along an axis of `from` input cells, the
 /// input cells it overlaps and their weights (summing to 1).
 fn area_weights(from: usize, to: usize) -> Vec<Vec<(usize, f64)>> {

@@ -668,3 +668,69 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     assert_eq!(v["iteration"].as_u64().unwrap(), 60);
 }
+
+/// `fit` on 8-bit images (a uint8 NPY `[N, H, W]`) trains FFJORD's
+/// multiscale conv flow: validation and test in bits/dim, the image shape
+/// kept in the run's config (so resume rebuilds the same model), and no
+/// model file yet (image stages are not in the format); validation images
+/// of another size are an error that names both shapes.
+#[test]
+fn fit_trains_the_multiscale_flow_on_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A bright 3×3 square on a dark 8×8 frame, at a position that varies.
+    let images = |n: usize, side: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                (0..side * side).map(move |p| {
+                    let (y, x, o) = (p / side, p % side, i % (side.saturating_sub(2)).max(1));
+                    if (o..o + 3).contains(&y) && (o..o + 3).contains(&x) {
+                        200 + (i % 50) as u8
+                    } else {
+                        (p % 7) as u8
+                    }
+                })
+            })
+            .collect()
+    };
+    write_npy(&d.join("train.npy"), "|u1", &[48, 8, 8], &images(48, 8));
+    write_npy(&d.join("valid.npy"), "|u1", &[8, 8, 8], &images(8, 8));
+    write_npy(&d.join("test.npy"), "|u1", &[8, 8, 8], &images(8, 8));
+    write_npy(&d.join("small.npy"), "|u1", &[8, 4, 4], &images(8, 4));
+    let common = [
+        "fit",
+        "--data",
+        "train.npy",
+        "--hidden",
+        "4",
+        "--blocks",
+        "1",
+        "--layer",
+        "concat",
+        "--activation",
+        "softplus",
+        "--trace",
+        "rademacher",
+        "--batch",
+        "16",
+        "--iterations",
+        "4",
+        "--valid-every",
+        "2",
+    ];
+    let out = ok(
+        &[&common[..], &["--valid-data", "valid.npy", "--test-data", "test.npy", "--out", "img.ffjd"]]
+            .concat(),
+        d,
+    );
+    assert!(out.contains("validation") && out.contains("bits/dim (exact trace"), "{out}");
+    assert!(!d.join("img.ffjd").exists(), "image models are not exported yet");
+    let config = std::fs::read_to_string(d.join("img.run/config.toml")).unwrap();
+    assert!(config.contains("image_shape = [\n    1,\n    8,\n    8,\n]"), "{config}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("img.run/summary.json")).unwrap()).unwrap();
+    let bpd = summary["test_bits_per_dim"].as_f64().unwrap();
+    assert!(bpd.is_finite() && bpd > 0.0, "{summary}");
+    let e = err(&[&common[..], &["--valid-data", "small.npy", "--out", "bad.ffjd"]].concat(), d);
+    assert!(e.contains("validation images are [1, 4, 4], training images [1, 8, 8]"), "{e}");
+}
