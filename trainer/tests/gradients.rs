@@ -148,6 +148,24 @@ fn reversed_steps_equal_autograd_backprop() {
     }
 }
 
+/// The continuous adjoint against backprop through the solver with the same
+/// Hutchinson noise: loss to 1e-9, every parameter's gradient as
+/// [`assert_grads_agree`] states, and a backward solve that ran.
+fn assert_adjoint_matches_backprop(vs: &nn::VarStore, c: &Chain, x: &Tensor, trace: TraceMode, case: &str) {
+    zero_grads(vs);
+    tch::manual_seed(100);
+    let loss_bp = backprop_loss(c, x, trace);
+    loss_bp.backward();
+    let bp = grads(vs);
+    zero_grads(vs);
+    tch::manual_seed(100); // the same Hutchinson noise
+    let (loss_adj, stats) = c.backward_by_layers(x, &opts(trace, true)).unwrap();
+    let adj = grads(vs);
+    assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9, "{case}: loss");
+    assert!(stats.backward.nfe > 0, "{case}");
+    assert_grads_agree(&bp, &adj, case);
+}
+
 #[test]
 fn adjoint_matches_backprop_on_every_parameter() {
     let _rng = lock();
@@ -157,18 +175,7 @@ fn adjoint_matches_backprop_on_every_parameter() {
         (3, 1, LayerKind::ConcatSquash, TraceMode::Rademacher),
     ] {
         let (vs, c, x) = setup(dim, blocks, kind, 7);
-        zero_grads(&vs);
-        tch::manual_seed(100);
-        let loss_bp = backprop_loss(&c, &x, trace);
-        loss_bp.backward();
-        let bp = grads(&vs);
-        zero_grads(&vs);
-        tch::manual_seed(100); // the same Hutchinson noise
-        let (loss_adj, stats) = c.backward_by_layers(&x, &opts(trace, true)).unwrap();
-        let adj = grads(&vs);
-        assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9);
-        assert!(stats.backward.nfe > 0);
-        assert_grads_agree(&bp, &adj, &format!("{dim}-D {kind:?} {trace:?}"));
+        assert_adjoint_matches_backprop(&vs, &c, &x, trace, &format!("{dim}-D {kind:?} {trace:?}"));
     }
 }
 
@@ -355,18 +362,7 @@ fn conv_field_gradients_agree_across_modes_and_with_finite_differences() {
     vs.double();
     let x = Tensor::randn([6, 9], (Kind::Double, Device::Cpu));
     for trace in [TraceMode::Exact, TraceMode::Rademacher] {
-        zero_grads(&vs);
-        tch::manual_seed(100);
-        let loss_bp = backprop_loss(&c, &x, trace);
-        loss_bp.backward();
-        let bp = grads(&vs);
-        zero_grads(&vs);
-        tch::manual_seed(100); // the same Hutchinson noise
-        let (loss_adj, stats) = c.backward_by_layers(&x, &opts(trace, true)).unwrap();
-        let adj = grads(&vs);
-        assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9, "{trace:?}: loss");
-        assert!(stats.backward.nfe > 0);
-        assert_grads_agree(&bp, &adj, &format!("conv {trace:?}"));
+        assert_adjoint_matches_backprop(&vs, &c, &x, trace, &format!("conv {trace:?}"));
     }
     assert_backprop_matches_finite_differences(&vs, &c, &x);
 }
@@ -393,16 +389,5 @@ fn multiscale_gradients_agree_across_modes() {
     let c = multiscale(&vs.root(), &cfg).unwrap();
     vs.double();
     let x = Tensor::rand([3, 64], (Kind::Double, Device::Cpu)) * 0.9 + 0.05;
-    zero_grads(&vs);
-    tch::manual_seed(100);
-    let loss_bp = backprop_loss(&c, &x, TraceMode::Rademacher);
-    loss_bp.backward();
-    let bp = grads(&vs);
-    zero_grads(&vs);
-    tch::manual_seed(100); // the same Hutchinson noise
-    let (loss_adj, stats) = c.backward_by_layers(&x, &opts(TraceMode::Rademacher, true)).unwrap();
-    let adj = grads(&vs);
-    assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9, "loss");
-    assert!(stats.backward.nfe > 0);
-    assert_grads_agree(&bp, &adj, "multiscale");
+    assert_adjoint_matches_backprop(&vs, &c, &x, TraceMode::Rademacher, "multiscale");
 }
