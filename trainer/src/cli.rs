@@ -63,6 +63,8 @@ pub(crate) enum Command {
     Plot(PlotArgs),
     /// Export a run's best checkpoint (model file or JSON), recalibrating the threshold.
     Export(ExportArgs),
+    /// Image runs: seeded samples from the best checkpoint as a PNG grid.
+    SampleImages(SampleImagesArgs),
     /// Turn the JSON form (hand-written or from `export --format json`) into a model file.
     Import(ImportArgs),
     /// Turn a raw labelled data set into train/test splits (see `scripts/fetch-data`).
@@ -161,6 +163,24 @@ pub(crate) struct ExportArgs {
     pub(crate) format: train::Format,
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SampleImagesArgs {
+    /// The run folder of an image `fit`.
+    #[arg(long)]
+    pub(crate) run_dir: PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Images to draw (a square-ish grid).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) count: i64,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: i64,
+    /// Dopri5 tolerance of the inverse solves.
+    #[arg(long, default_value_t = 1e-5)]
+    pub(crate) tol: f64,
 }
 
 #[derive(clap::Args)]

@@ -41,6 +41,31 @@ impl Images {
         crate::npy::write(path, "|u1", &[self.n, self.height, self.width], &self.pixels)
     }
 
+    /// The images as one grayscale PNG: a square-ish grid, one dark pixel between cells.
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        ensure!(self.n > 0, "no images to draw");
+        let cols = (self.n as f64).sqrt().ceil() as usize;
+        let rows = self.n.div_ceil(cols);
+        let (gw, gh) = (cols * (self.width + 1) + 1, rows * (self.height + 1) + 1);
+        let mut grid = vec![40u8; gw * gh];
+        for (i, img) in self.pixels.chunks_exact(self.dim()).enumerate() {
+            let (top, left) = (1 + (i / cols) * (self.height + 1), 1 + (i % cols) * (self.width + 1));
+            for (r, line) in img.chunks_exact(self.width).enumerate() {
+                let at = (top + r) * gw + left;
+                grid[at..at + self.width].copy_from_slice(line);
+            }
+        }
+        let mut png_bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png_bytes, u32::try_from(gw)?, u32::try_from(gh)?);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut writer = enc.write_header()?;
+            writer.write_image_data(&grid)?;
+        }
+        crate::modelfile::write_atomic(path, &png_bytes)
+    }
+
     /// Pixels per image.
     pub fn dim(&self) -> usize {
         self.height * self.width

@@ -67,6 +67,19 @@ fn run() -> Result<()> {
                 &command_line(),
             )
         }
+        Command::SampleImages(a) => {
+            let run = train::RunDir { dir: a.run_dir.clone() };
+            let grid = train::sample_run_images(&run, a.count, a.seed, a.tol)?;
+            grid.save_png(&a.out)?;
+            println!(
+                "wrote {} ({} samples, {}×{} pixels each)",
+                a.out.display(),
+                a.count,
+                grid.height,
+                grid.width
+            );
+            Ok(())
+        }
         Command::DensityBaselines(a) => {
             let train = data::load(&a.train, None)?.to_tensor();
             let test = data::load(&a.test, None)?.to_tensor();

@@ -618,6 +618,37 @@ pub fn export_run(
     Ok(())
 }
 
+/// Image runs: `count` seeded samples from the best checkpoint — latent
+/// `N(0, I)` points mapped back through the flow (float64, Dopri5 `tol`),
+/// scaled by 256 and floored to bytes.
+pub fn sample_run_images(run: &RunDir, count: i64, seed: i64, tol: f64) -> Result<crate::images::Images> {
+    let cfg_path = run.path("config.toml");
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: TrainConfig =
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", cfg_path.display()))?;
+    let Some(&[c, h, w]) = cfg.image_shape.as_deref() else {
+        bail!("{}: not an image run (no image_shape)", cfg_path.display())
+    };
+    anyhow::ensure!(c == 1, "sampling draws single-channel images; this run has {c} channels");
+    anyhow::ensure!(count >= 1, "count must be at least 1");
+    let dim = h * w;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let chain = build_chain(&vs, &cfg, dim, None)?;
+    let best = run.path("best.ot");
+    vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
+    vs.double();
+    tch::manual_seed(seed);
+    let z = Tensor::randn([count, dim], (Kind::Double, Device::Cpu));
+    let x = tch::no_grad(|| {
+        chain.sample_from(&z, &SolveOptions::eval(crate::ode::dopri5_at(tol, cfg.max_steps)))
+    })?
+    .z;
+    let bytes = (x * 256.0).floor().clamp(0.0, 255.0).to_kind(Kind::Uint8).reshape([-1]);
+    let pixels = Vec::<u8>::try_from(&bytes)?;
+    Ok(crate::images::Images { n: count as usize, height: h as usize, width: w as usize, pixels })
+}
+
 /// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
 fn say(bar: &indicatif::ProgressBar, msg: String) {
     use std::io::IsTerminal;

@@ -731,6 +731,12 @@ fn fit_trains_the_multiscale_flow_on_images() {
         serde_json::from_str(&std::fs::read_to_string(d.join("img.run/summary.json")).unwrap()).unwrap();
     let bpd = summary["test_bits_per_dim"].as_f64().unwrap();
     assert!(bpd.is_finite() && bpd > 0.0, "{summary}");
+    // Samples from the best checkpoint as a PNG grid: 5 images → 3 × 2 cells of 8 + 1 pixels.
+    let out = ok(&["sample-images", "--run-dir", "img.run", "--out", "s.png", "--count", "5"], d);
+    assert!(out.contains("5 samples, 8×8"), "{out}");
+    let png = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.join("s.png")).unwrap()));
+    let info = png.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height, info.color_type), (28, 19, png::ColorType::Grayscale));
     let e = err(&[&common[..], &["--valid-data", "small.npy", "--out", "bad.ffjd"]].concat(), d);
     assert!(e.contains("validation images are [1, 4, 4], training images [1, 8, 8]"), "{e}");
 }
