@@ -4,10 +4,12 @@
  * ships no plugins and no qemu-plugin.h, so the few declarations used are
  * written out below.
  *
- * Usage: -plugin ./libinsncount.so,start=0xADDR,end=0xADDR,out=FILE
+ * Usage: -plugin ./libinsncount.so,start=0xADDR,end=0xADDR,out=FILE[,profile=FILE]
  * Every execution of the translation block at `start` opens an interval;
  * the block at `end` closes it and appends the interval's instruction count
- * (one decimal per line) to FILE.
+ * (one decimal per line) to FILE. With `profile=`, each interval also appends
+ * a line `interval N` and one line `ADDR INSNS` per translation block that ran
+ * in it (a block translated twice appears twice; sum by address).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -30,15 +32,31 @@ uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 
 enum kind { BLOCK, START, END };
-struct block { uint64_t n; enum kind kind; };
+struct block { uint64_t n; enum kind kind; uint64_t pc; uint64_t executed; };
 
 static uint64_t start_addr, end_addr, current;
 static int counting;
-static FILE *out;
+static FILE *out, *profile;
+static struct block **blocks;
+static size_t n_blocks, cap_blocks;
+static unsigned interval;
+
+static void write_profile(void)
+{
+    fprintf(profile, "interval %u\n", interval);
+    for (size_t i = 0; i < n_blocks; i++) {
+        if (blocks[i]->executed) {
+            fprintf(profile, "0x%llx %llu\n", (unsigned long long)blocks[i]->pc,
+                    (unsigned long long)(blocks[i]->executed * blocks[i]->n));
+            blocks[i]->executed = 0;
+        }
+    }
+    fflush(profile);
+}
 
 static void on_exec(unsigned int vcpu, void *udata)
 {
-    const struct block *b = udata;
+    struct block *b = udata;
     (void)vcpu;
     if (b->kind == START) {
         counting = 1;
@@ -47,10 +65,15 @@ static void on_exec(unsigned int vcpu, void *udata)
         if (counting && out) {
             fprintf(out, "%llu\n", (unsigned long long)current);
             fflush(out);
+            if (profile) {
+                write_profile();
+            }
+            interval++;
         }
         counting = 0;
     } else if (counting) {
         current += b->n;
+        b->executed++;
     }
 }
 
@@ -64,6 +87,20 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     }
     b->n = qemu_plugin_tb_n_insns(tb);
     b->kind = pc == start_addr ? START : pc == end_addr ? END : BLOCK;
+    b->pc = pc;
+    b->executed = 0;
+    if (profile) {
+        if (n_blocks == cap_blocks) {
+            size_t cap = cap_blocks ? 2 * cap_blocks : 1024;
+            struct block **grown = realloc(blocks, cap * sizeof *grown);
+            if (!grown) {
+                return;
+            }
+            blocks = grown;
+            cap_blocks = cap;
+        }
+        blocks[n_blocks++] = b;
+    }
     qemu_plugin_register_vcpu_tb_exec_cb(tb, on_exec, QEMU_PLUGIN_CB_NO_REGS, b);
 }
 
@@ -78,6 +115,8 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
             end_addr = strtoull(argv[i] + 4, NULL, 0);
         } else if (strncmp(argv[i], "out=", 4) == 0) {
             out = fopen(argv[i] + 4, "w");
+        } else if (strncmp(argv[i], "profile=", 8) == 0) {
+            profile = fopen(argv[i] + 8, "w");
         }
     }
     if (!start_addr || !end_addr || !out) {
