@@ -6,7 +6,8 @@ use ffjord_runtime::format::Weights;
 use ffjord_runtime::{Activation, LayerKind, LayerParts, LayerSpec, LayerWeights};
 use tch::{Kind, Tensor, nn};
 
-use crate::kernel::{LayerShape, Mlp, Real, ShardedPass};
+use crate::kernel::{LayerShape, Mlp, Real};
+use crate::shards::ShardedPass;
 
 /// `f(t, z)`: the right-hand side of a CNF, batched over rows of `z`.
 pub trait VectorField {
