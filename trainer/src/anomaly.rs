@@ -392,10 +392,7 @@ pub fn benchmark(
     labels: &[bool],
     components: i64,
 ) -> Result<Vec<BenchmarkRow>> {
-    let cfg_path = run_dir.join("config.toml");
-    let text =
-        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: crate::config::TrainConfig = toml::from_str(&text)?;
+    let cfg = crate::run::RunDir { dir: run_dir.to_path_buf() }.config()?;
     tch::manual_seed(cfg.seed);
     let (splits, _) = crate::train::prepare_data(&cfg)?;
     let to_data = |t: &Tensor| t * &splits.std + &splits.mean;

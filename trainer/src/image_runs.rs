@@ -46,13 +46,9 @@ pub fn bits_per_dim(nll: f64, dim: i64) -> f64 {
 /// `N(0, I)` points mapped back through the flow (float64, Dopri5 `tol`),
 /// scaled by 256 and floored to bytes.
 pub fn sample_run_images(run: &RunDir, count: i64, seed: i64, tol: f64) -> Result<crate::images::Images> {
-    let cfg_path = run.path("config.toml");
-    let text =
-        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: TrainConfig =
-        toml::from_str(&text).with_context(|| format!("{}: invalid config", cfg_path.display()))?;
+    let cfg = run.config()?;
     let Some(&[c, h, w]) = cfg.image_shape.as_deref() else {
-        bail!("{}: not an image run (no image_shape)", cfg_path.display())
+        bail!("{}: not an image run (no image_shape)", run.path("config.toml").display())
     };
     anyhow::ensure!(c == 1, "sampling draws single-channel images; this run has {c} channels");
     anyhow::ensure!(count >= 1, "count must be at least 1");

@@ -19,6 +19,13 @@ impl RunDir {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// The run's saved config (`config.toml`).
+    pub fn config(&self) -> Result<crate::config::TrainConfig> {
+        let path = self.path("config.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]

@@ -557,11 +557,7 @@ pub fn export_run(
     device: Device,
     command: &str,
 ) -> Result<()> {
-    let cfg_path = run.path("config.toml");
-    let text =
-        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg: TrainConfig =
-        toml::from_str(&text).with_context(|| format!("{}: invalid config", cfg_path.display()))?;
+    let cfg = run.config()?;
     tch::manual_seed(cfg.seed);
     let (splits, description) = prepare_data(&cfg)?;
     let mut vs = nn::VarStore::new(device);
