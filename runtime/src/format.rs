@@ -450,8 +450,9 @@ pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<us
     Ok(needed)
 }
 
-/// A view of little-endian `f32` values inside borrowed bytes. Reads go through
-/// `f32::from_le_bytes`, so any alignment is fine and nothing is copied to RAM.
+/// A view of little-endian `f32` values inside borrowed bytes. Any alignment
+/// is fine and nothing is copied to RAM; 4-aligned values are read as `f32`
+/// directly ([`Weights::as_f32`]), others through `f32::from_le_bytes`.
 #[derive(Clone, Copy, Debug)]
 pub struct Weights<'a> {
     words: &'a [[u8; 4]],
@@ -504,43 +505,19 @@ impl<'a> Weights<'a> {
 
     /// `Σ_i self[i] · x[i]` over the shorter of the two, with eight
     /// independent accumulators (a fixed summation order, the same on every
-    /// target, that the compiler can vectorise). Always inlined: it is the
-    /// network kernel's inner loop, and at opt-level "s" (firmware) a second
-    /// caller once made LLVM call it out of line there (+13% instructions).
+    /// target, that the compiler can vectorise). Used by the `Linear` stage;
+    /// the net's products go through the lane-blocked kernel in `matvec`.
     #[inline(always)]
     pub fn dot(&self, x: &[f32]) -> f32 {
-        let (w8, w_tail) = self.words.as_chunks::<8>();
-        let (x8, x_tail) = x.as_chunks::<8>();
-        // Eight named accumulators, unrolled by hand: at `opt-level = "s"`
-        // (firmware) an inner loop over an array kept them in memory, costing
-        // 11 instructions per multiply-add on the Cortex-M4F instead of 4.
-        let (mut a0, mut a1, mut a2, mut a3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        let (mut a4, mut a5, mut a6, mut a7) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        for (w, x) in w8.iter().zip(x8) {
-            let [w0, w1, w2, w3, w4, w5, w6, w7] = *w;
-            let [x0, x1, x2, x3, x4, x5, x6, x7] = *x;
-            a0 += f32::from_le_bytes(w0) * x0;
-            a1 += f32::from_le_bytes(w1) * x1;
-            a2 += f32::from_le_bytes(w2) * x2;
-            a3 += f32::from_le_bytes(w3) * x3;
-            a4 += f32::from_le_bytes(w4) * x4;
-            a5 += f32::from_le_bytes(w5) * x5;
-            a6 += f32::from_le_bytes(w6) * x6;
-            a7 += f32::from_le_bytes(w7) * x7;
-        }
-        let mut sum = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7));
-        if w8.len() <= x8.len() {
-            let x_rest = x.get(8 * w8.len()..).unwrap_or(&[]);
-            for (w, x) in w_tail.iter().zip(x_rest) {
-                sum += f32::from_le_bytes(*w) * x;
-            }
-        } else {
-            let w_rest = self.words.get(8 * x8.len()..).unwrap_or(&[]);
-            for (w, x) in w_rest.iter().zip(x_tail) {
-                sum += f32::from_le_bytes(*w) * x;
-            }
-        }
-        sum
+        dot8(self.words, x, |w| f32::from_le_bytes(*w))
+    }
+
+    /// The values as `f32` in place, when they lie 4-aligned in memory on a
+    /// little-endian target (a model loaded from a 4-aligned buffer: the file
+    /// aligns its weight section); `None` otherwise.
+    #[inline]
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        if cfg!(target_endian = "little") { bytemuck::try_cast_slice(self.words).ok() } else { None }
     }
 
     /// The floats in order.
@@ -548,4 +525,42 @@ impl<'a> Weights<'a> {
     pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
         self.words.iter().map(|w| f32::from_le_bytes(*w))
     }
+}
+
+/// [`Weights::dot`]'s loop over weights of either representation (`read`
+/// turns one stored weight into its value).
+#[inline(always)]
+fn dot8<T>(w: &[T], x: &[f32], read: impl Fn(&T) -> f32) -> f32 {
+    let (w8, w_tail) = w.as_chunks::<8>();
+    let (x8, x_tail) = x.as_chunks::<8>();
+    // Eight named accumulators, unrolled by hand: at `opt-level = "s"`
+    // (firmware) an inner loop over an array kept them in memory, costing
+    // 11 instructions per multiply-add on the Cortex-M4F instead of 4.
+    let (mut a0, mut a1, mut a2, mut a3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+    let (mut a4, mut a5, mut a6, mut a7) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+    for (w, x) in w8.iter().zip(x8) {
+        let [w0, w1, w2, w3, w4, w5, w6, w7] = w;
+        let [x0, x1, x2, x3, x4, x5, x6, x7] = *x;
+        a0 += read(w0) * x0;
+        a1 += read(w1) * x1;
+        a2 += read(w2) * x2;
+        a3 += read(w3) * x3;
+        a4 += read(w4) * x4;
+        a5 += read(w5) * x5;
+        a6 += read(w6) * x6;
+        a7 += read(w7) * x7;
+    }
+    let mut sum = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7));
+    if w8.len() <= x8.len() {
+        let x_rest = x.get(8 * w8.len()..).unwrap_or(&[]);
+        for (w, x) in w_tail.iter().zip(x_rest) {
+            sum += read(w) * x;
+        }
+    } else {
+        let w_rest = w.get(8 * x8.len()..).unwrap_or(&[]);
+        for (w, x) in w_rest.iter().zip(x_tail) {
+            sum += read(w) * x;
+        }
+    }
+    sum
 }

@@ -20,6 +20,7 @@ pub mod error;
 mod flow;
 pub mod format;
 pub mod math;
+mod matvec;
 mod model;
 mod net;
 mod packed;

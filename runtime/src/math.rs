@@ -4,15 +4,19 @@
 /// `log(2π) / 2`.
 pub const HALF_LN_2PI: f32 = 0.918_938_5;
 
-/// Logistic sigmoid, stable for large |x|.
-#[inline]
+/// Logistic sigmoid, branch-free (it vectorises in [`sigmoid_in_place`]):
+/// `1 / (1 + e^{−|x|})` or its complement, with [`tanh_with_derivative`]'s
+/// exponential. Max error 1e-7 absolute, and 1e-6 relative for x ≥ −80
+/// (inputs are clamped at ±87), against float64 (tested). The one sigmoid of
+/// both evaluation paths (gates, softplus' derivative, swish).
+#[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + libm::expf(-x))
-    } else {
-        let e = libm::expf(x);
-        e / (1.0 + e)
-    }
+    let a = f32::from_bits(x.to_bits() & 0x7fff_ffff);
+    let a = if a < 87.0 { a } else { 87.0 };
+    let e = exp_nonpositive(-a);
+    let p = 1.0 / (1.0 + e);
+    let y = if x >= 0.0 { p } else { e * p };
+    if x.is_nan() { f32::NAN } else { y }
 }
 
 /// PyTorch's softplus with β = 1 and threshold 20: `x` above the threshold.
@@ -27,51 +31,46 @@ pub fn standard_normal_log_prob(z: &[f32]) -> f32 {
     z.iter().map(|&v| -HALF_LN_2PI - 0.5 * v * v).sum()
 }
 
-/// `tanh` of every value in place, and `1 − tanh²` (its derivative) into
-/// `derivative`, branch-free so the compiler vectorises it: the packed
-/// kernel's activation. Max error 2e-7 absolute and 1e-6 relative against
-/// float64 (tested); `libm::tanhf`, used by the one-row path, is a call per
-/// value with branches. `#[inline]` so that a caller compiled for wider
-/// vectors (the trainer's AVX2 path) gets this loop compiled for them too.
+/// `tanh(x)` and its derivative `1 − tanh²(x)`, branch-free so the compiler
+/// vectorises it in [`tanh_in_place`]. Max error 2e-7 absolute and 1e-6
+/// relative against float64 (tested). The one tanh of both evaluation paths:
+/// on the Cortex-M4F about a third of `libm::tanhf`'s instructions, which
+/// calls `expm1f` with branches. `#[inline(always)]` so that a caller compiled
+/// for wider vectors (the trainer's AVX2 path) gets it compiled for them too.
+#[inline(always)]
+pub fn tanh_with_derivative(x: f32) -> (f32, f32) {
+    // Bit operations and plain compares (not fabsf/min/copysignf, which
+    // LLVM keeps scalar here).
+    let a = f32::from_bits(x.to_bits() & 0x7fff_ffff);
+    let a = if a < 9.0 { a } else { 9.0 };
+    // |x| ≥ 0.1: (1 − e^{−2a}) / (1 + e^{−2a}), cancellation ≤ 3e-7 relative.
+    let e = exp_nonpositive(-2.0 * a);
+    let large = (1.0 - e) / (1.0 + e);
+    // |x| < 0.1: odd Taylor series to x⁷ (next term < 3e-11 relative).
+    let x2 = a * a;
+    let small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))));
+    let t = if a < 0.1 { small } else { large };
+    let y = f32::from_bits(t.to_bits() | (x.to_bits() & 0x8000_0000));
+    // NaN propagates (the clamp above turns it into 9). A fresh NaN, not
+    // `x`: "keep the old value" would let LLVM emit a masked store,
+    // microcoded and slow on AMD, where this is a blend.
+    let y = if x.is_nan() { f32::NAN } else { y };
+    (y, 1.0 - y * y)
+}
+
+/// [`tanh_with_derivative`] of every value: `tanh` in place, `1 − tanh²` into
+/// `derivative` (the packed kernel's activation).
 #[inline]
 pub fn tanh_in_place(values: &mut [f32], derivative: &mut [f32]) {
     for (v, d) in values.iter_mut().zip(derivative.iter_mut()) {
-        let x = *v;
-        // Bit operations and plain compares (not fabsf/min/copysignf, which
-        // LLVM keeps scalar here).
-        let a = f32::from_bits(x.to_bits() & 0x7fff_ffff);
-        let a = if a < 9.0 { a } else { 9.0 };
-        // |x| ≥ 0.1: (1 − e^{−2a}) / (1 + e^{−2a}), cancellation ≤ 3e-7 relative.
-        let e = exp_nonpositive(-2.0 * a);
-        let large = (1.0 - e) / (1.0 + e);
-        // |x| < 0.1: odd Taylor series to x⁷ (next term < 3e-11 relative).
-        let x2 = a * a;
-        let small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))));
-        let t = if a < 0.1 { small } else { large };
-        let y = f32::from_bits(t.to_bits() | (x.to_bits() & 0x8000_0000));
-        // NaN propagates (the clamp above turns it into 9). A fresh NaN, not
-        // `x`: "keep the old value" would let LLVM emit a masked store,
-        // microcoded and slow on AMD, where this is a blend.
-        let y = if x.is_nan() { f32::NAN } else { y };
-        *v = y;
-        *d = 1.0 - y * y;
+        (*v, *d) = tanh_with_derivative(*v);
     }
 }
 
-/// The logistic sigmoid of every value in place, branch-free so it
-/// vectorises (per-row gates of the packed kernel): `1 / (1 + e^{−|x|})` or
-/// its complement, with [`tanh_in_place`]'s exponential. Max error 1e-7
-/// absolute, and 1e-6 relative for x ≥ −80 (inputs are clamped at ±87),
-/// against float64 (tested).
+/// [`sigmoid`] of every value in place (per-row gates of the packed kernel).
 pub fn sigmoid_in_place(values: &mut [f32]) {
     for v in values.iter_mut() {
-        let x = *v;
-        let a = f32::from_bits(x.to_bits() & 0x7fff_ffff);
-        let a = if a < 87.0 { a } else { 87.0 };
-        let e = exp_nonpositive(-a);
-        let p = 1.0 / (1.0 + e);
-        let y = if x >= 0.0 { p } else { e * p };
-        *v = if x.is_nan() { f32::NAN } else { y };
+        *v = sigmoid(*v);
     }
 }
 
@@ -83,7 +82,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0);
+    // A compare, not `f32::max` (a call to `fmaxf` on the Cortex-M4F).
+    let x = if x > -87.0 { x } else { -87.0 };
     let shifted = x * core::f32::consts::LOG2_E + MAGIC;
     let n = shifted - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;

@@ -10,7 +10,8 @@
 //! tangent lanes as one scale factor per unit.
 
 use crate::format::{Activation, CnfSpec, LayerKind, LayerSpec, Weights};
-use crate::math::{copy, sigmoid, softplus};
+use crate::math::{copy, sigmoid, softplus, tanh_with_derivative};
+use crate::matvec::{Dims, matvec_lanes};
 use crate::solver::Dynamics;
 
 /// One CNF block as dynamics of the augmented state `[z (D values), ℓ]` with
@@ -231,13 +232,7 @@ fn apply_layer(
         LayerWeights::split(kind, w, d_in, d_out);
 
     // 1. Every lane: y_l = W x_l (the t column of a concat layer skipped).
-    let in_lanes = input.chunks_exact(d_in.max(1)).take(lanes);
-    for (x, y) in in_lanes.zip(output.chunks_exact_mut(d_out.max(1))) {
-        for (yo, row) in y.iter_mut().zip(matrix.rows(cols)) {
-            let (_, row_x) = row.split_at(usize::from(concat));
-            *yo = row_x.dot(x);
-        }
-    }
+    matvec_lanes(matrix, cols, usize::from(concat), input, output, Dims { d_in, d_out, lanes });
     // 2. The value lane: bias, time terms, gate, activation. `scale` keeps
     //    d(output)/d(W x) per unit for the tangent lanes.
     let (value, tangents) = output.split_at_mut(d_out.min(output.len()));
@@ -277,10 +272,7 @@ fn apply_layer(
 pub(crate) fn activate(act: Activation, x: f32) -> (f32, f32) {
     match act {
         Activation::Identity => (x, 1.0),
-        Activation::Tanh => {
-            let y = libm::tanhf(x);
-            (y, 1.0 - y * y)
-        }
+        Activation::Tanh => tanh_with_derivative(x),
         Activation::Softplus => (softplus(x), sigmoid(x)),
         Activation::Elu => {
             if x > 0.0 {
