@@ -418,13 +418,15 @@ pub fn benchmark(
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = crate::model::SolveOptions::eval(cfg.eval_method());
-    let score_with =
-        |(_, chain): &(tch::nn::VarStore, crate::model::Chain), x: &Tensor| -> Result<Vec<f64>> {
-            Ok(chain.log_prob_rows(x, &opts, 2000)?.0.into_iter().map(|v| -v).collect())
-        };
+    let rows_of = |(_, chain): &(tch::nn::VarStore, crate::model::Chain), x: &Tensor| {
+        chain.log_prob_rows(x, &opts, 2000)
+    };
     // One model: its scores. Several: the ensemble's, −log (1/K Σ_k p_k).
     let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
-        let per_model: Vec<Vec<f64>> = chains.iter().map(|c| score_with(c, x)).collect::<Result<_>>()?;
+        let per_model: Vec<Vec<f64>> = chains
+            .iter()
+            .map(|c| Ok(rows_of(c, x)?.log_p.into_iter().map(|v| -v).collect()))
+            .collect::<Result<_>>()?;
         let k = per_model.len() as f64;
         Ok((0..per_model[0].len())
             .map(|i| {
@@ -440,8 +442,20 @@ pub fn benchmark(
     };
     let mut methods: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     methods.push((name, ffjord_scores(&to_data(&splits.valid))?, ffjord_scores(&test_x)?));
+    // The same flow scored by its latent point alone, −log N(z) = ‖z‖²/2 +
+    // const: the known alternative that ignores the volume term (what the
+    // flow learned about fine detail). Reported, not the default: without
+    // labelled validation outliers there is no label-free way to choose it.
+    if let [chain] = chains.as_slice() {
+        let latent = |x: &Tensor| -> Result<Vec<f64>> { Ok(neg_all(rows_of(chain, x)?.log_p_base)) };
+        methods.push((
+            "FFJORD latent radius −log N(z) (this model)".into(),
+            latent(&to_data(&splits.valid))?,
+            latent(&test_x)?,
+        ));
+    }
 
-    let neg = |v: Vec<f64>| v.into_iter().map(|x| -x).collect::<Vec<_>>();
+    let neg = neg_all;
     let train = splits.train.shallow_clone();
     let (valid_s, test_s) = (splits.valid.shallow_clone(), standardize(&test_x));
     for (name, k) in [
@@ -477,7 +491,7 @@ pub fn benchmark(
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let nll: Vec<String> = methods
         .iter()
-        .filter(|(name, ..)| !name.starts_with("Isolation") && !name.starts_with("Local"))
+        .filter(|(name, ..)| !["Isolation", "Local", "FFJORD latent"].iter().any(|p| name.starts_with(p)))
         .map(|(name, valid, _)| {
             let shift = if name.starts_with("FFJORD") { log_std } else { 0.0 };
             format!("{} {:.3}", name.split(" (").next().unwrap_or(name), mean(valid) - shift)
@@ -493,6 +507,11 @@ pub fn benchmark(
             at_99: detection(&test_scores, labels, quantile(&valid, 0.99)),
         })
         .collect())
+}
+
+/// Every value negated (log-densities into anomaly scores).
+fn neg_all(v: Vec<f64>) -> Vec<f64> {
+    v.into_iter().map(|x| -x).collect()
 }
 
 /// Mean ± standard deviation (over runs, e.g. split seeds) of every method's

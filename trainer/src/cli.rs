@@ -482,6 +482,10 @@ pub(crate) struct ScoreArgs {
     pub(crate) tol: Option<f32>,
     #[arg(long, default_value_t = 8)]
     pub(crate) steps: u32,
+    /// A 0/1 label column (1 = outlier) in the rows: not a feature; copied to
+    /// the output, and AUROC and average precision are printed.
+    #[arg(long)]
+    pub(crate) label: Option<String>,
     /// Output CSV (stdout if omitted).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,

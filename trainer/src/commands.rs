@@ -70,7 +70,8 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
     let method = ode::dopri5_at(args.tol, 1_000_000);
     let opts = model::SolveOptions::eval(method);
     // In chunks: one batch of 144k rows took 4 GB.
-    let (log_p, nfe) = chain.log_prob_rows(&x, &opts, EVAL_CHUNK_ROWS)?;
+    let rows = chain.log_prob_rows(&x, &opts, EVAL_CHUNK_ROWS)?;
+    let (log_p, nfe) = (rows.log_p, rows.nfe);
     let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
     let d = model.dim() as f64;
     println!(
@@ -161,25 +162,58 @@ pub(crate) fn budget(args: &BudgetArgs) -> Result<()> {
 }
 
 pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
-    let (bytes, table) = model_and_rows(&args.model, &args.data)?;
+    let bytes = modelfile::read_model_bytes(&args.model)?;
     let model = Model::from_bytes(&bytes)?;
+    let table = args.data.load()?;
+    let (table, labels) = match &args.label {
+        Some(column) => {
+            let (features, labels) =
+                ffjord_trainer::anomaly::split_labels(&table, column).with_context(|| args.data.source())?;
+            (features, Some(labels))
+        }
+        None => (table, None),
+    };
+    check_width(&args.data.source(), &table, &args.model, model.dim())?;
     let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))?;
     let mut scratch = vec![0.0f32; flow.scratch_len()];
-    let mut out = String::from("row,log_p,score,verdict,nfe\n");
-    let (mut anomalies, mut n) = (0, 0);
+    // log_p = log_p_base (the standard normal at z) − delta_log_p (the log
+    // volume change along the flow, standardization included).
+    let mut out = String::from("row,log_p,score,verdict,nfe,log_p_base,delta_log_p");
+    out += if labels.is_some() { ",label\n" } else { "\n" };
+    let (mut anomalies, mut scores) = (0, Vec::with_capacity(table.rows));
     for i in 0..table.rows {
         let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
         let s = flow.score(&x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
         anomalies += usize::from(s.verdict == Verdict::Anomaly);
         let verdict = s.verdict.name();
-        n += 1;
-        out += &format!("{i},{},{},{verdict},{}\n", s.log_density.log_p, s.score, s.log_density.stats.nfe);
+        let ld = s.log_density;
+        out += &format!(
+            "{i},{},{},{verdict},{},{},{}",
+            ld.log_p, s.score, ld.stats.nfe, ld.log_p_base, ld.delta_log_p
+        );
+        match &labels {
+            Some(l) => out += &format!(",{}\n", u8::from(l[i])),
+            None => out += "\n",
+        }
+        scores.push(f64::from(s.score));
     }
     match &args.out {
         Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
         None => std::io::stdout().write_all(out.as_bytes())?,
     }
-    eprintln!("{n} rows scored, {anomalies} anomalies");
+    eprintln!("{} rows scored, {anomalies} anomalies", table.rows);
+    if let Some(labels) = &labels {
+        let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
+        let d = ffjord_trainer::anomaly::detection(&scores, labels, threshold);
+        eprintln!(
+            "against '{}': AUROC {:.4}, average precision {:.4}; at the stored threshold recall {:.4}, false-positive rate {:.4}",
+            args.label.as_deref().unwrap_or_default(),
+            d.auroc,
+            d.average_precision,
+            d.recall,
+            d.false_positive_rate
+        );
+    }
     Ok(())
 }
 

@@ -72,7 +72,8 @@ const TEST_SEED: i64 = 77_777;
 /// Mean NLL (nats, standardized data) over rows in batches, its standard
 /// error over rows, and the NFE.
 pub fn mean_nll(chain: &Chain, x: &Tensor, opts: &SolveOptions, batch: i64) -> Result<(f64, f64, u32)> {
-    let (log_p, nfe) = chain.log_prob_rows(x, opts, batch)?;
+    let rows = chain.log_prob_rows(x, opts, batch)?;
+    let (log_p, nfe) = (rows.log_p, rows.nfe);
     let n = log_p.len().max(1) as f64;
     let nll = -log_p.iter().sum::<f64>() / n;
     let var = log_p.iter().map(|v| (-v - nll).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);

@@ -255,6 +255,30 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     let scored = ok(&["score", "--model", "six.ffjd", "--data", "six-200.csv"], d);
     assert_eq!(scored.lines().count(), 201);
     assert!(scored.lines().skip(1).all(|l| l.contains(",normal,") || l.contains(",anomaly,")));
+    // With a label column: it is not a feature, it is copied to the output,
+    // and every row's log p splits into the latent's share and the volume term.
+    let rows = std::fs::read_to_string(d.join("six-200.csv")).unwrap();
+    let labelled: String = rows
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i == 0 { format!("{l},outlier\n") } else { format!("{l},{}\n", u8::from(i > 150)) })
+        .collect();
+    std::fs::write(d.join("six-labelled.csv"), labelled).unwrap();
+    let with_label =
+        ok(&["score", "--model", "six.ffjd", "--data", "six-labelled.csv", "--label", "outlier"], d);
+    let mut lines = with_label.lines();
+    assert_eq!(lines.next().unwrap(), "row,log_p,score,verdict,nfe,log_p_base,delta_log_p,label");
+    for (i, (line, plain)) in lines.zip(scored.lines().skip(1)).enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f[..7].join(","), plain, "row {i}: the label column changed the features");
+        let v = |k: usize| f[k].parse::<f64>().unwrap();
+        assert!((v(1) - (v(5) - v(6))).abs() <= 1e-4 * (1.0 + v(1).abs()), "{line}");
+        assert_eq!(f[7], if i + 1 > 150 { "1" } else { "0" });
+    }
+    assert!(
+        err(&["score", "--model", "six.ffjd", "--data", "six-200.csv", "--label", "nope"], d)
+            .contains("no label column 'nope'")
+    );
 }
 
 /// `fit --search`: every width is tried within the budget, the one with the

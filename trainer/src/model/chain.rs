@@ -20,6 +20,17 @@ pub struct ChainOutput {
     pub stats: PassStats,
 }
 
+/// [`Chain::log_prob_rows`]' result.
+pub struct RowsLogProb {
+    /// log p(x) per row.
+    pub log_p: Vec<f64>,
+    /// log N(z; 0, I) per row: the part of log p that the latent point alone
+    /// gives (the rest is the log volume change).
+    pub log_p_base: Vec<f64>,
+    /// Function evaluations, summed over chunks.
+    pub nfe: u64,
+}
+
 /// `Σ_i (−½ log 2π − z_i²/2)` per row.
 pub fn standard_normal_log_prob(z: &Tensor) -> Tensor {
     let c = -0.5 * (2.0 * std::f64::consts::PI).ln();
@@ -43,16 +54,20 @@ impl Chain {
 
     /// `log p` of every row of `x`, without a graph, `chunk` rows at a time
     /// (memory stays bounded however many rows there are; each chunk takes
-    /// its own adaptive steps). Returns the values (float64) and the NFE
-    /// summed over chunks.
-    pub fn log_prob_rows(&self, x: &Tensor, opts: &SolveOptions, chunk: i64) -> Result<(Vec<f64>, u64)> {
-        let (mut log_p, mut nfe) = (Vec::with_capacity(x.size()[0] as usize), 0u64);
+    /// its own adaptive steps). Returns the values (float64), the base
+    /// density's share `log N(z)` of each, and the NFE summed over chunks.
+    pub fn log_prob_rows(&self, x: &Tensor, opts: &SolveOptions, chunk: i64) -> Result<RowsLogProb> {
+        let n = x.size()[0] as usize;
+        let mut rows =
+            RowsLogProb { log_p: Vec::with_capacity(n), log_p_base: Vec::with_capacity(n), nfe: 0 };
         for part in x.split(chunk.max(1), 0) {
             let out = tch::no_grad(|| self.log_prob(&part, opts))?;
-            log_p.extend(Vec::<f64>::try_from(&out.log_p.to_kind(Kind::Double))?);
-            nfe += u64::from(out.stats.solve.nfe);
+            rows.log_p.extend(Vec::<f64>::try_from(&out.log_p.to_kind(Kind::Double))?);
+            let base = standard_normal_log_prob(&out.z.to_kind(Kind::Double));
+            rows.log_p_base.extend(Vec::<f64>::try_from(&base)?);
+            rows.nfe += u64::from(out.stats.solve.nfe);
         }
-        Ok((log_p, nfe))
+        Ok(rows)
     }
 
     /// The training loss `−mean log p(x)` (+ RNODE's terms) and its parameter
