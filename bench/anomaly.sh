@@ -53,7 +53,7 @@ for set in "${sets[@]}"; do
     done
     "$trainer" benchmark --run-dir "$d/model.run" "${models[@]}" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
-    echo "$set seed $seed: $(grep FFJORD "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"
+    echo "$set seed $seed: $(grep "FFJORD (this model)" "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"
   done
   echo "## $set"
   "$trainer" benchmark-summary "$out/$set"/seed*/benchmark.json | tee "$out/$set/summary.md"

@@ -135,16 +135,22 @@ fn a_labelled_csv_is_prepared_trained_scored_and_benchmarked() {
             ],
             d,
         );
-        for method in
-            ["FFJORD", "Gaussian (full", "mixture", "Isolation forest", "Local outlier factor", "KDE"]
-        {
+        for method in [
+            "FFJORD (this",
+            "FFJORD latent radius",
+            "Gaussian (full",
+            "mixture",
+            "Isolation forest",
+            "Local outlier factor",
+            "KDE",
+        ] {
             assert!(table.contains(method), "{method} missing:\n{table}");
         }
         summaries.push(json);
     }
     let (summary, _) = ok(&["benchmark-summary", &summaries[0], &summaries[1]], d);
     assert!(summary.starts_with("| method (2 runs) | AUROC |"), "{summary}");
-    assert_eq!(summary.lines().count(), 2 + 6, "{summary}");
+    assert_eq!(summary.lines().count(), 2 + 7, "{summary}");
     // The shifted outliers are easy: every method ranks them well on average.
     for line in summary.lines().skip(2) {
         let auroc: f64 = line.split('|').nth(2).unwrap().trim().split(' ').next().unwrap().parse().unwrap();
