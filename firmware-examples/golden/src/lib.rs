@@ -123,7 +123,12 @@ pub fn write(model_path: &Path, rows: &[(Vec<f32>, bool)], out_dir: &Path) {
     // 4-aligned, so that the runtime reads the weights as f32 (one `vldr` each
     // on the Cortex-M4F instead of an unaligned `ldr` and a `vmov`).
     writeln!(s, "#[repr(C, align(4))]\nstruct Aligned<T: ?Sized>(T);").unwrap();
-    writeln!(s, "static ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));", abs.display().to_string()).unwrap();
+    writeln!(
+        s,
+        "static ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!({:?}));",
+        abs.display().to_string()
+    )
+    .unwrap();
     writeln!(s, "pub static MODEL: &[u8] = &ALIGNED.0;").unwrap();
     writeln!(s, "pub static ROWS: [[f32; {d}]; {}] = [", rows.len()).unwrap();
     for (r, _) in rows {
