@@ -503,13 +503,12 @@ impl<'a> Weights<'a> {
         self.words.chunks_exact(n.max(1)).map(|words| Weights { words })
     }
 
-    /// `Σ_i self[i] · x[i]` over the shorter of the two, with eight
-    /// independent accumulators (a fixed summation order, the same on every
-    /// target, that the compiler can vectorise). Used by the `Linear` stage;
-    /// the net's products go through the lane-blocked kernel in `matvec`.
-    #[inline(always)]
+    /// `Σ_i self[i] · x[i]` over the shorter of the two, summed in ascending
+    /// order from zero — the same order as the net's products
+    /// ([`crate::matvec`]), so every target gives the same bits.
+    #[inline]
     pub fn dot(&self, x: &[f32]) -> f32 {
-        dot8(self.words, x, |w| f32::from_le_bytes(*w))
+        crate::matvec::ascending_dot(self.iter(), x)
     }
 
     /// The values as `f32` in place, when they lie 4-aligned in memory on a
@@ -525,42 +524,4 @@ impl<'a> Weights<'a> {
     pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
         self.words.iter().map(|w| f32::from_le_bytes(*w))
     }
-}
-
-/// [`Weights::dot`]'s loop over weights of either representation (`read`
-/// turns one stored weight into its value).
-#[inline(always)]
-fn dot8<T>(w: &[T], x: &[f32], read: impl Fn(&T) -> f32) -> f32 {
-    let (w8, w_tail) = w.as_chunks::<8>();
-    let (x8, x_tail) = x.as_chunks::<8>();
-    // Eight named accumulators, unrolled by hand: at `opt-level = "s"`
-    // (firmware) an inner loop over an array kept them in memory, costing
-    // 11 instructions per multiply-add on the Cortex-M4F instead of 4.
-    let (mut a0, mut a1, mut a2, mut a3) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-    let (mut a4, mut a5, mut a6, mut a7) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-    for (w, x) in w8.iter().zip(x8) {
-        let [w0, w1, w2, w3, w4, w5, w6, w7] = w;
-        let [x0, x1, x2, x3, x4, x5, x6, x7] = *x;
-        a0 += read(w0) * x0;
-        a1 += read(w1) * x1;
-        a2 += read(w2) * x2;
-        a3 += read(w3) * x3;
-        a4 += read(w4) * x4;
-        a5 += read(w5) * x5;
-        a6 += read(w6) * x6;
-        a7 += read(w7) * x7;
-    }
-    let mut sum = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7));
-    if w8.len() <= x8.len() {
-        let x_rest = x.get(8 * w8.len()..).unwrap_or(&[]);
-        for (w, x) in w_tail.iter().zip(x_rest) {
-            sum += read(w) * x;
-        }
-    } else {
-        let w_rest = w.get(8 * x8.len()..).unwrap_or(&[]);
-        for (w, x) in w_rest.iter().zip(x_tail) {
-            sum += read(w) * x;
-        }
-    }
-    sum
 }

@@ -36,6 +36,13 @@ pub(crate) fn matvec_lanes(
     }
 }
 
+/// `Σ_i w_i x_i` over the shorter of the two, one accumulator from zero in
+/// ascending order: the summation order of every product in the runtime.
+#[inline(always)]
+pub(crate) fn ascending_dot(w: impl IntoIterator<Item = f32>, x: &[f32]) -> f32 {
+    w.into_iter().zip(x).fold(0.0, |acc, (w, x)| acc + w * x)
+}
+
 /// Sizes of one layer's product.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dims {
@@ -55,7 +62,7 @@ fn plain(w: Weights<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [
     for (x, y) in lanes_in.zip(output.chunks_exact_mut(d_out.max(1))) {
         for (yo, row) in y.iter_mut().zip(w.rows(cols.max(1))) {
             let (_, used) = row.split_at(skip);
-            *yo = used.iter().zip(x).fold(0.0, |acc, (w, x)| acc + w * x);
+            *yo = used.dot(x);
         }
     }
 }
@@ -128,7 +135,7 @@ fn lane_block<const L: usize>(
     for (k, row) in tail.chunks_exact(cols).map(used).enumerate() {
         for (y, x) in ys_tail.iter_mut().zip(x) {
             if let Some(o) = y.get_mut(k) {
-                *o = row.iter().zip(x).fold(0.0, |acc, (w, x)| acc + w * x);
+                *o = ascending_dot(row.iter().copied(), x);
             }
         }
     }

@@ -418,40 +418,38 @@ pub fn benchmark(
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = crate::model::SolveOptions::eval(cfg.eval_method());
-    let rows_of = |(_, chain): &(tch::nn::VarStore, crate::model::Chain), x: &Tensor| {
-        chain.log_prob_rows(x, &opts, 2000)
+    // Every model's rows, solved once per split: −log p gives the FFJORD row
+    // (one model: its scores; several: the ensemble's, −log (1/K Σ_k p_k)),
+    // and for one model −log N(z) gives the latent-radius row.
+    let solve_all = |x: &Tensor| -> Result<Vec<crate::model::RowsLogProb>> {
+        chains.iter().map(|(_, chain)| chain.log_prob_rows(x, &opts, 2000)).collect()
     };
-    // One model: its scores. Several: the ensemble's, −log (1/K Σ_k p_k).
-    let ffjord_scores = |x: &Tensor| -> Result<Vec<f64>> {
-        let per_model: Vec<Vec<f64>> = chains
-            .iter()
-            .map(|c| Ok(rows_of(c, x)?.log_p.into_iter().map(|v| -v).collect()))
-            .collect::<Result<_>>()?;
+    let ensemble_scores = |per_model: &[crate::model::RowsLogProb]| -> Vec<f64> {
         let k = per_model.len() as f64;
-        Ok((0..per_model[0].len())
+        (0..per_model[0].log_p.len())
             .map(|i| {
-                let lps: Vec<f64> = per_model.iter().map(|s| -s[i]).collect();
+                let lps: Vec<f64> = per_model.iter().map(|m| m.log_p[i]).collect();
                 let max = lps.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 -(max + (lps.iter().map(|l| (l - max).exp()).sum::<f64>() / k).ln())
             })
-            .collect())
+            .collect()
     };
+    let (valid_rows, test_rows) = (solve_all(&to_data(&splits.valid))?, solve_all(&test_x)?);
     let name = match model_paths.len() {
         1 => "FFJORD (this model)".to_string(),
         k => format!("FFJORD (ensemble of {k})"),
     };
     let mut methods: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
-    methods.push((name, ffjord_scores(&to_data(&splits.valid))?, ffjord_scores(&test_x)?));
+    methods.push((name, ensemble_scores(&valid_rows), ensemble_scores(&test_rows)));
     // The same flow scored by its latent point alone, −log N(z) = ‖z‖²/2 +
     // const: the known alternative that ignores the volume term (what the
     // flow learned about fine detail). Reported, not the default: without
     // labelled validation outliers there is no label-free way to choose it.
-    if let [chain] = chains.as_slice() {
-        let latent = |x: &Tensor| -> Result<Vec<f64>> { Ok(neg_all(rows_of(chain, x)?.log_p_base)) };
+    if let ([valid], [test]) = (valid_rows.as_slice(), test_rows.as_slice()) {
         methods.push((
             "FFJORD latent radius −log N(z) (this model)".into(),
-            latent(&to_data(&splits.valid))?,
-            latent(&test_x)?,
+            neg_all(valid.log_p_base.clone()),
+            neg_all(test.log_p_base.clone()),
         ));
     }
 
