@@ -505,7 +505,7 @@ impl<'a> Weights<'a> {
 
     /// `Σ_i self[i] · x[i]` over the shorter of the two, summed in ascending
     /// order from zero — the same order as the net's products
-    /// ([`crate::matvec`]), so every target gives the same bits.
+    /// (the runtime's `matvec` module), so every target gives the same bits.
     #[inline]
     pub fn dot(&self, x: &[f32]) -> f32 {
         crate::matvec::ascending_dot(self.iter(), x)
