@@ -116,13 +116,31 @@ impl core::fmt::Display for Decimal {
         if a == 0.0 {
             return f.write_str("0");
         }
-        let (mantissa, exponent) = if (1e-3..1e7).contains(&a) {
-            (a, None)
-        } else {
-            let e = libm::floorf(libm::log10f(a));
-            (a / libm::powf(10.0, e), Some(e as i32))
-        };
-        let micros = libm::round(f64::from(mantissa) * 1e6) as u64;
+        // Decimal exponent by repeated scaling in f64 (exact enough for six
+        // digits, and no `log10f`/`powf` in the binary).
+        let mut mantissa = f64::from(a);
+        let mut exponent = None;
+        if !(1e-3..1e7).contains(&a) {
+            let mut e = 0i32;
+            while mantissa >= 10.0 {
+                mantissa /= 10.0;
+                e += 1;
+            }
+            while mantissa < 1.0 {
+                mantissa *= 10.0;
+                e -= 1;
+            }
+            exponent = Some(e);
+        }
+        // Non-negative, so adding one half and truncating rounds to nearest.
+        let mut micros = (mantissa * 1e6 + 0.5) as u64;
+        if let Some(e) = exponent.as_mut()
+            && micros >= 10_000_000
+        {
+            // 9.9999996 rounded up to 10.000000: renormalize.
+            micros /= 10;
+            *e += 1;
+        }
         write!(f, "{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000)?;
         match exponent {
             Some(e) => write!(f, "e{e}"),
@@ -216,10 +234,16 @@ mod tests {
         assert_eq!(format!("{}", Decimal(0.5)), "0.500000");
         assert_eq!(format!("{}", Decimal(-12.25)), "-12.250000");
         assert_eq!(format!("{}", Decimal(0.0)), "0");
+        assert_eq!(format!("{}", Decimal(-0.0)), "0");
         assert_eq!(format!("{}", Decimal(f32::NAN)), "NaN");
         assert_eq!(format!("{}", Decimal(f32::NEG_INFINITY)), "-inf");
         assert_eq!(format!("{}", Decimal(2.5e-7)), "2.500000e-7");
         assert_eq!(format!("{}", Decimal(3.0e12)), "3.000000e12");
+        assert_eq!(format!("{}", Decimal(f32::MAX)), "3.402823e38");
+        // A subnormal: the f32 nearest to -1e-40.
+        assert_eq!(format!("{}", Decimal(-1e-40)), "-9.999946e-41");
+        assert_eq!(format!("{}", Decimal(1e-30)), "1.000000e-30");
+        assert_eq!(format!("{}", Decimal(1e-3)), "0.001000");
     }
 
     #[test]

@@ -30,9 +30,10 @@ pub(crate) fn matvec_lanes(
     output: &mut [f32],
     dims: Dims,
 ) {
+    // Feature `compact`: the plain path only (same bits, less code).
     match w.as_f32() {
-        Some(floats) => blocked(floats, cols, skip, input, output, dims),
-        None => plain(w, cols, skip, input, output, dims),
+        Some(floats) if !cfg!(feature = "compact") => blocked(floats, cols, skip, input, output, dims),
+        _ => plain(w, cols, skip, input, output, dims),
     }
 }
 
@@ -54,7 +55,7 @@ pub(crate) struct Dims {
     pub lanes: usize,
 }
 
-/// Weights not 4-aligned in memory: one dot product per output and lane, read
+/// Weights not 4-aligned in memory (or feature `compact`): one dot product per output and lane, read
 /// byte-wise, in the same order as [`blocked`].
 fn plain(w: Weights<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [f32], dims: Dims) {
     let Dims { d_in, d_out, lanes } = dims;

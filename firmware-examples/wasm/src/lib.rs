@@ -8,6 +8,13 @@ use rand_xoshiro::Xoshiro128PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 use wasm_bindgen::prelude::*;
 
+// A free-list allocator of a few hundred bytes instead of dlmalloc's 7 KB:
+// the module allocates little (the model's bytes, scratch, result vectors).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: lol_alloc::LockedAllocator<lol_alloc::FreeListAllocator> =
+    lol_alloc::LockedAllocator::new(lol_alloc::FreeListAllocator::new());
+
 fn js<E: core::fmt::Display>(e: E) -> JsError {
     JsError::new(&e.to_string())
 }
@@ -29,6 +36,7 @@ pub struct Detector {
     solver: Solver,
     scratch: Vec<f32>,
     /// Working memory of the packed path.
+    #[cfg(feature = "packed")]
     packed_scratch: Vec<f32>,
     stats: Stats,
 }
@@ -59,6 +67,7 @@ impl Detector {
             model,
             solver,
             scratch: Vec::new(),
+            #[cfg(feature = "packed")]
             packed_scratch: Vec::new(),
             stats: Stats::default(),
         })
@@ -148,6 +157,7 @@ impl Detector {
     /// per-row Dopri5 control, several times the throughput; agrees with
     /// [`Detector::log_density_batch`] to about 1e-4 relative (vectorisable
     /// tanh, another summation order). `last_nfe()` is then the total.
+    #[cfg(feature = "packed")]
     pub fn log_density_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
         let d = self.dim();
         let mut out = vec![0.0; xs.len() / d.max(1)];

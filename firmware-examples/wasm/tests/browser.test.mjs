@@ -34,13 +34,39 @@ function serve() {
 
 const close = (a, b) => Math.abs(a - b) <= 1e-5 * (1 + Math.abs(b)) + 1e-6; // the page prints 6 decimals
 
-test("scoring page in headless Chromium agrees with the host", async () => {
-  const server = await serve();
-  const browser = await chromium.launch({
+/** Scores the golden rows of `g` on the page and compares each log p and
+ * highlight with the host's: its packed path ("packed") or one-row path ("row"). */
+async function scoreGoldens(page, file, g, path) {
+  const header = [...Array.from({ length: g.dim }, (_, j) => `x${j}`), "anomaly"].join(",");
+  const csv = [header, ...g.rows.map((r) => [...r.x, r.labelled_anomaly ? 1 : 0].join(","))].join("\n");
+  await page.fill("#csv", csv);
+  await page.click("#score");
+  await page.waitForFunction(() => document.querySelector("#status").textContent === "done", null, { timeout: 60_000 });
+  const table = await page.$$eval("#results tr", (trs) => trs.slice(1).map((tr) => ({
+    cells: [...tr.cells].map((c) => c.textContent), anomaly: tr.classList.contains("anomaly") })));
+  assert.equal(table.length, g.rows.length);
+  const logpCol = (g.dim > 4 ? 6 : 1 + g.dim);
+  const [logp, verdict] = path === "packed" ? ["log_p_packed", "verdict_packed"] : ["log_p", "verdict"];
+  table.forEach((row, i) => {
+    const lp = Number(row.cells[logpCol]);
+    assert.ok(close(lp, g.rows[i][logp]), `${file} row ${i}: page ${lp}, host ${g.rows[i][logp]}`);
+    assert.equal(row.anomaly, g.rows[i][verdict] === "anomaly", `${file} row ${i} highlight`);
+  });
+  const flagged = g.rows.filter((r) => r[verdict] === "anomaly").length;
+  assert.match(await page.textContent("#summary"), new RegExp(`^${g.rows.length} rows, ${flagged} anomalies`));
+}
+
+function launch() {
+  return chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
       "--disable-component-update", "--disable-sync"],
   });
+}
+
+test("scoring page in headless Chromium agrees with the host", async () => {
+  const server = await serve();
+  const browser = await launch();
   const errors = [];
   try {
     const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
@@ -53,23 +79,9 @@ test("scoring page in headless Chromium agrees with the host", async () => {
                              ["models/shuttle.ffjd", goldens.find((g) => g.dim === 9)]]) {
       await page.selectOption("#bundled", file);
       await page.waitForFunction(() => !document.querySelector("#info").textContent.startsWith("No model"));
-      const header = [...Array.from({ length: g.dim }, (_, j) => `x${j}`), "anomaly"].join(",");
-      const csv = [header, ...g.rows.map((r) => [...r.x, r.labelled_anomaly ? 1 : 0].join(","))].join("\n");
-      await page.fill("#csv", csv);
-      await page.click("#score");
-      await page.waitForFunction(() => document.querySelector("#status").textContent === "done", null, { timeout: 60_000 });
-      const table = await page.$$eval("#results tr", (trs) => trs.slice(1).map((tr) => ({
-        cells: [...tr.cells].map((c) => c.textContent), anomaly: tr.classList.contains("anomaly") })));
-      assert.equal(table.length, g.rows.length);
-      const logpCol = (g.dim > 4 ? 6 : 1 + g.dim);
-      table.forEach((row, i) => {
-        const lp = Number(row.cells[logpCol]);
-        // The page scores by the packed path: compare with the host's.
-        assert.ok(close(lp, g.rows[i].log_p_packed), `${file} row ${i}: page ${lp}, host ${g.rows[i].log_p_packed}`);
-        assert.equal(row.anomaly, g.rows[i].verdict_packed === "anomaly", `${file} row ${i} highlight`);
-      });
-      const flagged = g.rows.filter((r) => r.verdict_packed === "anomaly").length;
-      assert.match(await page.textContent("#summary"), new RegExp(`^${g.rows.length} rows, ${flagged} anomalies`));
+      // Chromium runs WebAssembly SIMD: the page picks that build by itself.
+      assert.match(await page.textContent("#build"), /SIMD build/);
+      await scoreGoldens(page, file, g, "packed");
       if (g.dim === 2) {
         await page.waitForFunction(() => document.querySelector("#density-status").textContent.startsWith("grid"));
         const spread = await page.$eval("#density", (c) => {
@@ -124,6 +136,33 @@ test("scoring page in headless Chromium agrees with the host", async () => {
     await page.setInputFiles("#model-file", { name: "broken.ffjd", mimeType: "application/octet-stream", buffer: Buffer.from("FFJD\u0001\u0000garbage") });
     await page.waitForFunction(() => document.querySelector("#info .error") !== null);
     assert.match(await page.textContent("#info"), /broken\.ffjd: /);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  assert.deepEqual(errors, [], "no console errors");
+});
+
+test("the small build (for engines without SIMD) scores like the host's one-row path", async () => {
+  const server = await serve();
+  const browser = await launch();
+  const errors = [];
+  try {
+    const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
+    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+    page.on("pageerror", (e) => errors.push(e.message));
+    await page.goto(`http://127.0.0.1:${server.address().port}/index.html?build=small`);
+    await page.waitForSelector("body[data-ready=true]");
+    for (const [file, g] of [["models/8gaussians-mcu.ffjd", goldens.find((g) => g.dim === 2)],
+                             ["models/shuttle.ffjd", goldens.find((g) => g.dim === 9)]]) {
+      await page.selectOption("#bundled", file);
+      await page.waitForFunction(() => !document.querySelector("#info").textContent.startsWith("No model"));
+      assert.match(await page.textContent("#build"), /small build/);
+      await scoreGoldens(page, file, g, "row");
+      if (g.dim === 2) await page.waitForFunction(() => document.querySelector("#density-status").textContent.startsWith("grid"));
+    }
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, "page-small-build.png"), fullPage: true });
   } finally {
     await browser.close();
     server.close();

@@ -1,13 +1,19 @@
-// The WASM module under Node: the same log p, NFE, verdicts and samples as the
-// host runtime on the committed models' golden rows (1e-5 relative), and bad
-// input raises exceptions carrying the runtime's messages.
+// The WASM modules under Node: the same log p, NFE, verdicts and samples as the
+// host runtime on the committed models' golden rows (to the bit; the packed
+// path, whose tanh is another approximation, 1e-5 relative), and bad
+// input raises exceptions carrying the runtime's messages. FFJORD_WASM_BUILD
+// picks the build: "simd" (www/pkg, with the packed path) or "small"
+// (www/pkg-small, without it); run-tests runs both.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { initSync, Detector } from "../www/pkg/ffjord_wasm.js";
 
-initSync({ module: readFileSync(new URL("../www/pkg/ffjord_wasm_bg.wasm", import.meta.url)) });
+const build = process.env.FFJORD_WASM_BUILD ?? "simd";
+assert.ok(build === "simd" || build === "small", `FFJORD_WASM_BUILD=${build}: simd or small`);
+const pkg = build === "small" ? "../www/pkg-small/" : "../www/pkg/";
+const { initSync, Detector } = await import(new URL(`${pkg}ffjord_wasm.js`, import.meta.url));
+initSync({ module: readFileSync(new URL(`${pkg}ffjord_wasm_bg.wasm`, import.meta.url)) });
 
 const goldenDir = process.env.FFJORD_GOLDEN_DIR;
 assert.ok(goldenDir, "FFJORD_GOLDEN_DIR must point at the golden JSON files (run-tests sets it)");
@@ -15,6 +21,9 @@ const goldens = readdirSync(goldenDir).filter((f) => f.endsWith(".json")).map((f
 assert.ok(goldens.length >= 2, "golden files for the committed models");
 
 const close = (a, b, rel = 1e-5) => Math.abs(a - b) <= rel * (1 + Math.abs(b));
+// The one-row path and sampling are the host's computation in the same order
+// (both builds; the small one by the plain products): equal as float32.
+const same = (a, b) => Math.fround(a) === Math.fround(b);
 
 for (const g of goldens) {
   test(`${g.model}: log p, NFE and verdicts equal the host's`, () => {
@@ -23,19 +32,24 @@ for (const g of goldens) {
     if (g.threshold !== null) assert.ok(close(det.threshold(), g.threshold, 1e-7));
     for (const row of g.rows) {
       const lp = det.log_density(new Float32Array(row.x));
-      assert.ok(close(lp, row.log_p), `log p ${lp} vs host ${row.log_p}`);
+      assert.ok(same(lp, row.log_p), `log p ${lp} vs host ${row.log_p}`);
       assert.equal(det.last_nfe(), row.nfe);
       if (row.verdict !== "uncalibrated") assert.equal(det.is_anomaly(new Float32Array(row.x)), row.verdict === "anomaly");
     }
     const batch = det.log_density_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
-    batch.forEach((lp, i) => assert.ok(close(lp, g.rows[i].log_p)));
+    batch.forEach((lp, i) => assert.ok(same(lp, g.rows[i].log_p)));
     const scores = det.score_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
-    scores.forEach((s, i) => assert.ok(close(s, g.rows[i].score)));
+    scores.forEach((s, i) => assert.ok(same(s, g.rows[i].score)));
     det.free();
   });
 
-  test(`${g.model}: the packed path equals the host's packed path`, () => {
+  test(`${g.model}: the packed path equals the host's packed path (SIMD build; absent from the small one)`, () => {
     const det = new Detector(readFileSync(g.model));
+    if (build === "small") {
+      assert.equal(det.log_density_packed, undefined, "the small build leaves the packed path out");
+      det.free();
+      return;
+    }
     const xs = new Float32Array(g.rows.flatMap((r) => r.x));
     // Blocks of 32 rows (the page's setting, the host's too) and of 3:
     // every row keeps its own step control, so the block size does not
@@ -54,7 +68,7 @@ for (const g of goldens) {
     const det = new Detector(readFileSync(g.model));
     for (const s of g.samples) {
       const x = det.sample(BigInt(s.seed), 1);
-      s.x.forEach((v, j) => assert.ok(close(x[j], v), `seed ${s.seed}: ${x[j]} vs ${v}`));
+      s.x.forEach((v, j) => assert.ok(same(x[j], v), `seed ${s.seed}: ${x[j]} vs ${v}`));
     }
     det.free();
   });

@@ -12,6 +12,12 @@ function setStatus(text, isError = false) {
   $("status").className = isError ? "error" : "";
 }
 
+// WebAssembly SIMD probe (one i8x16.popcnt): the SIMD build where the engine
+// validates it, else the small build. `?build=small|simd` forces one.
+const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
+const asked = new URLSearchParams(location.search).get("build");
+const build = asked === "small" || asked === "simd" ? asked : WebAssembly.validate(SIMD_PROBE) ? "simd" : "small";
+
 /** The worker and its pending requests. */
 class Runtime {
   constructor() {
@@ -21,7 +27,7 @@ class Runtime {
   }
 
   start() {
-    this.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    this.worker = new Worker(new URL(`./worker.js?build=${build}`, import.meta.url), { type: "module" });
     this.worker.onmessage = ({ data }) => {
       const p = this.pending.get(data.id);
       if (!p) return;
@@ -73,6 +79,9 @@ async function loadModel(bytes, label) {
   $("info").textContent = `${label}: "${model.name}", ${model.dim} dimensions, ` +
     (t === undefined ? "no anomaly threshold" : `anomaly when −log p > ${t.toFixed(3)} (quantile ${Number(model.quantile.toFixed(4))})`) +
     `. Data: ${model.description}`;
+  $("build").textContent = model.build === "small"
+    ? "Runtime: small build (no WebAssembly SIMD; one row at a time)."
+    : "Runtime: SIMD build (rows scored 32 at a time in lockstep).";
   $("score").disabled = false;
   $("results").innerHTML = "";
   $("summary").textContent = "";

@@ -6,15 +6,25 @@
 // Protocol: the page posts { id, type, ... }; each request gets one reply
 // { id, ok: true, ... } or { id, ok: false, message }, and "score" requests
 // also post { id, progress: { done, logp, nfe } } after every chunk.
-import init, { Detector } from "./pkg/ffjord_wasm.js";
-
-const ready = init();
+//
+// The page names the build in this script's URL (?build=simd|small): the SIMD
+// module with the packed path, or the small one every engine runs (one row at
+// a time; the same log p as the host's one-row path).
+const build = new URL(self.location.href).searchParams.get("build") === "small" ? "small" : "simd";
+const ready = import(build === "small" ? "./pkg-small/ffjord_wasm.js" : "./pkg/ffjord_wasm.js")
+  .then(async (m) => { await m.default(); return m.Detector; });
+let Detector = null;
 let detector = null;
 
 // Rows scored together by the runtime's packed path (each keeps its own step control).
 const PACKED_ROWS = 32;
 // Rows per progress message.
 const CHUNK = 64;
+
+/** log p of row-major `rows`: the packed path where the build has it. */
+function logDensities(rows) {
+  return detector.log_density_packed ? detector.log_density_packed(rows, PACKED_ROWS) : detector.log_density_batch(rows);
+}
 
 function applySolver(solver) {
   if (solver === "default") detector.use_default_solver();
@@ -30,6 +40,7 @@ const handlers = {
     applySolver(solver);
     const t = detector.threshold();
     return {
+      build, packed: Boolean(detector.log_density_packed),
       dim: detector.dim(), name: detector.name(), description: detector.description(),
       threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
     };
@@ -42,7 +53,7 @@ const handlers = {
     let nfe = 0;
     for (let start = 0; start * dim < rows.length; start += CHUNK) {
       const part = rows.subarray(start * dim, (start + CHUNK) * dim);
-      const logp = detector.log_density_packed(part, PACKED_ROWS);
+      const logp = logDensities(part);
       nfe += detector.last_nfe();
       postMessage({ id, progress: { start, logp, nfe } });
     }
@@ -63,7 +74,7 @@ const handlers = {
         row[2 * c] = x0 + (c + 0.5) / n * (x1 - x0);
         row[2 * c + 1] = y1 - (r + 0.5) / n * (y1 - y0);
       }
-      logp.set(detector.log_density_packed(row, PACKED_ROWS), r * n);
+      logp.set(logDensities(row), r * n);
     }
     return { view: { x0, x1, y0, y1 }, logp, xs, ys };
   },
@@ -73,7 +84,7 @@ const handlers = {
 };
 
 onmessage = async ({ data }) => {
-  await ready;
+  Detector = await ready;
   try {
     if (data.type !== "load" && !detector) throw new Error("no model loaded");
     postMessage({ id: data.id, ok: true, ...handlers[data.type](data) });
