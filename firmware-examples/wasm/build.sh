@@ -24,20 +24,22 @@ cd "$here"
 #   www/pkg        SIMD (+simd128), opt-level 3, with the packed path (speed);
 #   www/pkg-small  no SIMD, opt-level "s", the runtime's plain products
 #                  (`compact`: same bits), no packed path — at most 64 KiB.
-# Paths in panic locations are remapped so the size does not depend on where
-# the checkout lives.
-remap="--remap-path-prefix=$root=. --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=cargo"
+# Paths in panic locations are remapped (short, and the size does not depend
+# on where the checkout lives).
+rustc_src="/rustc/$(rustc -vV | sed -n 's/^commit-hash: //p')"
+remap="--remap-path-prefix=$root=. --remap-path-prefix=$rustc_src=rustc"
+for index in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do remap="$remap --remap-path-prefix=${index%/}=crates"; done
 build() { # PROFILE OUT-DIR RUSTFLAGS [cargo feature flags]
   local profile=$1 out=$2 flags=$3
   shift 3
   RUSTFLAGS="$flags $remap" cargo build --quiet --profile "$profile" --target wasm32-unknown-unknown -p ffjord-wasm "$@"
   rm -rf "www/$out"
   wasm-bindgen --target web --no-typescript --out-dir "www/$out" "$here/../target/wasm32-unknown-unknown/$profile/ffjord_wasm.wasm"
-  node_modules/.bin/wasm-opt -Oz --strip-debug --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-reference-types --enable-multivalue --enable-simd \
+  node_modules/.bin/wasm-opt -Oz --converge --strip-debug --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-reference-types --enable-multivalue --enable-simd \
     "www/$out/ffjord_wasm_bg.wasm" -o "www/$out/ffjord_wasm_bg.opt.wasm"
   mv "www/$out/ffjord_wasm_bg.opt.wasm" "www/$out/ffjord_wasm_bg.wasm"
 }
-build wasm-release pkg "-C target-feature=+simd128"
+build wasm-release pkg "-C target-feature=+simd128"   # default features: packed, quantized
 build wasm-small pkg-small "" --no-default-features --features compact
 mkdir -p www/models
 cp "$root/models/8gaussians-mcu/model.ffjd" www/models/8gaussians-mcu.ffjd

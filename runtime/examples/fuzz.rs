@@ -24,7 +24,17 @@ use ffjord_runtime::{Flow, Model, Solver};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
-const MODELS: [&str; 6] = ["8gaussians", "8gaussians-mcu", "shuttle", "satellite", "cardio", "power"];
+/// Committed model files (folder/file under `models/`), f16 / i8 ones included.
+const MODELS: [&str; 8] = [
+    "8gaussians/model.ffjd",
+    "8gaussians-mcu/model.ffjd",
+    "8gaussians-mcu/model.i8.ffjd",
+    "shuttle/model.ffjd",
+    "shuttle/model.f16.ffjd",
+    "satellite/model.ffjd",
+    "cardio/model.ffjd",
+    "power/model.ffjd",
+];
 
 struct Args {
     inputs: u64,
@@ -138,10 +148,8 @@ fn exercise(bytes: &[u8], max_steps: u32, rng: &mut Xoshiro256PlusPlus) -> bool 
 fn main() {
     let a = args();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-    let corpus: Vec<Vec<u8>> = MODELS
-        .iter()
-        .map(|m| std::fs::read(root.join(m).join("model.ffjd")).unwrap_or_else(|e| panic!("{m}: {e}")))
-        .collect();
+    let corpus: Vec<Vec<u8>> =
+        MODELS.iter().map(|m| std::fs::read(root.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"))).collect();
     std::panic::set_hook(Box::new(|_| {})); // panics are counted and reported below
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(a.seed);
     let start = Instant::now();

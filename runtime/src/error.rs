@@ -94,6 +94,9 @@ pub enum Field {
     /// A stage is newer than the file's format version (a version-1 file
     /// with a `Linear` stage).
     StageVersion,
+    /// A CNF stage stores its matrices as f16 or i8 and this runtime was
+    /// built without feature `quantized`.
+    MatrixEncoding,
 }
 
 /// Why one evaluation (log-density, sample, score) did not finish.
@@ -272,6 +275,7 @@ impl fmt::Display for Field {
             Field::Activation => "activation parameter must be finite",
             Field::Size => "model too large to address",
             Field::StageVersion => "a stage is newer than the file's format version",
+            Field::MatrixEncoding => "f16 / i8 matrices need feature `quantized`",
         })
     }
 }

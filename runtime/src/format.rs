@@ -4,20 +4,24 @@
 //!
 //! ```text
 //! MAGIC "FFJD" | FORMAT_VERSION u16 LE | postcard(Header) | zero padding to a
-//! multiple of 4 | weights: f32 LE | CRC-32/ISO-HDLC (u32 LE) of all bytes before it
+//! multiple of 4 | weights: 4-byte words (f32 LE; a CNF stage's matrices may be
+//! f16 or i8, crate::quant) | CRC-32/ISO-HDLC (u32 LE) of all bytes before it
 //! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Field, LoadError};
+use crate::quant::{MatrixEncoding, f32_to_f16, i8_quantize, i8_scale};
 use crate::solver::Solver;
 
 /// The first four bytes of every model file.
 pub const MAGIC: [u8; 4] = *b"FFJD";
 /// The newest format version this runtime reads and writes. Version 2 added
-/// the [`Stage::Linear`] stage; [`encode`] writes the oldest version that can
-/// hold a header ([`Header::version`]), so files without it stay version 1.
-pub const FORMAT_VERSION: u16 = 2;
+/// the [`Stage::Linear`] stage, version 3 CNF stages whose matrices are
+/// stored as f16 or i8 ([`CnfSpec::matrices`]); [`encode`] writes the oldest
+/// version that can hold a header ([`Header::version`]), so files without
+/// them keep their old version.
+pub const FORMAT_VERSION: u16 = 3;
 /// The oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
@@ -62,6 +66,22 @@ impl LayerKind {
         };
         matrix.checked_add(d_out.checked_mul(vectors)?)
     }
+
+    /// Number of 4-byte words the layer occupies in the file when its matrix
+    /// is stored as `matrices` (equal to [`LayerKind::weight_count`] for `f32`).
+    pub fn word_count(self, d_in: usize, d_out: usize, matrices: MatrixEncoding) -> Option<usize> {
+        let cols = self.cols(d_in)?;
+        let vectors = self.weight_count(d_in, d_out)?.checked_sub(d_out.checked_mul(cols)?)?;
+        matrices.matrix_words(d_out, cols)?.checked_add(vectors)
+    }
+
+    /// Columns of the layer's matrix: `d_in + 1` for [`LayerKind::Concat`] (time first).
+    pub fn cols(self, d_in: usize) -> Option<usize> {
+        match self {
+            LayerKind::Concat => d_in.checked_add(1),
+            LayerKind::Ignore | LayerKind::ConcatSquash => Some(d_in),
+        }
+    }
 }
 
 /// Activation applied after every layer of the ODE net except the last.
@@ -100,10 +120,17 @@ pub struct CnfSpec {
     pub activation: Activation,
     /// End time `T` (`sqrt_end_time²` in the reference code).
     pub end_time: f32,
+    /// How the layers' matrices are stored. Not part of this struct's
+    /// encoding: a stage with `f32` matrices is written as
+    /// [`Stage::Cnf`]'s wire form of versions 1–2, any other as a version-3
+    /// variant that carries the encoding (FORMAT.md).
+    #[serde(skip)]
+    pub matrices: MatrixEncoding,
 }
 
 /// One stage of the chain, applied in order from data to latent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(from = "WireStage", into = "WireStage")]
 pub enum Stage {
     /// A continuous normalizing flow block.
     Cnf(CnfSpec),
@@ -121,8 +148,52 @@ impl Stage {
     /// The oldest format version that has this stage.
     pub fn min_version(&self) -> u16 {
         match self {
+            Stage::Cnf(spec) if spec.matrices != MatrixEncoding::F32 => 3,
             Stage::Cnf(_) | Stage::Affine => 1,
             Stage::Linear => 2,
+        }
+    }
+}
+
+/// [`Stage`] as the file has it: version 3 appended a CNF variant that names
+/// its matrix encoding, so versions 1–2 decode unchanged.
+#[derive(Serialize, Deserialize, Clone)]
+enum WireStage {
+    Cnf(CnfSpec),
+    Affine,
+    Linear,
+    // Left out without feature `quantized` (the loader names the reason from
+    // the version first): one CnfSpec decoder less in the small builds.
+    #[cfg(feature = "quantized")]
+    CnfEncoded(CnfSpec, MatrixEncoding),
+}
+
+impl From<WireStage> for Stage {
+    fn from(w: WireStage) -> Self {
+        match w {
+            // `matrices` is not on the wire: it decodes as its default, f32.
+            WireStage::Cnf(spec) => Stage::Cnf(spec),
+            #[cfg(feature = "quantized")]
+            WireStage::CnfEncoded(spec, matrices) => Stage::Cnf(CnfSpec { matrices, ..spec }),
+            WireStage::Affine => Stage::Affine,
+            WireStage::Linear => Stage::Linear,
+        }
+    }
+}
+
+impl From<Stage> for WireStage {
+    fn from(s: Stage) -> Self {
+        match s {
+            #[cfg(feature = "quantized")]
+            Stage::Cnf(spec) if spec.matrices != MatrixEncoding::F32 => {
+                let matrices = spec.matrices;
+                WireStage::CnfEncoded(spec, matrices)
+            }
+            // (Without feature `quantized`, `validate` refuses such a stage
+            // before anything is written.)
+            Stage::Cnf(spec) => WireStage::Cnf(spec),
+            Stage::Affine => WireStage::Affine,
+            Stage::Linear => WireStage::Linear,
         }
     }
 }
@@ -186,9 +257,12 @@ pub struct Header<'a> {
 /// Where things are in the weight section, derived from a validated [`Header`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// Total number of `f32` weights.
-    pub weight_count: usize,
-    /// Offset (in floats) of each stage's weights.
+    /// Total number of 4-byte words in the weight section (one per weight
+    /// unless a CNF stage stores its matrices as f16 or i8).
+    pub word_count: usize,
+    /// Total number of weights as values (what [`encode`] takes).
+    pub value_count: usize,
+    /// Offset (in words) of each stage's weights.
     pub stage_offsets: heapless::Vec<usize, MAX_STAGES>,
     /// Widest layer input or output (at least `dim`).
     pub max_width: usize,
@@ -226,28 +300,33 @@ fn validate(
         return Err(LoadError::InvalidField(Field::Threshold));
     }
     let mut count: usize = if standardize { 2 * dim } else { 0 };
+    let mut values = count;
     let mut max_width = dim;
     let mut stage_offsets = heapless::Vec::new();
     let mut any_cnf = false;
     for (s, stage) in stages.enumerate() {
         stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
-        let stage_count = match &stage {
-            Stage::Affine => 2 * dim,
-            Stage::Linear => linear_weight_count(dim).ok_or(LoadError::InvalidField(Field::Size))?,
+        let (stage_words, stage_values) = match &stage {
+            Stage::Affine => (2 * dim, 2 * dim),
+            Stage::Linear => {
+                let n = linear_weight_count(dim).ok_or(LoadError::InvalidField(Field::Size))?;
+                (n, n)
+            }
             Stage::Cnf(cnf) => {
                 any_cnf = true;
                 validate_cnf(cnf, s, dim, &mut max_width)?
             }
         };
-        count = count.checked_add(stage_count).ok_or(LoadError::InvalidField(Field::Size))?;
+        count = count.checked_add(stage_words).ok_or(LoadError::InvalidField(Field::Size))?;
+        values = values.checked_add(stage_values).ok_or(LoadError::InvalidField(Field::Size))?;
     }
     if !any_cnf {
         return Err(LoadError::InvalidField(Field::Stages));
     }
-    if count > u32::MAX as usize / 4 {
+    if values > u32::MAX as usize / 4 {
         return Err(LoadError::InvalidField(Field::Size));
     }
-    Ok(Layout { weight_count: count, stage_offsets, max_width })
+    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width })
 }
 
 /// A model header as the runtime keeps it: the fixed fields by value and the
@@ -326,7 +405,13 @@ impl<'a> HeaderView<'a> {
     }
 }
 
-fn validate_cnf(cnf: &CnfSpec, stage: usize, dim: usize, max_width: &mut usize) -> Result<usize, LoadError> {
+/// Checks one CNF stage; returns its (words, values) in the weight section.
+fn validate_cnf(
+    cnf: &CnfSpec,
+    stage: usize,
+    dim: usize,
+    max_width: &mut usize,
+) -> Result<(usize, usize), LoadError> {
     if !(cnf.end_time.is_finite() && cnf.end_time > 0.0) {
         return Err(LoadError::InvalidField(Field::EndTime));
     }
@@ -335,12 +420,15 @@ fn validate_cnf(cnf: &CnfSpec, stage: usize, dim: usize, max_width: &mut usize) 
     {
         return Err(LoadError::InvalidField(Field::Activation));
     }
+    if cnf.matrices != MatrixEncoding::F32 && !cfg!(feature = "quantized") {
+        return Err(LoadError::InvalidField(Field::MatrixEncoding));
+    }
     let n = cnf.layers.len();
     if n == 0 {
         return Err(LoadError::InvalidField(Field::Layers));
     }
     let mut d_in = dim;
-    let mut count = 0usize;
+    let (mut words, mut values) = (0usize, 0usize);
     for (l, layer) in cnf.layers.iter().enumerate() {
         let d_out = usize::from(layer.out_dim);
         if d_out == 0 {
@@ -355,11 +443,14 @@ fn validate_cnf(cnf: &CnfSpec, stage: usize, dim: usize, max_width: &mut usize) 
             });
         }
         *max_width = (*max_width).max(d_out);
-        let c = layer.kind.weight_count(d_in, d_out).ok_or(LoadError::InvalidField(Field::Size))?;
-        count = count.checked_add(c).ok_or(LoadError::InvalidField(Field::Size))?;
+        let size = LoadError::InvalidField(Field::Size);
+        let v = layer.kind.weight_count(d_in, d_out).ok_or(size)?;
+        let w = layer.kind.word_count(d_in, d_out, cnf.matrices).ok_or(size)?;
+        values = values.checked_add(v).ok_or(size)?;
+        words = words.checked_add(w).ok_or(size)?;
         d_in = d_out;
     }
-    Ok(count)
+    Ok((words, values))
 }
 
 /// Why [`encode`] could not write a model.
@@ -417,15 +508,18 @@ pub fn encoded_len(header: &Header<'_>) -> Result<usize, EncodeError> {
     let header_len = postcard::serialize_with_flavor(header, postcard::ser_flavors::Size::default())
         .map_err(|_| EncodeError::Serialize)?;
     let header_end = PREAMBLE_LEN + header_len;
-    Ok(header_end + padding(header_end) + 4 * layout.weight_count + CRC_LEN)
+    Ok(header_end + padding(header_end) + 4 * layout.word_count + CRC_LEN)
 }
 
 /// Writes a model file into `out`; returns the number of bytes written.
-/// `weights` are in the order [`Header::layout`] and `FORMAT.md` describe.
+/// `weights` are the values in the order [`Header::layout`] and `FORMAT.md`
+/// describe ([`Layout::value_count`] of them); a CNF stage whose
+/// [`CnfSpec::matrices`] is f16 or i8 has its matrices stored that way here
+/// (rounded to nearest; i8 with one scale per row, [`crate::quant`]).
 pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<usize, EncodeError> {
     let layout = header.layout().map_err(EncodeError::Invalid)?;
-    if weights.len() != layout.weight_count {
-        return Err(EncodeError::WeightCount { expected: layout.weight_count, found: weights.len() });
+    if weights.len() != layout.value_count {
+        return Err(EncodeError::WeightCount { expected: layout.value_count, found: weights.len() });
     }
     if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
         return Err(EncodeError::NonFiniteWeight { index });
@@ -441,13 +535,78 @@ pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<us
     let pad = padding(PREAMBLE_LEN + header_len);
     let (pad_bytes, rest) = rest.split_at_mut(pad);
     pad_bytes.fill(0);
-    let (weight_bytes, _) = rest.split_at_mut(4 * weights.len());
-    for (chunk, w) in weight_bytes.chunks_exact_mut(4).zip(weights) {
-        chunk.copy_from_slice(&w.to_le_bytes());
-    }
+    let (weight_bytes, _) = rest.split_at_mut(4 * layout.word_count);
+    write_weights(header, weights, weight_bytes)?;
     let (body, trailer) = out.split_at_mut(needed - CRC_LEN);
     trailer.copy_from_slice(&crc32(body).to_le_bytes());
     Ok(needed)
+}
+
+/// Writes the weight section: every value as an f32 word, except CNF
+/// matrices stored as f16 or i8.
+fn write_weights(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<(), EncodeError> {
+    let dim = usize::from(header.dim);
+    let mut values = weights;
+    let mut bytes = out;
+    let mut put = |n: usize, enc: Option<(MatrixEncoding, usize)>| -> Result<(), EncodeError> {
+        let (part, rest) = values.split_at_checked(n).ok_or(EncodeError::Serialize)?;
+        values = rest;
+        let encoding = enc.map(|(e, _)| e).unwrap_or(MatrixEncoding::F32);
+        let rows = enc.map(|(_, rows)| rows).unwrap_or(n);
+        let cols = n.checked_div(rows).unwrap_or(0);
+        let words = encoding.matrix_words(rows, cols).ok_or(EncodeError::Serialize)?;
+        let (dst, rest) =
+            core::mem::take(&mut bytes).split_at_mut_checked(4 * words).ok_or(EncodeError::Serialize)?;
+        bytes = rest;
+        dst.fill(0);
+        match encoding {
+            MatrixEncoding::F32 => {
+                for (d, w) in dst.chunks_exact_mut(4).zip(part) {
+                    d.copy_from_slice(&w.to_le_bytes());
+                }
+            }
+            MatrixEncoding::F16 => {
+                for (d, &w) in dst.chunks_exact_mut(2).zip(part) {
+                    d.copy_from_slice(&f32_to_f16(w).to_le_bytes());
+                }
+            }
+            MatrixEncoding::I8 => {
+                let (scales, q) = dst.split_at_mut(4 * rows);
+                for ((d, row), q_row) in
+                    scales.chunks_exact_mut(4).zip(part.chunks(cols.max(1))).zip(q.chunks_mut(cols.max(1)))
+                {
+                    let scale = i8_scale(row);
+                    d.copy_from_slice(&scale.to_le_bytes());
+                    for (b, &w) in q_row.iter_mut().zip(row) {
+                        *b = i8_quantize(w, scale) as u8;
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    if header.standardize {
+        put(2 * dim, None)?;
+    }
+    for stage in &header.stages {
+        match stage {
+            Stage::Affine => put(2 * dim, None)?,
+            Stage::Linear => put(linear_weight_count(dim).ok_or(EncodeError::Serialize)?, None)?,
+            Stage::Cnf(cnf) => {
+                let mut d_in = dim;
+                for layer in &cnf.layers {
+                    let d_out = usize::from(layer.out_dim);
+                    let cols = layer.kind.cols(d_in).ok_or(EncodeError::Serialize)?;
+                    let total = layer.kind.weight_count(d_in, d_out).ok_or(EncodeError::Serialize)?;
+                    let matrix = d_out * cols;
+                    put(matrix, Some((cnf.matrices, d_out)))?;
+                    put(total - matrix, None)?;
+                    d_in = d_out;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A view of little-endian `f32` values inside borrowed bytes. Any alignment
@@ -511,6 +670,12 @@ impl<'a> Weights<'a> {
         crate::matvec::ascending_dot(self.iter(), x)
     }
 
+    /// The underlying bytes.
+    #[inline]
+    pub fn bytes(&self) -> &'a [u8] {
+        self.words.as_flattened()
+    }
+
     /// The values as `f32` in place, when they lie 4-aligned in memory on a
     /// little-endian target (a model loaded from a 4-aligned buffer: the file
     /// aligns its weight section); `None` otherwise.
@@ -521,7 +686,7 @@ impl<'a> Weights<'a> {
 
     /// The floats in order.
     #[inline]
-    pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
+    pub fn iter(&self) -> impl Iterator<Item = f32> + use<'a> {
         self.words.iter().map(|w| f32::from_le_bytes(*w))
     }
 }

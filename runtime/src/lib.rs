@@ -25,6 +25,7 @@ mod model;
 mod net;
 mod packed;
 pub mod parts;
+pub mod quant;
 pub mod solver;
 
 pub use base::fill_standard_normal;
@@ -34,4 +35,5 @@ pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, 
 pub use model::{Model, StageWeights};
 pub use net::{CnfBlock, LayerWeights};
 pub use parts::{LayerParts, PartError, StageParts};
+pub use quant::{Matrix, MatrixEncoding};
 pub use solver::{Dopri5, Dynamics, Solver, Stats};

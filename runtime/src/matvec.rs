@@ -13,6 +13,7 @@
 //! multiply-add in a plain dot product.
 
 use crate::format::Weights;
+use crate::quant::{Matrix, WIDEN_CHUNK};
 
 /// Rows of `W` per block.
 const ROWS: usize = 4;
@@ -23,17 +24,24 @@ const ROWS: usize = 4;
 /// time column) are not used. Missing values (short slices) leave outputs
 /// untouched; callers size everything up front.
 pub(crate) fn matvec_lanes(
-    w: Weights<'_>,
+    matrix: Matrix<'_>,
     cols: usize,
     skip: usize,
     input: &[f32],
     output: &mut [f32],
     dims: Dims,
 ) {
-    // Feature `compact`: the plain path only (same bits, less code).
-    match w.as_f32() {
-        Some(floats) if !cfg!(feature = "compact") => blocked(floats, cols, skip, input, output, dims),
-        _ => plain(w, cols, skip, input, output, dims),
+    match matrix {
+        // Feature `compact`: the plain path only (same bits, less code).
+        Matrix::F32(w) => match w.as_f32() {
+            Some(floats) if !cfg!(feature = "compact") => blocked(floats, cols, skip, input, output, dims),
+            _ => plain(w, cols, skip, input, output, dims),
+        },
+        // Without feature `quantized` the loader admits f32 matrices only.
+        Matrix::F16(_) | Matrix::I8 { .. } if cfg!(feature = "quantized") => {
+            widened(matrix, cols, skip, input, output, dims)
+        }
+        Matrix::F16(_) | Matrix::I8 { .. } => {}
     }
 }
 
@@ -55,8 +63,8 @@ pub(crate) struct Dims {
     pub lanes: usize,
 }
 
-/// Weights not 4-aligned in memory (or feature `compact`): one dot product per output and lane, read
-/// byte-wise, in the same order as [`blocked`].
+/// Weights not 4-aligned in memory (or feature `compact`): one dot product
+/// per output and lane, read byte-wise, in the same order as [`blocked`].
 fn plain(w: Weights<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [f32], dims: Dims) {
     let Dims { d_in, d_out, lanes } = dims;
     let lanes_in = input.chunks_exact(d_in.max(1)).take(lanes);
@@ -64,6 +72,33 @@ fn plain(w: Weights<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [
         for (yo, row) in y.iter_mut().zip(w.rows(cols.max(1))) {
             let (_, used) = row.split_at(skip);
             *yo = used.dot(x);
+        }
+    }
+}
+
+/// f16 / i8 matrices: each row's used weights are widened to `f32`
+/// [`WIDEN_CHUNK`] at a time into a stack buffer and applied to every lane
+/// (one conversion per weight, not per weight and lane). Between passes an
+/// output's running sum waits in `output`, so it is still one accumulator
+/// from zero over ascending columns: the bits of an `f32` matrix holding the
+/// widened values.
+fn widened(matrix: Matrix<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [f32], dims: Dims) {
+    let Dims { d_in, d_out, lanes } = dims;
+    let (d_in, d_out) = (d_in.max(1), d_out.max(1));
+    let Some(y) = output.get_mut(..lanes.saturating_mul(d_out)) else { return };
+    y.fill(0.0);
+    let mut buf = [0.0f32; WIDEN_CHUNK];
+    for o in 0..d_out {
+        let row_start = o.saturating_mul(cols).saturating_add(skip);
+        for start in (0..d_in).step_by(WIDEN_CHUNK) {
+            let w = buf.get_mut(..WIDEN_CHUNK.min(d_in - start)).unwrap_or(&mut []);
+            matrix.widen(row_start + start, w);
+            for (x, y) in input.chunks_exact(d_in).zip(y.chunks_exact_mut(d_out)) {
+                let xs = x.get(start..).unwrap_or(&[]);
+                if let Some(yo) = y.get_mut(o) {
+                    *yo = w.iter().zip(xs).fold(*yo, |acc, (w, x)| acc + w * x);
+                }
+            }
         }
     }
 }
@@ -195,6 +230,7 @@ fn rows4_lanes1(r: [&[f32]; ROWS], x: [&[f32]; 1]) -> [[f32; 1]; ROWS] {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::format::Weights;
 
     /// Every block shape against a float64 reference, and the blocked path
     /// against the unaligned one bit for bit (same summation order).
@@ -222,8 +258,8 @@ mod tests {
                         let dims = Dims { d_in, d_out, lanes };
                         let mut y_fast = std::vec![f32::NAN; lanes * d_out];
                         let mut y_slow = std::vec![f32::NAN; lanes * d_out];
-                        matvec_lanes(fast, cols, skip, &x, &mut y_fast, dims);
-                        matvec_lanes(slow, cols, skip, &x, &mut y_slow, dims);
+                        matvec_lanes(Matrix::F32(fast), cols, skip, &x, &mut y_fast, dims);
+                        matvec_lanes(Matrix::F32(slow), cols, skip, &x, &mut y_slow, dims);
                         for l in 0..lanes {
                             for o in 0..d_out {
                                 let exact: f64 = (0..d_in)

@@ -6,6 +6,7 @@ use crate::format::{
     PREAMBLE_LEN, Stage, Threshold, Weights, crc32,
 };
 use crate::net::CnfBlock;
+use crate::quant::MatrixEncoding;
 use crate::solver::Solver;
 
 /// A model borrowed from its bytes (flash, `include_bytes!`, a browser upload).
@@ -76,6 +77,10 @@ impl<'a> Model<'a> {
         if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(LoadError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
+        // Version 3 added f16 / i8 matrices, which this build cannot read.
+        if version >= 3 && !cfg!(feature = "quantized") {
+            return Err(LoadError::InvalidField(crate::error::Field::MatrixEncoding));
+        }
         let (body, trailer) =
             bytes.split_last_chunk::<CRC_LEN>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
         // The header is decoded once, before the CRC is checked (decoding is
@@ -90,7 +95,7 @@ impl<'a> Model<'a> {
             if let Ok((_, layout, after)) = &decoded {
                 let header_end = len - after.len();
                 let needed = (header_end + (4 - header_end % 4) % 4)
-                    .saturating_add(layout.weight_count.saturating_mul(4))
+                    .saturating_add(layout.word_count.saturating_mul(4))
                     .saturating_add(CRC_LEN);
                 if len < needed {
                     return Err(truncated(len, needed));
@@ -113,15 +118,15 @@ impl<'a> Model<'a> {
         if padding.iter().any(|&b| b != 0) {
             return Err(LoadError::BadPadding);
         }
-        if weight_bytes.len() != 4 * layout.weight_count {
+        if weight_bytes.len() != 4 * layout.word_count {
             return Err(LoadError::WeightCount {
-                expected: layout.weight_count as u32,
+                expected: layout.word_count as u32,
                 found: (weight_bytes.len() / 4).min(u32::MAX as usize) as u32,
             });
         }
         let weights = Weights::new(weight_bytes);
-        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(LoadError::NonFiniteWeight { index: index as u32 });
+        if let Some(index) = first_non_finite(&header, &layout, weights) {
+            return Err(LoadError::NonFiniteWeight { index: index.min(u32::MAX as usize) as u32 });
         }
         let dim = usize::from(header.dim);
         // Σ ln |w| over the weights at these indices, none of which may be zero.
@@ -175,9 +180,16 @@ impl<'a> Model<'a> {
         self.header.solver
     }
 
-    /// Number of `f32` parameters (network weights and normalization constants).
+    /// Number of parameters (network weights and normalization constants),
+    /// however they are stored.
     pub fn weight_count(&self) -> usize {
-        self.layout.weight_count
+        self.layout.value_count
+    }
+
+    /// Bytes of the weight section (4 per `f32` parameter; fewer when CNF
+    /// matrices are stored as f16 or i8).
+    pub fn weight_bytes(&self) -> usize {
+        self.layout.word_count.saturating_mul(4)
     }
 
     /// Number of stages in the chain.
@@ -216,7 +228,7 @@ impl<'a> Model<'a> {
         match self.header.stage(i)? {
             Stage::Cnf(spec) => {
                 let offset = *self.layout.stage_offsets.get(i)?;
-                let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.weight_count);
+                let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.word_count);
                 let w = self.weights.slice(offset, next - offset);
                 Some(CnfBlock::new(spec, w, self.dim(), self.layout.max_width))
             }
@@ -328,4 +340,54 @@ impl<'a> Model<'a> {
         }
         crate::math::check_finite(x).map_err(|i| SolveError::NonFiniteInput { index: i as u32 })
     }
+}
+
+/// The word index of the first NaN or infinite weight, if any: every word is
+/// an `f32` except in CNF matrices stored as f16 (each half is checked) or
+/// i8 (the row scales are checked; bytes are always finite).
+fn first_non_finite(header: &HeaderView<'_>, layout: &Layout, weights: Weights<'_>) -> Option<usize> {
+    if !cfg!(feature = "quantized") {
+        // Every word is an f32.
+        return weights.iter().position(|w| !w.is_finite());
+    }
+    let f32_words = |start: usize, n: usize| {
+        weights.slice(start, n).iter().position(|w| !w.is_finite()).map(|i| start + i)
+    };
+    let mut checked = 0; // words before this are checked
+    for (stage, &offset) in header.stages().zip(layout.stage_offsets.iter()) {
+        if let Some(i) = f32_words(checked, offset - checked) {
+            return Some(i);
+        }
+        checked = offset;
+        let Stage::Cnf(spec) = stage else { continue };
+        if spec.matrices == MatrixEncoding::F32 || !cfg!(feature = "quantized") {
+            continue;
+        }
+        let mut d_in = usize::from(header.dim);
+        for layer in &spec.layers {
+            let d_out = usize::from(layer.out_dim);
+            let cols = layer.kind.cols(d_in).unwrap_or(0);
+            let matrix_words = spec.matrices.matrix_words(d_out, cols).unwrap_or(0);
+            let words = layer.kind.word_count(d_in, d_out, spec.matrices).unwrap_or(0);
+            let bad = match spec.matrices {
+                // Exponent 31: infinity or NaN.
+                MatrixEncoding::F16 => {
+                    let halves = weights.slice(checked, matrix_words).bytes().as_chunks::<2>().0;
+                    let mut values = halves.iter().take(d_out.saturating_mul(cols));
+                    values.position(|b| u16::from_le_bytes(*b) & 0x7c00 == 0x7c00).map(|i| checked + i / 2)
+                }
+                MatrixEncoding::I8 => f32_words(checked, d_out),
+                MatrixEncoding::F32 => f32_words(checked, matrix_words),
+            };
+            if bad.is_some() {
+                return bad;
+            }
+            if let Some(i) = f32_words(checked + matrix_words, words - matrix_words) {
+                return Some(i);
+            }
+            checked += words;
+            d_in = d_out;
+        }
+    }
+    f32_words(checked, layout.word_count.saturating_sub(checked))
 }

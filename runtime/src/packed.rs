@@ -15,9 +15,10 @@
 //! `LB` contiguous lanes, and the per-unit work (bias, time terms, gate,
 //! activation, chain rule) runs over contiguous rows.
 
-use crate::format::{Activation, LayerKind, Weights};
+use crate::format::{Activation, Weights};
 use crate::math::{sigmoid, sigmoid_in_place, tanh_in_place};
 use crate::net::{CnfBlock, LayerWeights};
+use crate::quant::{Matrix, WIDEN_CHUNK};
 use crate::solver::{Dynamics, RowDynamics};
 
 /// Lanes per register block; the padded row count is a multiple of it.
@@ -121,17 +122,13 @@ impl RowDynamics for PackedBlock<'_, '_> {
         }
         let (mut input, mut output) = (a, b);
         let mut d_in = d;
-        let mut offset = 0;
         let spec = self.block.spec();
         let n_layers = spec.layers.len();
-        for (l, layer) in spec.layers.iter().enumerate() {
+        for (l, (layer, w)) in self.block.layers().enumerate() {
             let d_out = usize::from(layer.out_dim);
-            let count = layer.kind.weight_count(d_in, d_out).unwrap_or(0);
-            let w = self.block.weights().slice(offset, count);
             let act = if l + 1 < n_layers { Some(spec.activation) } else { None };
             let shape = Shape { d_in, d_out, rows, padded, directions: d };
-            packed_layer(layer.kind, act, w, shape, time, input, output, Scratch { scale, gates });
-            offset += count;
+            packed_layer(w, act, shape, time, input, output, Scratch { scale, gates });
             d_in = d_out;
             core::mem::swap(&mut input, &mut output);
         }
@@ -185,9 +182,8 @@ impl Shape {
 /// the order of operations per lane is the same).
 #[allow(clippy::too_many_arguments)]
 fn packed_layer(
-    kind: LayerKind,
+    w: LayerWeights<'_>,
     act: Option<Activation>,
-    w: Weights<'_>,
     shape: Shape,
     time: RowTimes<'_>,
     input: &[f32],
@@ -196,16 +192,23 @@ fn packed_layer(
 ) {
     let Shape { d_in, d_out, rows, padded, .. } = shape;
     let stride = shape.stride();
-    let LayerWeights { matrix, cols, concat, squash, bias, gate_w, gate_b, hyper_b } =
-        LayerWeights::split(kind, w, d_in, d_out);
+    let LayerWeights { matrix, cols, concat, squash, bias, gate_w, gate_b, hyper_b } = w;
 
     // 1. Every lane: W x (the t column of a concat layer skipped).
-    matmul(matrix, cols, usize::from(concat), d_in, d_out, stride, input, output);
+    let skip = usize::from(concat);
+    match matrix {
+        Matrix::F32(m) => matmul(m, cols, skip, d_in, d_out, stride, input, output),
+        // Without feature `quantized` the loader admits f32 matrices only.
+        Matrix::F16(_) | Matrix::I8 { .. } if cfg!(feature = "quantized") => {
+            matmul_widened(matrix, cols, skip, d_in, d_out, stride, input, output)
+        }
+        Matrix::F16(_) | Matrix::I8 { .. } => {}
+    }
 
     // 2. Per unit: the value lanes get bias, time terms, gate and activation;
     //    the tangent lanes the chain-rule factor. Each pass runs over the
     //    contiguous rows, so it vectorises.
-    let mut t_weights = matrix.rows(cols).map(|row| if concat { row.get(0).unwrap_or(0.0) } else { 0.0 });
+    let mut t_weights = (0..d_out).map(|o| if concat { matrix.get(o * cols).unwrap_or(0.0) } else { 0.0 });
     let mut gate_params = gate_w.iter().zip(gate_b.iter()).zip(hyper_b.iter());
     let scale = scratch.scale.get_mut(..rows).unwrap_or(&mut []);
     let gates = scratch.gates.get_mut(..rows).unwrap_or(&mut []);
@@ -328,6 +331,46 @@ fn matmul(
             store(y_unit, stride, lane0, &acc);
         }
         o += 1;
+    }
+}
+
+/// [`matmul`] for f16 / i8 matrices: one unit at a time, its used weights
+/// widened [`WIDEN_CHUNK`] at a time into a stack buffer; the running sums
+/// wait in `y` between passes (same order, same bits as an `f32` matrix of
+/// the widened values).
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn matmul_widened(
+    matrix: Matrix<'_>,
+    cols: usize,
+    skip: usize,
+    d_in: usize,
+    d_out: usize,
+    stride: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let x = x.get(..d_in * stride).unwrap_or(&[]);
+    let mut buf = [0.0f32; WIDEN_CHUNK];
+    for (o, y_unit) in y.chunks_exact_mut(stride).take(d_out).enumerate() {
+        y_unit.fill(0.0);
+        let row_start = o * cols + skip;
+        for start in (0..d_in).step_by(WIDEN_CHUNK) {
+            let w = buf.get_mut(..WIDEN_CHUNK.min(d_in - start)).unwrap_or(&mut []);
+            matrix.widen(row_start + start, w);
+            let xs = x.get(start * stride..).unwrap_or(&[]);
+            for lane0 in (0..stride).step_by(LB) {
+                let mut acc = [[0.0f32; LB]; 1];
+                let [acc0] = &mut acc;
+                if let Some(now) = y_unit.get(lane0..).and_then(|s| s.first_chunk::<LB>()) {
+                    *acc0 = *now;
+                }
+                for (xr, &a) in lane_rows(xs, stride, lane0).zip(w.iter()) {
+                    axpy(acc0, a, xr);
+                }
+                store(y_unit, stride, lane0, &acc);
+            }
+        }
     }
 }
 

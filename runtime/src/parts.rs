@@ -153,7 +153,8 @@ mod tests {
             }
             assert_eq!(Some(n), kind.weight_count(d_in, 2));
             let b = bytes(&flat[..n]);
-            let read = LayerWeights::split(kind, Weights::new(&b[..4 * n]), d_in, 2);
+            let read =
+                LayerWeights::split(kind, crate::MatrixEncoding::F32, Weights::new(&b[..4 * n]), d_in, 2);
             assert!(read.matrix.iter().eq(matrix.iter().copied()));
             assert!(read.bias.iter().eq([9.0, 10.0]));
             assert!(read.gate_w.iter().eq(g.iter().copied()));

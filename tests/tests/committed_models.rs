@@ -52,3 +52,49 @@ fn committed_models_reproduce_their_golden_values() {
     }
     assert!(count >= 5, "expected the committed models in {}", dir.display());
 }
+
+/// `models/*/model.{f16,i8}.ffjd` are `trainer convert` of the folder's
+/// `model.ffjd` (byte for byte), and on its golden rows they stay within the
+/// stated distance of the f32 model's log p (the README's table has the
+/// measured errors on whole test sets).
+#[test]
+fn committed_quantized_models_are_conversions_of_their_f32_models() {
+    use ffjord_runtime::MatrixEncoding;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let folder = entry.unwrap().path();
+        // Tolerance: absolute nats plus a share of |log p| (outlier rows sit
+        // far out, where the same weight error moves log p more).
+        for (encoding, abs, rel) in [(MatrixEncoding::F16, 0.02, 1e-3), (MatrixEncoding::I8, 0.5, 0.02)] {
+            let path = folder.join(format!("model.{}.ffjd", encoding.name()));
+            if !path.exists() {
+                continue;
+            }
+            let f32_bytes = std::fs::read(folder.join("model.ffjd")).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let converted = ffjord_trainer::modelfile::with_matrices(&f32_bytes, encoding, None).unwrap();
+            assert!(bytes == converted, "{} is not `trainer convert` of model.ffjd", path.display());
+            let (q, f) = (Model::from_bytes(&bytes).unwrap(), Model::from_bytes(&f32_bytes).unwrap());
+            assert_eq!(q.threshold(), f.threshold());
+            let golden: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(folder.join("golden.json")).unwrap()).unwrap();
+            let flow = Flow::new(&q, q.default_solver()).unwrap();
+            let mut scratch = vec![0.0; flow.scratch_len()];
+            for row in golden["rows"].as_array().unwrap() {
+                let x: Vec<f32> =
+                    row["x"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+                let lp = f64::from(flow.log_density(&x, &mut scratch).unwrap().log_p);
+                let reference = row["log_p"].as_f64().unwrap();
+                let tolerance = abs + rel * reference.abs();
+                assert!(
+                    (lp - reference).abs() <= tolerance,
+                    "{}: log p {lp} vs the f32 model's {reference} (tolerance {tolerance} nats)",
+                    path.display()
+                );
+            }
+            count += 1;
+        }
+    }
+    assert!(count >= 4, "expected the committed f16 / i8 models in {}", dir.display());
+}

@@ -67,6 +67,8 @@ pub(crate) enum Command {
     SampleImages(SampleImagesArgs),
     /// Turn the JSON form (hand-written or from `export --format json`) into a model file.
     Import(ImportArgs),
+    /// Re-encode a model file's CNF matrices as f32, f16 or i8 (`--weights`).
+    Convert(ConvertArgs),
     /// Turn a raw labelled data set into train/test splits (see `scripts/fetch-data`).
     Prepare(PrepareArgs),
     /// Anomaly detection table: the model against Gaussian, mixture and isolation-forest baselines.
@@ -161,8 +163,26 @@ pub(crate) struct ExportArgs {
     pub(crate) max_error: Option<f64>,
     #[arg(long, value_enum, default_value = "model")]
     pub(crate) format: train::Format,
+    /// How the file stores the CNF matrices (f32, f16, i8; default: the run's `weights`).
+    #[arg(long, value_parser = ["f32", "f16", "i8"])]
+    pub(crate) weights: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ConvertArgs {
+    /// The model file to convert.
+    pub(crate) model: PathBuf,
+    /// How the new file stores the CNF matrices: f32, f16 or i8.
+    #[arg(long, value_parser = ["f32", "f16", "i8"])]
+    pub(crate) weights: String,
+    /// Recompute the stored threshold (same quantile) from the converted
+    /// model's scores on these rows (CSV or NPY, data units, the model's columns).
+    #[arg(long)]
+    pub(crate) calibrate: Option<PathBuf>,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -327,6 +347,10 @@ pub(crate) struct FitArgs {
     /// Validate and export an exponential moving average of the weights with this decay (0 = off, e.g. 0.999).
     #[arg(long)]
     pub(crate) ema: Option<f64>,
+    /// How the exported model file stores the CNF matrices: f32, f16 (half the
+    /// bytes) or i8 (a quarter, one f32 scale per row). Computed in f32 either way.
+    #[arg(long, value_parser = ["f32", "f16", "i8"])]
+    pub(crate) weights: Option<String>,
     #[arg(long)]
     pub(crate) weight_decay: Option<f64>,
     #[arg(long)]

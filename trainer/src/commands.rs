@@ -255,13 +255,19 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
     println!("data        {}", h.metadata.description);
     println!("command     {}", h.metadata.command);
     println!("dimension   {}", model.dim());
-    println!("parameters  {}", model.weight_count());
+    println!("parameters  {} ({} bytes of weights)", model.weight_count(), model.weight_bytes());
     for (i, s) in h.stages().enumerate() {
         match s {
             ffjord_runtime::Stage::Cnf(c) => {
                 let widths: Vec<String> =
                     c.layers.iter().map(|l| format!("{:?}→{}", l.kind, l.out_dim)).collect();
-                println!("stage {i}     CNF T={} {:?} [{}]", c.end_time, c.activation, widths.join(", "));
+                println!(
+                    "stage {i}     CNF T={} {:?} [{}], matrices {}",
+                    c.end_time,
+                    c.activation,
+                    widths.join(", "),
+                    c.matrices.name()
+                );
             }
             ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
             ffjord_runtime::Stage::Linear => println!("stage {i}     linear (lower-triangular)"),

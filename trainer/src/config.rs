@@ -127,6 +127,8 @@ pub struct TrainConfig {
     /// Decay of an exponential moving average of the weights used for
     /// validation and export (0: off; e.g. 0.999).
     pub ema: f64,
+    /// How the exported file stores the CNF matrices (`f32`, `f16`, `i8`).
+    pub weights: ffjord_runtime::MatrixEncoding,
     pub weight_decay: f64,
     pub batch: i64,
     pub iterations: u64,
@@ -192,6 +194,7 @@ impl Default for TrainConfig {
             lr_schedule: crate::optim::LrSchedule::Constant,
             warmup: 0,
             ema: 0.0,
+            weights: ffjord_runtime::MatrixEncoding::F32,
             weight_decay: 1e-5,
             batch: 512,
             iterations: 2000,

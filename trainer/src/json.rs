@@ -5,8 +5,8 @@
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{
-    Activation, CnfSpec, Header, LayerKind, LayerParts, LayerSpec, Metadata, Model, Solver, Stage,
-    StageParts, StageWeights, Threshold,
+    Activation, CnfSpec, Header, LayerKind, LayerParts, LayerSpec, MatrixEncoding, Metadata, Model, Solver,
+    Stage, StageParts, StageWeights, Threshold,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +47,15 @@ pub struct JsonMetadata {
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum JsonStage {
     /// A CNF block.
-    Cnf { end_time: f32, activation: Activation, layers: Vec<JsonLayer> },
+    Cnf {
+        end_time: f32,
+        activation: Activation,
+        layers: Vec<JsonLayer>,
+        /// How the file stores the layers' matrices (`F32` when absent; the
+        /// values here are the widened ones the runtime computes with).
+        #[serde(default, skip_serializing_if = "is_f32")]
+        matrices: MatrixEncoding,
+    },
     /// `y = x ⊙ scale + shift`.
     Affine { scale: Vec<f32>, shift: Vec<f32> },
     /// `y = L x + shift` with `L` lower-triangular: `lower[i]` is row `i` of
@@ -94,7 +102,13 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
                         let squash = |v: Weights<'_>| w.squash.then(|| vec(v));
                         JsonLayer {
                             kind: spec.kind,
-                            weight: w.matrix.rows(w.cols).map(vec).collect(),
+                            weight: w
+                                .matrix
+                                .iter()
+                                .collect::<Vec<f32>>()
+                                .chunks(w.cols.max(1))
+                                .map(<[f32]>::to_vec)
+                                .collect(),
                             bias: vec(w.bias),
                             gate_weight: squash(w.gate_w),
                             gate_bias: squash(w.gate_b),
@@ -103,7 +117,12 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
                     })
                     .collect();
                 let spec = block.spec();
-                stages.push(JsonStage::Cnf { end_time: spec.end_time, activation: spec.activation, layers });
+                stages.push(JsonStage::Cnf {
+                    end_time: spec.end_time,
+                    activation: spec.activation,
+                    layers,
+                    matrices: spec.matrices,
+                });
             }
         }
     }
@@ -166,7 +185,7 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                 weights.extend(parts.floats(d).map_err(|e| anyhow!("stages[{si}] linear: {e}"))?);
                 Stage::Linear
             }
-            JsonStage::Cnf { end_time, activation, layers } => {
+            JsonStage::Cnf { end_time, activation, layers, matrices } => {
                 let mut specs = heapless::Vec::new();
                 let mut d_in = d;
                 for (li, l) in layers.iter().enumerate() {
@@ -207,7 +226,12 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                         .map_err(|_| anyhow::anyhow!("stages[{si}]: too many layers"))?;
                     d_in = d_out;
                 }
-                Stage::Cnf(CnfSpec { layers: specs, activation: *activation, end_time: *end_time })
+                Stage::Cnf(CnfSpec {
+                    layers: specs,
+                    activation: *activation,
+                    end_time: *end_time,
+                    matrices: *matrices,
+                })
             }
         };
         stages.push(spec).map_err(|_| anyhow::anyhow!("too many stages"))?;
@@ -224,6 +248,10 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
     let mut out = vec![0u8; encoded_len(&header)?];
     encode(&header, &weights, &mut out)?;
     Ok(out)
+}
+
+fn is_f32(m: &MatrixEncoding) -> bool {
+    *m == MatrixEncoding::F32
 }
 
 #[cfg(test)]

@@ -57,15 +57,13 @@ fn run() -> Result<()> {
         Command::Budget(args) => budget(&args),
         Command::Export(a) => {
             let run = train::RunDir { dir: a.run_dir.clone() };
-            train::export_run(
-                &run,
-                &a.out,
-                a.threshold_quantile,
-                a.max_error,
-                a.format,
-                a.device.resolve()?,
-                &command_line(),
-            )
+            let opts = train::ExportOptions {
+                threshold_quantile: a.threshold_quantile,
+                max_error: a.max_error,
+                format: a.format,
+                weights: a.weights.as_deref().and_then(ffjord_runtime::MatrixEncoding::from_name),
+            };
+            train::export_run(&run, &a.out, &opts, a.device.resolve()?, &command_line())
         }
         Command::SampleImages(a) => {
             let run = train::RunDir { dir: a.run_dir.clone() };
@@ -166,6 +164,32 @@ fn run() -> Result<()> {
                 _ => bail!("give both --label COLUMN and --outlier VALUE"),
             };
             ffjord_trainer::anomaly::prepare(&a.name, &a.raw, &a.out_dir, a.seed, source.as_ref())
+        }
+        Command::Convert(a) => {
+            let bytes = modelfile::read_model_bytes(&a.model)?;
+            let matrices = ffjord_runtime::MatrixEncoding::from_name(&a.weights)
+                .with_context(|| format!("--weights {}: f32, f16 or i8", a.weights))?;
+            let rows = match &a.calibrate {
+                Some(path) => {
+                    let model = ffjord_runtime::Model::from_bytes(&bytes)?;
+                    let table = ffjord_trainer::data::load(path, None)?;
+                    anyhow::ensure!(
+                        table.dim() == model.dim(),
+                        "{}: {} columns, the model has {}",
+                        path.display(),
+                        table.dim(),
+                        model.dim()
+                    );
+                    let rows = table.values.chunks(table.dim().max(1));
+                    Some(rows.map(|r| r.iter().map(|&v| v as f32).collect::<Vec<f32>>()).collect::<Vec<_>>())
+                }
+                None => None,
+            };
+            let out = modelfile::with_matrices(&bytes, matrices, rows.as_deref())
+                .with_context(|| format!("converting {}", a.model.display()))?;
+            modelfile::write_atomic(&a.out, &out)?;
+            println!("wrote {} ({} bytes; was {})", a.out.display(), out.len(), bytes.len());
+            Ok(())
         }
         Command::Import(a) => {
             let text =

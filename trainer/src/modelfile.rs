@@ -51,6 +51,39 @@ pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Re-encodes a model file with every CNF stage's matrices stored as
+/// `matrices` (through the JSON form, whose values are what the runtime
+/// computes with). With `calibration_rows` (data units) and a stored
+/// threshold, the threshold is recomputed at the same quantile from the
+/// re-encoded model's scores on those rows, so it stays calibrated on what
+/// scoring computes.
+pub fn with_matrices(
+    bytes: &[u8],
+    matrices: ffjord_runtime::MatrixEncoding,
+    calibration_rows: Option<&[Vec<f32>]>,
+) -> Result<Vec<u8>> {
+    let model = Model::from_bytes(bytes)?;
+    let mut j = crate::json::to_json(&model)?;
+    for stage in &mut j.stages {
+        if let crate::json::JsonStage::Cnf { matrices: m, .. } = stage {
+            *m = matrices;
+        }
+    }
+    let out = crate::json::from_json(&j)?;
+    let (Some(rows), Some(threshold)) = (calibration_rows, j.threshold) else { return Ok(out) };
+    let model = Model::from_bytes(&out)?;
+    let flow = ffjord_runtime::Flow::new(&model, model.default_solver())?;
+    let mut scratch = vec![0.0f32; flow.scratch_len()];
+    let mut scores = Vec::with_capacity(rows.len());
+    for row in rows {
+        scores.push(-f64::from(flow.log_density(row, &mut scratch)?.log_p));
+    }
+    let score = crate::anomaly::quantile(&scores, f64::from(threshold.quantile));
+    anyhow::ensure!(score.is_finite(), "no finite validation scores to calibrate the threshold on");
+    j.threshold = Some(Threshold { score: score as f32, ..threshold });
+    crate::json::from_json(&j)
+}
+
 /// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -536,6 +536,15 @@ pub fn export(
         println!("chosen: {} (mean NFE {:.1}, max error {:.2e})", best.solver, best.mean_nfe, best.max_error);
         bytes = export_bytes(chain, &ExportInfo { solver: best.method, ..info })?;
     }
+    if cfg.weights != ffjord_runtime::MatrixEncoding::F32 {
+        // Stored smaller; the threshold recalibrated on what the runtime now computes.
+        let rows_t =
+            (valid.to_kind(Kind::Double).to_device(Device::Cpu) * &splits.std + &splits.mean).contiguous();
+        let d = rows_t.size()[1] as usize;
+        let flat = Vec::<f64>::try_from(&rows_t.view(-1))?;
+        let rows: Vec<Vec<f32>> = flat.chunks(d).map(|r| r.iter().map(|&v| v as f32).collect()).collect();
+        bytes = crate::modelfile::with_matrices(&bytes, cfg.weights, Some(&rows))?;
+    }
     match format {
         Format::Model => write_atomic(out, &bytes)?,
         Format::Json => {
@@ -547,18 +556,30 @@ pub fn export(
     Ok(bytes)
 }
 
+/// What `trainer export` may change about a run's export.
+#[derive(Clone, Copy, Debug)]
+pub struct ExportOptions {
+    /// Recalibrate the threshold at this quantile (default: the run's).
+    pub threshold_quantile: Option<f64>,
+    /// Make the cheapest solver within this many nats the default.
+    pub max_error: Option<f64>,
+    pub format: Format,
+    /// How the file stores the CNF matrices (default: the run's `weights`).
+    pub weights: Option<ffjord_runtime::MatrixEncoding>,
+}
+
 /// `trainer export`: re-exports a run's best checkpoint, recalibrating the
 /// threshold on the run's validation rows.
 pub fn export_run(
     run: &RunDir,
     out: &Path,
-    q: Option<f64>,
-    max_error: Option<f64>,
-    format: Format,
+    opts: &ExportOptions,
     device: Device,
     command: &str,
 ) -> Result<()> {
-    let cfg = run.config()?;
+    let ExportOptions { threshold_quantile: q, max_error, format, weights } = *opts;
+    let mut cfg = run.config()?;
+    cfg.weights = weights.unwrap_or(cfg.weights);
     tch::manual_seed(cfg.seed);
     let (splits, description) = prepare_data(&cfg)?;
     let mut vs = nn::VarStore::new(device);

@@ -169,6 +169,26 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     ok(&["import", "white.json", "--out", "white-imported.ffjd"], d);
     let scores = |m: &str| ok(&["score", "--model", m, "--data", "six-200.csv"], d);
     assert_eq!(scores("white.ffjd"), scores("white-imported.ffjd"));
+    // f16 / i8 matrices (format version 3): the trainer's float64 evaluation
+    // reads the widened values and agrees with the runtime as for f32 files
+    // (concat layers, batch norm and the time column included).
+    ok(&["convert", "six.ffjd", "--weights", "f16", "--out", "six-f16.ffjd"], d);
+    assert_parity(d, "six-f16.ffjd", "six-200.csv");
+    ok(&["convert", "white.ffjd", "--weights", "i8", "--out", "white-i8.ffjd"], d);
+    assert_parity(d, "white-i8.ffjd", "six-200.csv");
+    let small = std::fs::read(d.join("white-i8.ffjd")).unwrap();
+    assert_eq!(u16::from_le_bytes([small[4], small[5]]), 3);
+    assert!(small.len() < white.len() / 2, "{} vs {} bytes", small.len(), white.len());
+    assert!(ok(&["inspect", "white-i8.ffjd"], d).contains("matrices i8"));
+    // At export: the threshold is recalibrated on the run's validation rows with the i8 file.
+    ok(&["export", "--run-dir", "white.run", "--out", "white-export-i8.ffjd", "--weights", "i8"], d);
+    let exported = std::fs::read(d.join("white-export-i8.ffjd")).unwrap();
+    let m = Model::from_bytes(&exported).unwrap();
+    assert!(m.header().stages().any(
+        |s| matches!(s, ffjord_runtime::Stage::Cnf(c) if c.matrices == ffjord_runtime::MatrixEncoding::I8)
+    ));
+    assert!(m.threshold().is_some());
+    assert!(err(&["convert", "white.ffjd", "--weights", "f8", "--out", "x.ffjd"], d).contains("f8"));
     let metrics = std::fs::read_to_string(d.join("six.run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 16, "4 epochs of 960 rows in batches of 256");
     // A solver budget at export: the cheapest solver within ε of the reference becomes the default.

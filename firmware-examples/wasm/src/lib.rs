@@ -120,6 +120,9 @@ impl Detector {
     }
 
     /// `log p(x)` of one row.
+    // Not inlined: `score` and `is_anomaly` call it too (one copy of the
+    // solve in the module, which the small build's size budget needs).
+    #[inline(never)]
     pub fn log_density(&mut self, x: &[f32]) -> Result<f32, JsError> {
         let ld = self.with_flow(|flow, scratch| flow.log_density(x, scratch).map_err(js))?;
         self.stats = ld.stats;
@@ -133,9 +136,8 @@ impl Detector {
 
     /// Whether one row is an anomaly under the stored threshold (error if uncalibrated).
     pub fn is_anomaly(&mut self, x: &[f32]) -> Result<bool, JsError> {
-        let s = self.with_flow(|flow, scratch| flow.score(x, scratch).map_err(js))?;
-        self.stats = s.log_density.stats;
-        match s.verdict {
+        let score = -self.log_density(x)?;
+        match Verdict::against(score, self.model().threshold()) {
             Verdict::Anomaly => Ok(true),
             Verdict::Normal => Ok(false),
             Verdict::Uncalibrated => Err(JsError::new("the model has no anomaly threshold")),

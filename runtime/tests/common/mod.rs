@@ -23,7 +23,7 @@ pub fn cnf(dim: u16, hidden: &[u16], kinds: &[LayerKind], activation: Activation
         let kind = kinds[i.min(kinds.len() - 1)];
         layers.push(LayerSpec { kind, out_dim: w }).unwrap();
     }
-    CnfSpec { layers, activation, end_time }
+    CnfSpec { layers, activation, end_time, matrices: Default::default() }
 }
 
 pub fn header(dim: u16, standardize: bool, stages: Vec<Stage>, solver: Solver) -> Header<'static> {

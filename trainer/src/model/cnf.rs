@@ -512,8 +512,12 @@ impl FlowLayer for Cnf {
                 .push(l)
                 .map_err(|_| anyhow::anyhow!("more than {} layers", ffjord_runtime::format::MAX_LAYERS))?;
         }
-        let spec =
-            ffjord_runtime::CnfSpec { layers: spec_layers, activation, end_time: self.end_time() as f32 };
+        let spec = ffjord_runtime::CnfSpec {
+            layers: spec_layers,
+            activation,
+            end_time: self.end_time() as f32,
+            matrices: Default::default(),
+        };
         Ok((Stage::Cnf(spec), weights))
     }
 }

@@ -2,7 +2,7 @@
 //! FFJORD's MLP ([`OdeNet`]) with its hand-written CPU kernel hooks.
 
 use anyhow::{Context, Result, ensure};
-use ffjord_runtime::format::Weights;
+use ffjord_runtime::Matrix;
 use ffjord_runtime::{Activation, LayerKind, LayerParts, LayerSpec, LayerWeights};
 use tch::{Kind, Tensor, nn};
 
@@ -271,7 +271,7 @@ impl OdeNet {
     /// Loads the layers' weights from the runtime's views of a model file
     /// (`CnfBlock::layers`), in this net's layer order.
     pub fn load_layers<'a>(&mut self, weights: impl Iterator<Item = LayerWeights<'a>>) -> Result<()> {
-        let take = |t: &mut Tensor, w: Weights<'_>| -> Result<()> {
+        let take = |t: &mut Tensor, w: Matrix<'_>| -> Result<()> {
             ensure!(
                 w.len() as i64 == t.numel() as i64,
                 "layer weights: {} floats for a tensor of {}",
@@ -287,12 +287,12 @@ impl OdeNet {
         for (l, w) in self.layers.iter_mut().zip(weights) {
             take(&mut l.linear.ws, w.matrix)?;
             if let Some(b) = &mut l.linear.bs {
-                take(b, w.bias)?;
+                take(b, Matrix::F32(w.bias))?;
             }
             if let (Some(g), Some(b)) = (&mut l.hyper_gate, &mut l.hyper_bias) {
-                take(&mut g.ws, w.gate_w)?;
-                take(g.bs.as_mut().context("hyper gate has a bias")?, w.gate_b)?;
-                take(&mut b.ws, w.hyper_b)?;
+                take(&mut g.ws, Matrix::F32(w.gate_w))?;
+                take(g.bs.as_mut().context("hyper gate has a bias")?, Matrix::F32(w.gate_b))?;
+                take(&mut b.ws, Matrix::F32(w.hyper_b))?;
             }
             count += 1;
         }
