@@ -27,6 +27,8 @@ pub struct RowsLogProb {
     /// log N(z; 0, I) per row: the part of log p that the latent point alone
     /// gives (the rest is the log volume change).
     pub log_p_base: Vec<f64>,
+    /// The latent points `z`, row-major (`rows × D`).
+    pub z: Vec<f64>,
     /// Function evaluations, summed over chunks.
     pub nfe: u64,
 }
@@ -58,13 +60,18 @@ impl Chain {
     /// density's share `log N(z)` of each, and the NFE summed over chunks.
     pub fn log_prob_rows(&self, x: &Tensor, opts: &SolveOptions, chunk: i64) -> Result<RowsLogProb> {
         let n = x.size()[0] as usize;
-        let mut rows =
-            RowsLogProb { log_p: Vec::with_capacity(n), log_p_base: Vec::with_capacity(n), nfe: 0 };
+        let mut rows = RowsLogProb {
+            log_p: Vec::with_capacity(n),
+            log_p_base: Vec::with_capacity(n),
+            z: Vec::with_capacity(n * self.dim.max(0) as usize),
+            nfe: 0,
+        };
         for part in x.split(chunk.max(1), 0) {
             let out = tch::no_grad(|| self.log_prob(&part, opts))?;
             rows.log_p.extend(Vec::<f64>::try_from(&out.log_p.to_kind(Kind::Double))?);
-            let base = standard_normal_log_prob(&out.z.to_kind(Kind::Double));
-            rows.log_p_base.extend(Vec::<f64>::try_from(&base)?);
+            let z = out.z.to_kind(Kind::Double);
+            rows.log_p_base.extend(Vec::<f64>::try_from(&standard_normal_log_prob(&z))?);
+            rows.z.extend(Vec::<f64>::try_from(&z.contiguous().view(-1))?);
             rows.nfe += u64::from(out.stats.solve.nfe);
         }
         Ok(rows)
