@@ -169,6 +169,14 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     ok(&["import", "white.json", "--out", "white-imported.ffjd"], d);
     let scores = |m: &str| ok(&["score", "--model", m, "--data", "six-200.csv"], d);
     assert_eq!(scores("white.ffjd"), scores("white-imported.ffjd"));
+    // `fit --weights f16` exports the f16 file directly (and the run keeps the setting).
+    let fitted = "fit --data six.csv --out six-fit-f16.ffjd --iterations 10 --valid-every 10 --hidden 8 \
+                  --trace gaussian --batch 256 --weights f16";
+    ok(&fitted.split_whitespace().collect::<Vec<_>>(), d);
+    assert!(ok(&["inspect", "six-fit-f16.ffjd"], d).contains("matrices f16"));
+    assert!(
+        std::fs::read_to_string(d.join("six-fit-f16.run/config.toml")).unwrap().contains("weights = \"f16\"")
+    );
     // f16 / i8 matrices (format version 3): the trainer's float64 evaluation
     // reads the widened values and agrees with the runtime as for f32 files
     // (concat layers, batch norm and the time column included).
