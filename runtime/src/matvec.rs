@@ -76,28 +76,52 @@ fn plain(w: Weights<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [
     }
 }
 
-/// f16 / i8 matrices: each row's used weights are widened to `f32`
-/// [`WIDEN_CHUNK`] at a time into a stack buffer and applied to every lane
-/// (one conversion per weight, not per weight and lane). Between passes an
-/// output's running sum waits in `output`, so it is still one accumulator
-/// from zero over ascending columns: the bits of an `f32` matrix holding the
-/// widened values.
+/// f16 / i8 matrices: [`ROWS`] rows' used weights at a time are widened to
+/// `f32`, [`WIDEN_CHUNK`] columns per pass, into a stack buffer that the
+/// `f32` path's kernel then applies to every lane (one conversion per weight,
+/// not per weight and lane). Between passes the running sums wait in
+/// `output` and the kernel continues from them, so every output is still one
+/// accumulator from zero over ascending columns: the bits of an `f32` matrix
+/// holding the widened values.
 fn widened(matrix: Matrix<'_>, cols: usize, skip: usize, input: &[f32], output: &mut [f32], dims: Dims) {
     let Dims { d_in, d_out, lanes } = dims;
     let (d_in, d_out) = (d_in.max(1), d_out.max(1));
+    let Some(x) = input.get(..lanes.saturating_mul(d_in)) else { return };
     let Some(y) = output.get_mut(..lanes.saturating_mul(d_out)) else { return };
     y.fill(0.0);
-    let mut buf = [0.0f32; WIDEN_CHUNK];
-    for o in 0..d_out {
-        let row_start = o.saturating_mul(cols).saturating_add(skip);
+    let mut buf = [0.0f32; ROWS * WIDEN_CHUNK];
+    for o0 in (0..d_out).step_by(ROWS) {
+        let rows = ROWS.min(d_out - o0);
         for start in (0..d_in).step_by(WIDEN_CHUNK) {
-            let w = buf.get_mut(..WIDEN_CHUNK.min(d_in - start)).unwrap_or(&mut []);
-            matrix.widen(row_start + start, w);
-            for (x, y) in input.chunks_exact(d_in).zip(y.chunks_exact_mut(d_out)) {
-                let xs = x.get(start..).unwrap_or(&[]);
-                if let Some(yo) = y.get_mut(o) {
-                    *yo = w.iter().zip(xs).fold(*yo, |acc, (w, x)| acc + w * x);
-                }
+            let n = WIDEN_CHUNK.min(d_in - start);
+            let w = buf.get_mut(..rows * n).unwrap_or(&mut []);
+            for (r, row) in w.chunks_exact_mut(n).enumerate() {
+                matrix.widen((o0 + r).saturating_mul(cols).saturating_add(skip + start), row);
+            }
+            let shape = Shape { cols: n, skip: 0, d_in: n };
+            // The lanes' columns `start..` and outputs `o0..`, three lanes at a time.
+            fn lane_x(l: &[f32], start: usize) -> &[f32] {
+                l.get(start..).unwrap_or(&[])
+            }
+            let mut x3 = x.chunks_exact(3 * d_in);
+            let mut y3 = y.chunks_exact_mut(3 * d_out);
+            for (x, y) in (&mut x3).zip(&mut y3) {
+                let (x0, x) = x.split_at(d_in);
+                let (x1, x2) = x.split_at(d_in);
+                let (y0, y) = y.split_at_mut(d_out);
+                let (y1, y2) = y.split_at_mut(d_out);
+                let ys = [y0, y1, y2].map(|l| l.get_mut(o0..).unwrap_or(&mut []));
+                lane_block::<3, true>(
+                    w,
+                    shape,
+                    [lane_x(x0, start), lane_x(x1, start), lane_x(x2, start)],
+                    ys,
+                    rows4_lanes3,
+                );
+            }
+            for (x, y) in x3.remainder().chunks_exact(d_in).zip(y3.into_remainder().chunks_exact_mut(d_out)) {
+                let ys = [y.get_mut(o0..).unwrap_or(&mut [])];
+                lane_block::<1, true>(w, shape, [lane_x(x, start)], ys, rows4_lanes1);
             }
         }
     }
@@ -119,12 +143,12 @@ fn blocked(w: &[f32], cols: usize, skip: usize, input: &[f32], output: &mut [f32
         let (x1, x2) = x.split_at(d_in);
         let (y0, y) = y.split_at_mut(d_out);
         let (y1, y2) = y.split_at_mut(d_out);
-        lane_block(w, shape, [x0, x1, x2], [y0, y1, y2], rows4_lanes3);
+        lane_block::<3, false>(w, shape, [x0, x1, x2], [y0, y1, y2], rows4_lanes3);
     }
     // One or two lanes left: one at a time (a two-lane kernel would cost
     // flash for little; D + 1 = 3k + 2 lanes only).
     for (x, y) in x3.remainder().chunks_exact(d_in).zip(y3.into_remainder().chunks_exact_mut(d_out)) {
-        lane_block(w, shape, [x], [y], rows4_lanes1);
+        lane_block::<1, false>(w, shape, [x], [y], rows4_lanes1);
     }
 }
 
@@ -138,14 +162,15 @@ struct Shape {
 }
 
 /// `L` lanes through every row of `W`: [`ROWS`] rows at a time by `kernel`,
-/// the rest one by one.
+/// the rest one by one. With `ACC` every sum continues from the value in `y`
+/// (a later pass over more columns), else it starts from zero.
 #[inline(always)]
-fn lane_block<const L: usize>(
+fn lane_block<const L: usize, const ACC: bool>(
     w: &[f32],
     shape: Shape,
     x: [&[f32]; L],
     y: [&mut [f32]; L],
-    kernel: impl Fn([&[f32]; ROWS], [&[f32]; L]) -> [[f32; L]; ROWS],
+    kernel: impl Fn([&[f32]; ROWS], [&[f32]; L], [[f32; L]; ROWS]) -> [[f32; L]; ROWS],
 ) {
     let Shape { cols, skip, d_in } = shape;
     let used = move |row| used_part(row, skip, d_in);
@@ -159,7 +184,17 @@ fn lane_block<const L: usize>(
     for (b, block) in blocks.enumerate() {
         let mut rows = block.chunks_exact(cols).map(used);
         let r = [(); ROWS].map(|_| rows.next().unwrap_or(&[]));
-        let acc = kernel(r, x);
+        let mut init = [[0.0f32; L]; ROWS];
+        if ACC {
+            for (j, y) in ys_full.iter().enumerate() {
+                for (i, now) in init.iter_mut().zip(y.get(b * ROWS..).unwrap_or(&[])) {
+                    if let Some(v) = i.get_mut(j) {
+                        *v = *now;
+                    }
+                }
+            }
+        }
+        let acc = kernel(r, x, init);
         for (j, y) in ys_full.iter_mut().enumerate() {
             if let Some(out) = y.get_mut(b * ROWS..b * ROWS + ROWS) {
                 for (o, a) in out.iter_mut().zip(&acc) {
@@ -171,7 +206,8 @@ fn lane_block<const L: usize>(
     for (k, row) in tail.chunks_exact(cols).map(used).enumerate() {
         for (y, x) in ys_tail.iter_mut().zip(x) {
             if let Some(o) = y.get_mut(k) {
-                *o = ascending_dot(row.iter().copied(), x);
+                let from = if ACC { *o } else { 0.0 };
+                *o = row.iter().zip(x.iter()).fold(from, |acc, (w, x)| acc + w * x);
             }
         }
     }
@@ -184,10 +220,10 @@ fn used_part(row: &[f32], skip: usize, d_in: usize) -> &[f32] {
 }
 
 #[inline(always)]
-fn rows4_lanes3(r: [&[f32]; ROWS], x: [&[f32]; 3]) -> [[f32; 3]; ROWS] {
+fn rows4_lanes3(r: [&[f32]; ROWS], x: [&[f32]; 3], init: [[f32; 3]; ROWS]) -> [[f32; 3]; ROWS] {
     let [r0, r1, r2, r3] = r;
     let [x0, x1, x2] = x;
-    let mut a = [[0.0f32; 3]; ROWS];
+    let mut a = init;
     let weights = r0.iter().zip(r1).zip(r2.iter().zip(r3));
     let inputs = x0.iter().zip(x1).zip(x2);
     // Written out: at opt-level "s" (firmware) a loop over the rows here is
@@ -212,10 +248,10 @@ fn rows4_lanes3(r: [&[f32]; ROWS], x: [&[f32]; 3]) -> [[f32; 3]; ROWS] {
 }
 
 #[inline(always)]
-fn rows4_lanes1(r: [&[f32]; ROWS], x: [&[f32]; 1]) -> [[f32; 1]; ROWS] {
+fn rows4_lanes1(r: [&[f32]; ROWS], x: [&[f32]; 1], init: [[f32; 1]; ROWS]) -> [[f32; 1]; ROWS] {
     let [r0, r1, r2, r3] = r;
     let [x] = x;
-    let mut a = [[0.0f32; 1]; ROWS];
+    let mut a = init;
     let weights = r0.iter().zip(r1).zip(r2.iter().zip(r3));
     for (((w0, w1), (w2, w3)), x) in weights.zip(x) {
         a[0][0] += w0 * x;
@@ -236,7 +272,8 @@ mod tests {
     /// against the unaligned one bit for bit (same summation order).
     #[test]
     fn blocked_and_plain_paths_agree_for_every_shape() {
-        for d_in in [1usize, 2, 5, 9] {
+        // 40 inputs: the widening path's rows take two passes of 32 columns.
+        for d_in in [1usize, 2, 5, 9, 40] {
             for d_out in [1usize, 2, 3, 4, 5, 9] {
                 for lanes in 1usize..=7 {
                     for skip in [0usize, 1] {
@@ -270,9 +307,55 @@ mod tests {
                                 assert!((f64::from(a) - exact).abs() <= 1e-5 * (1.0 + exact.abs()));
                             }
                         }
+                        if cfg!(feature = "quantized") {
+                            widened_equals_blocked_on_the_widened_values(&w, cols, skip, &x, dims);
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// f16 and i8 matrices through the widening path give the bits of the
+    /// blocked `f32` path on the values they stand for.
+    fn widened_equals_blocked_on_the_widened_values(
+        w: &[f32],
+        cols: usize,
+        skip: usize,
+        x: &[f32],
+        dims: Dims,
+    ) {
+        use crate::quant::{MatrixEncoding, f16_to_f32, f32_to_f16, i8_quantize, i8_scale};
+        let d_out = dims.d_out;
+        // f16: the halves, and the f32 values they stand for.
+        let halves: std::vec::Vec<u8> = w.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect();
+        let w16: std::vec::Vec<f32> = w.iter().map(|&v| f16_to_f32(f32_to_f16(v))).collect();
+        // i8: row scales (f32 words), then the bytes.
+        let mut i8_bytes: std::vec::Vec<u8> = std::vec::Vec::new();
+        let mut w8 = std::vec::Vec::new();
+        let scales: std::vec::Vec<f32> = w.chunks(cols).map(i8_scale).collect();
+        for s in &scales {
+            i8_bytes.extend(s.to_le_bytes());
+        }
+        for (row, &s) in w.chunks(cols).zip(&scales) {
+            for &v in row {
+                let q = i8_quantize(v, s);
+                i8_bytes.push(q as u8);
+                w8.push(s * f32::from(q));
+            }
+        }
+        for (encoding, bytes, values) in
+            [(MatrixEncoding::F16, &halves, &w16), (MatrixEncoding::I8, &i8_bytes, &w8)]
+        {
+            let mut words = std::vec![0u32; bytes.len().div_ceil(4)];
+            bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+            let m = Matrix::new(encoding, Weights::new(bytemuck::cast_slice(&words)), d_out, cols);
+            let mut y_q = std::vec![f32::NAN; dims.lanes * d_out];
+            let mut y_f = std::vec![f32::NAN; dims.lanes * d_out];
+            widened(m, cols, skip, x, &mut y_q, dims);
+            blocked(values, cols, skip, x, &mut y_f, dims);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<std::vec::Vec<_>>();
+            assert_eq!(bits(&y_q), bits(&y_f), "{encoding:?} {dims:?} skip {skip}");
         }
     }
 }
