@@ -99,7 +99,9 @@ fn widened(matrix: Matrix<'_>, cols: usize, skip: usize, input: &[f32], output: 
                 matrix.widen((o0 + r).saturating_mul(cols).saturating_add(skip + start), row);
             }
             let shape = Shape { cols: n, skip: 0, d_in: n };
-            // The lanes' columns `start..` and outputs `o0..`, three lanes at a time.
+            // The lanes' columns `start..` and outputs `o0..`, three lanes at a
+            // time as in `blocked` (one shared helper for both measured 1 %
+            // more instructions on the M4F's f32 path, so the loop is repeated).
             fn lane_x(l: &[f32], start: usize) -> &[f32] {
                 l.get(start..).unwrap_or(&[])
             }

@@ -66,7 +66,9 @@ function launch() {
   });
 }
 
-test("scoring page in headless Chromium agrees with the host", async () => {
+/** Serves www/, opens `query` on it in Chromium and runs `body(page)`;
+ * fails on any console error. */
+async function withPage(query, body) {
   const server = await serve();
   const browser = await launch();
   const errors = [];
@@ -74,8 +76,17 @@ test("scoring page in headless Chromium agrees with the host", async () => {
     const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
     page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
     page.on("pageerror", (e) => errors.push(e.message));
-    await page.goto(`http://127.0.0.1:${server.address().port}/index.html`);
+    await page.goto(`http://127.0.0.1:${server.address().port}/index.html${query}`);
     await page.waitForSelector("body[data-ready=true]");
+    await body(page);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  assert.deepEqual(errors, [], "no console errors");
+}
+
+test("scoring page in headless Chromium agrees with the host", () => withPage("", async (page) => {
 
     for (const [file, g] of [["models/8gaussians-mcu.ffjd", goldens.find((g) => g.dim === 2)],
                              ["models/shuttle.ffjd", goldens.find((g) => g.dim === 9)]]) {
@@ -138,23 +149,9 @@ test("scoring page in headless Chromium agrees with the host", async () => {
     await page.setInputFiles("#model-file", { name: "broken.ffjd", mimeType: "application/octet-stream", buffer: Buffer.from("FFJD\u0001\u0000garbage") });
     await page.waitForFunction(() => document.querySelector("#info .error") !== null);
     assert.match(await page.textContent("#info"), /broken\.ffjd: /);
-  } finally {
-    await browser.close();
-    server.close();
-  }
-  assert.deepEqual(errors, [], "no console errors");
-});
+}));
 
-test("the small build (for engines without SIMD) scores like the host's one-row path", async () => {
-  const server = await serve();
-  const browser = await launch();
-  const errors = [];
-  try {
-    const page = await browser.newPage({ viewport: { width: 1200, height: 1400 } });
-    page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-    page.on("pageerror", (e) => errors.push(e.message));
-    await page.goto(`http://127.0.0.1:${server.address().port}/index.html?build=small`);
-    await page.waitForSelector("body[data-ready=true]");
+test("the small build (for engines without SIMD) scores like the host's one-row path", () => withPage("?build=small", async (page) => {
     for (const [file, g] of [["models/8gaussians-mcu.ffjd", goldens.find((g) => g.dim === 2)],
                              ["models/shuttle.ffjd", goldens.find((g) => g.dim === 9)]]) {
       await page.selectOption("#bundled", file);
@@ -165,9 +162,4 @@ test("the small build (for engines without SIMD) scores like the host's one-row 
     }
     mkdirSync(artifacts, { recursive: true });
     await page.screenshot({ path: join(artifacts, "page-small-build.png"), fullPage: true });
-  } finally {
-    await browser.close();
-    server.close();
-  }
-  assert.deepEqual(errors, [], "no console errors");
-});
+}));
