@@ -204,14 +204,19 @@ impl<'a> Model<'a> {
         n.saturating_add(solver.work_len(n)).saturating_add(dynamics)
     }
 
-    /// Network evaluations ("FLOPs" as multiply-adds counted as 2) of one
-    /// function evaluation with the exact divergence (`D + 1` lanes), summed
-    /// over all CNF stages. Activations and gates are not counted.
+    /// Network FLOPs (multiply-adds counted as 2) of one function evaluation
+    /// with the exact divergence (`D + 1` lanes). An evaluation is of one
+    /// CNF stage, and NFE counts them over all stages, so this is the mean
+    /// over the CNF stages: FLOPs = this × NFE, exactly when the stages have
+    /// one size or take equal NFE (fixed steps). (Until 2026-12-03 it was
+    /// the sum, which counted a two-stage model's FLOPs twice.) Activations
+    /// and gates are not counted.
     pub fn flops_per_evaluation(&self) -> u64 {
         let lanes = self.dim() as u64 + 1;
-        let mut flops = 0u64;
+        let (mut flops, mut stages) = (0u64, 0u64);
         for stage in self.header.stages() {
             if let Stage::Cnf(cnf) = stage {
+                stages += 1;
                 let mut d_in = self.dim() as u64;
                 for layer in &cnf.layers {
                     let d_out = u64::from(layer.out_dim);
@@ -220,7 +225,7 @@ impl<'a> Model<'a> {
                 }
             }
         }
-        flops
+        flops / stages.max(1)
     }
 
     /// The `i`-th stage as CNF dynamics, if it is a CNF stage.
