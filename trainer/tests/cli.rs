@@ -197,6 +197,41 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     ));
     assert!(m.threshold().is_some());
     assert!(err(&["convert", "white.ffjd", "--weights", "f8", "--out", "x.ffjd"], d).contains("f8"));
+    // `convert --calibrate ROWS`: the stored threshold becomes the same
+    // quantile of the converted model's −log p on those rows (runtime scores,
+    // rank round(q·(n−1)) as everywhere in the trainer).
+    ok(
+        &[
+            "convert",
+            "white.ffjd",
+            "--weights",
+            "i8",
+            "--calibrate",
+            "six-200.csv",
+            "--out",
+            "white-cal.ffjd",
+        ],
+        d,
+    );
+    let cal = std::fs::read(d.join("white-cal.ffjd")).unwrap();
+    let m = Model::from_bytes(&cal).unwrap();
+    let t = m.threshold().unwrap();
+    let flow = Flow::new(&m, m.default_solver()).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let mut scores: Vec<f64> = read_csv(&d.join("six-200.csv"))
+        .iter()
+        .map(|r| {
+            let x: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+            -f64::from(flow.log_density(&x, &mut scratch).unwrap().log_p)
+        })
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    let expected = scores[((scores.len() - 1) as f64 * f64::from(t.quantile)).round() as usize];
+    assert_eq!(t.score, expected as f32);
+    assert!(
+        err(&["convert", "white.ffjd", "--weights", "i8", "--calibrate", "toy.csv", "--out", "x.ffjd"], d)
+            .contains("2 columns, the model has 6")
+    );
     let metrics = std::fs::read_to_string(d.join("six.run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 16, "4 epochs of 960 rows in batches of 256");
     // A solver budget at export: the cheapest solver within ε of the reference becomes the default.
