@@ -31,6 +31,7 @@ impl MatrixEncoding {
 
     /// 4-byte words a `rows × cols` matrix occupies (the values, then zero
     /// bytes up to a whole word).
+    #[inline]
     pub fn matrix_words(self, rows: usize, cols: usize) -> Option<usize> {
         let n = rows.checked_mul(cols)?;
         // Without feature `quantized` only f32 matrices load; a constant
@@ -91,15 +92,11 @@ pub fn f32_to_f16(x: f32) -> u16 {
     }
     // Bits of the f32 significand (with its implicit one) to drop: 13 for a
     // normal binary16, more below 2⁻¹⁴ where the result is subnormal.
-    let (significand, shift) = if exponent >= -14 {
-        ((abs & 0x007f_ffff) | 0x0080_0000, 13)
-    } else {
-        let shift = (-14 - exponent) as u32 + 13;
-        if shift > 24 {
-            return sign; // below half the smallest subnormal: ±0
-        }
-        ((abs & 0x007f_ffff) | 0x0080_0000, shift)
-    };
+    let significand = (abs & 0x007f_ffff) | 0x0080_0000;
+    let shift = if exponent >= -14 { 13 } else { (-14 - exponent) as u32 + 13 };
+    if shift > 24 {
+        return sign; // below half the smallest subnormal: ±0
+    }
     let half = 1u32 << (shift - 1);
     let kept = significand >> shift;
     let rest = significand & ((1u32 << shift) - 1);

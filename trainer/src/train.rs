@@ -520,13 +520,17 @@ pub fn export(
         command,
     };
     let mut bytes = export_bytes(chain, &info)?;
+    // Validation rows in data units, as the runtime reads them.
+    let data_rows = |limit: i64| -> Result<Vec<Vec<f32>>> {
+        let t = (valid.to_kind(Kind::Double).to_device(Device::Cpu) * &splits.std + &splits.mean)
+            .narrow(0, 0, valid.size()[0].min(limit))
+            .contiguous();
+        let d = t.size()[1] as usize;
+        let flat = Vec::<f64>::try_from(&t.view(-1))?;
+        Ok(flat.chunks(d).map(|r| r.iter().map(|&v| v as f32).collect()).collect())
+    };
     if let Some(eps) = max_error {
-        // Validation rows in data units, at most 1,000 of them.
-        let rows_t = (valid.to_kind(Kind::Double).to_device(Device::Cpu) * &splits.std + &splits.mean)
-            .narrow(0, 0, valid.size()[0].min(1000));
-        let d = rows_t.size()[1] as usize;
-        let flat = Vec::<f64>::try_from(&rows_t.contiguous().view(-1))?;
-        let rows: Vec<Vec<f32>> = flat.chunks(d).map(|r| r.iter().map(|&v| v as f32).collect()).collect();
+        let rows = data_rows(1000)?;
         let (best, all) = crate::budget::choose(&bytes, &rows, eps)?;
         println!(
             "solver budget (max |Δ log p| ≤ {eps} nats on {} validation rows, vs Dopri5 1e-7):",
@@ -538,12 +542,7 @@ pub fn export(
     }
     if cfg.weights != ffjord_runtime::MatrixEncoding::F32 {
         // Stored smaller; the threshold recalibrated on what the runtime now computes.
-        let rows_t =
-            (valid.to_kind(Kind::Double).to_device(Device::Cpu) * &splits.std + &splits.mean).contiguous();
-        let d = rows_t.size()[1] as usize;
-        let flat = Vec::<f64>::try_from(&rows_t.view(-1))?;
-        let rows: Vec<Vec<f32>> = flat.chunks(d).map(|r| r.iter().map(|&v| v as f32).collect()).collect();
-        bytes = crate::modelfile::with_matrices(&bytes, cfg.weights, Some(&rows))?;
+        bytes = crate::modelfile::with_matrices(&bytes, cfg.weights, Some(&data_rows(i64::MAX)?))?;
     }
     match format {
         Format::Model => write_atomic(out, &bytes)?,
