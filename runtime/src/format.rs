@@ -69,7 +69,6 @@ impl LayerKind {
 
     /// Number of 4-byte words the layer occupies in the file when its matrix
     /// is stored as `matrices` (equal to [`LayerKind::weight_count`] for `f32`).
-    #[inline]
     pub fn word_count(self, d_in: usize, d_out: usize, matrices: MatrixEncoding) -> Option<usize> {
         let cols = self.cols(d_in)?;
         let vectors = self.weight_count(d_in, d_out)?.checked_sub(d_out.checked_mul(cols)?)?;

@@ -31,7 +31,6 @@ impl MatrixEncoding {
 
     /// 4-byte words a `rows × cols` matrix occupies (the values, then zero
     /// bytes up to a whole word).
-    #[inline]
     pub fn matrix_words(self, rows: usize, cols: usize) -> Option<usize> {
         let n = rows.checked_mul(cols)?;
         // Without feature `quantized` only f32 matrices load; a constant
