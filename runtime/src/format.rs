@@ -128,6 +128,15 @@ pub struct CnfSpec {
     pub matrices: MatrixEncoding,
 }
 
+impl CnfSpec {
+    /// Units whose output is gated by `σ(w_g t + b_g)` (the outputs of
+    /// concatsquash layers).
+    pub fn gate_count(&self) -> usize {
+        let gated = self.layers.iter().filter(|l| l.kind == LayerKind::ConcatSquash);
+        gated.map(|l| usize::from(l.out_dim)).sum()
+    }
+}
+
 /// One stage of the chain, applied in order from data to latent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(from = "WireStage", into = "WireStage")]
@@ -266,6 +275,9 @@ pub struct Layout {
     pub stage_offsets: heapless::Vec<usize, MAX_STAGES>,
     /// Widest layer input or output (at least `dim`).
     pub max_width: usize,
+    /// Most gated units (outputs of concatsquash layers) in one CNF stage:
+    /// the row path keeps their gates for one time point in its scratch.
+    pub max_gates: usize,
 }
 
 impl Header<'_> {
@@ -302,6 +314,7 @@ fn validate(
     let mut count: usize = if standardize { 2 * dim } else { 0 };
     let mut values = count;
     let mut max_width = dim;
+    let mut max_gates = 0;
     let mut stage_offsets = heapless::Vec::new();
     let mut any_cnf = false;
     for (s, stage) in stages.enumerate() {
@@ -314,6 +327,7 @@ fn validate(
             }
             Stage::Cnf(cnf) => {
                 any_cnf = true;
+                max_gates = max_gates.max(cnf.gate_count());
                 validate_cnf(cnf, s, dim, &mut max_width)?
             }
         };
@@ -326,7 +340,7 @@ fn validate(
     if values > u32::MAX as usize / 4 {
         return Err(LoadError::InvalidField(Field::Size));
     }
-    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width })
+    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width, max_gates })
 }
 
 /// A model header as the runtime keeps it: the fixed fields by value and the

@@ -200,7 +200,7 @@ impl<'a> Model<'a> {
     /// Floats of scratch that evaluating this model with `solver` needs.
     pub fn scratch_len(&self, solver: &Solver) -> usize {
         let n = self.dim() + 1;
-        let dynamics = crate::net::net_work_len(self.layout.max_width, n);
+        let dynamics = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
         n.saturating_add(solver.work_len(n)).saturating_add(dynamics)
     }
 

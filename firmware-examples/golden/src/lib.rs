@@ -99,14 +99,21 @@ pub fn write_for_example(manifest_dir: &Path, out_dir: &Path) {
 }
 
 /// The whole build script of a firmware example: golden tables into
-/// `OUT_DIR`, and the crate's `memory.x` on the linker path.
+/// `OUT_DIR`, and the crate's `memory.x` on the linker path — or the file
+/// `FFJORD_MEMORY_X` names (a bigger memory map, to measure models that do
+/// not fit the example's budget; `m4f-table.sh`).
 pub fn example_build_script() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let manifest = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     write_for_example(&manifest, &out);
-    std::fs::copy(manifest.join("memory.x"), out.join("memory.x")).expect("memory.x");
+    let memory = match std::env::var("FFJORD_MEMORY_X") {
+        Ok(path) => std::path::PathBuf::from(path),
+        Err(_) => manifest.join("memory.x"),
+    };
+    std::fs::copy(&memory, out.join("memory.x")).unwrap_or_else(|e| panic!("{}: {e}", memory.display()));
     println!("cargo:rustc-link-search={}", out.display());
-    println!("cargo:rerun-if-changed=memory.x");
+    println!("cargo:rerun-if-changed={}", memory.display());
+    println!("cargo:rerun-if-env-changed=FFJORD_MEMORY_X");
 }
 
 /// Writes `out_dir/golden.rs` for `model_path` and `rows`. The file expects

@@ -172,7 +172,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                         model.apply_map(i, &stage, z, Direction::Forward).ok_or(SolveError::Internal)?;
                 }
                 Stage::Cnf(spec) => {
-                    let block = model.cnf_block(i).ok_or(SolveError::Internal)?;
+                    let block = model.cnf_block(i).ok_or(SolveError::Internal)?.with_gate_cache();
                     // State [z, ℓ] with ℓ(0) = 0; ℓ(T) = −∫ Tr J dt = −log|det| of this block.
                     let s = self.solver.integrate(&block, 0.0, spec.end_time, reset_ell(y), work)?;
                     stats = stats.merge(s);
@@ -234,7 +234,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                         model.apply_map(i, &stage, z, Direction::Inverse).ok_or(SolveError::Internal)?;
                 }
                 Stage::Cnf(spec) => {
-                    let block = model.cnf_block(i).ok_or(SolveError::Internal)?;
+                    let block = model.cnf_block(i).ok_or(SolveError::Internal)?.with_gate_cache();
                     // Integrating T → 0 from ℓ = 0 leaves ℓ(0) = +∫ Tr J dt.
                     let s = self.solver.integrate(&block, spec.end_time, 0.0, reset_ell(y), work)?;
                     stats = stats.merge(s);

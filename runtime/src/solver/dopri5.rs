@@ -122,6 +122,7 @@ impl Dopri5 {
         let (ks, rest) = take(work, STAGES.saturating_mul(n))?;
         let (ytmp, rest) = take(rest, n)?;
         let (err, fwork) = take(rest, n)?;
+        f.begin(fwork);
         let mut stats = Stats::default();
         if t1 == t0 {
             return Ok(stats);

@@ -45,6 +45,14 @@ pub trait Dynamics {
     }
     /// Writes `f(t, y)` into `dy`.
     fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]);
+
+    /// Called by every integrator once per solve, before its first
+    /// [`Dynamics::eval`], with the `work` slice that solve's evaluations
+    /// get. Dynamics that keep a per-solve cache in `work` (the runtime's
+    /// gate cache) empty it here; the default does nothing.
+    fn begin(&self, work: &mut [f32]) {
+        let _ = work;
+    }
 }
 
 /// Work counters of one integration.

@@ -110,6 +110,7 @@ pub(crate) fn integrate_fixed<D: Dynamics, const S: usize>(
     let n = y.len();
     let (ks, rest) = take(work, S.saturating_mul(n))?;
     let (ytmp, fwork) = take(rest, n)?;
+    f.begin(fwork);
     let h = (t1 - t0) / f64::from(steps);
     let mut stats = Stats::default();
     for step in 0..steps {
