@@ -60,6 +60,8 @@ typedef enum FfjordStatus {
   FFJORD_STATUS_INTERNAL = -29,
   // Invalid solver settings.
   FFJORD_STATUS_INVALID_SOLVER = -30,
+  // An input value is outside [0, 1] (a model with a logit stage).
+  FFJORD_STATUS_INPUT_OUT_OF_RANGE = -31,
   // A required pointer was null.
   FFJORD_STATUS_NULL_POINTER = -40,
   // The model storage was never loaded by `ffjord_model_load`.

@@ -103,6 +103,8 @@ pub enum FfjordStatus {
     Internal = -29,
     /// Invalid solver settings.
     InvalidSolver = -30,
+    /// An input value is outside [0, 1] (a model with a logit stage).
+    InputOutOfRange = -31,
     /// A required pointer was null.
     NullPointer = -40,
     /// The model storage was never loaded by `ffjord_model_load`.
@@ -140,7 +142,7 @@ impl From<Error> for FfjordStatus {
 /// Every status with its name, NUL-terminated for C. The runtime's errors
 /// carry the runtime's own codes and names (`ffjord_runtime::error::CODES`;
 /// a test checks that the two tables agree entry by entry).
-const NAMES: [(FfjordStatus, &str); 26] = [
+const NAMES: [(FfjordStatus, &str); 27] = [
     (FfjordStatus::Ok, "ok\0"),
     (FfjordStatus::Truncated, "truncated\0"),
     (FfjordStatus::BadMagic, "bad magic\0"),
@@ -164,6 +166,7 @@ const NAMES: [(FfjordStatus, &str); 26] = [
     (FfjordStatus::InvalidBlockSize, "invalid block size\0"),
     (FfjordStatus::Internal, "internal error\0"),
     (FfjordStatus::InvalidSolver, "invalid solver\0"),
+    (FfjordStatus::InputOutOfRange, "input out of range\0"),
     (FfjordStatus::NullPointer, "null pointer\0"),
     (FfjordStatus::NotLoaded, "model not loaded\0"),
     (FfjordStatus::Uncalibrated, "model has no threshold\0"),

@@ -97,6 +97,10 @@ pub enum Field {
     /// A CNF stage stores its matrices as f16 or i8 and this runtime was
     /// built without feature `quantized`.
     MatrixEncoding,
+    /// An image stage is malformed (logit α outside (0, 0.5), an empty
+    /// image or one larger than the row, a squeeze of odd height or
+    /// width), or this runtime was built without feature `images`.
+    ImageStage,
 }
 
 /// Why one evaluation (log-density, sample, score) did not finish.
@@ -162,6 +166,12 @@ pub enum SolveError {
     Internal,
     /// The solver settings are invalid (zero steps, non-positive tolerance, …).
     InvalidSolver,
+    /// An input value is outside the range the model's first transform
+    /// takes: a model with a logit stage takes pixels scaled to `[0, 1]`.
+    InputOutOfRange {
+        /// Index of the first offending value.
+        index: u32,
+    },
 }
 
 /// Any runtime error.
@@ -211,6 +221,7 @@ impl SolveError {
             SolveError::InvalidBlockSize => -28,
             SolveError::Internal => -29,
             SolveError::InvalidSolver => -30,
+            SolveError::InputOutOfRange { .. } => -31,
         }
     }
 }
@@ -226,7 +237,7 @@ impl Error {
 }
 
 /// Every error code with a short name, in code order within each group.
-pub const CODES: [(i32, &str); 22] = [
+pub const CODES: [(i32, &str); 23] = [
     (-1, "truncated"),
     (-2, "bad magic"),
     (-3, "unsupported version"),
@@ -249,6 +260,7 @@ pub const CODES: [(i32, &str); 22] = [
     (-28, "invalid block size"),
     (-29, "internal error"),
     (-30, "invalid solver"),
+    (-31, "input out of range"),
 ];
 
 impl From<LoadError> for Error {
@@ -276,6 +288,10 @@ impl fmt::Display for Field {
             Field::Size => "model too large to address",
             Field::StageVersion => "a stage is newer than the file's format version",
             Field::MatrixEncoding => "f16 / i8 matrices need feature `quantized`",
+            Field::ImageStage => {
+                "image stage: logit alpha not in (0, 0.5), an image empty, larger than the row or \
+                 (squeeze) of odd size, or this runtime lacks feature `images`"
+            }
         })
     }
 }
@@ -349,6 +365,12 @@ impl fmt::Display for SolveError {
                 write!(f, "state became NaN or infinite at t = {}", Decimal(t))
             }
             SolveError::InvalidSolver => f.write_str("invalid solver settings"),
+            SolveError::InputOutOfRange { index } => {
+                write!(
+                    f,
+                    "input value {index} is outside [0, 1] (the model's logit transform takes scaled pixels)"
+                )
+            }
             SolveError::InvalidBlockSize => f.write_str("rows per block must be at least 1"),
             SolveError::Internal => {
                 f.write_str("internal error: a validated model's stage could not be read")
@@ -379,7 +401,7 @@ mod code_tests {
     /// fails here.
     #[test]
     fn every_error_has_its_own_named_code() {
-        let all: [i32; 22] = [
+        let all: [i32; 23] = [
             LoadError::Truncated { len: 0, needed: 1 }.code(),
             LoadError::BadMagic.code(),
             LoadError::UnsupportedVersion { found: 9, supported: 2 }.code(),
@@ -402,6 +424,7 @@ mod code_tests {
             SolveError::InvalidBlockSize.code(),
             SolveError::Internal.code(),
             SolveError::InvalidSolver.code(),
+            SolveError::InputOutOfRange { index: 0 }.code(),
         ];
         for (i, code) in all.iter().enumerate() {
             assert_eq!(CODES[i].0, *code, "{} is listed as {}", code, CODES[i].1);

@@ -18,10 +18,11 @@ use crate::solver::Solver;
 pub const MAGIC: [u8; 4] = *b"FFJD";
 /// The newest format version this runtime reads and writes. Version 2 added
 /// the [`Stage::Linear`] stage, version 3 CNF stages whose matrices are
-/// stored as f16 or i8 ([`CnfSpec::matrices`]); [`encode`] writes the oldest
-/// version that can hold a header ([`Header::version`]), so files without
-/// them keep their old version.
-pub const FORMAT_VERSION: u16 = 3;
+/// stored as f16 or i8 ([`CnfSpec::matrices`]), version 4 the image stages
+/// ([`Stage::Logit`], [`Stage::Squeeze`], [`Stage::ConvCnf`]); [`encode`]
+/// writes the oldest version that can hold a header ([`Header::version`]),
+/// so files without them keep their old version.
+pub const FORMAT_VERSION: u16 = 4;
 /// The oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
@@ -151,6 +152,89 @@ pub enum Stage {
     /// triangle of `L` row by row (`D(D+1)/2` floats: row `i` holds
     /// `L[i][0..=i]`), then `b[dim]`. Since format version 2.
     Linear,
+    /// `y = logit(α + (1 − 2α) x)` on every coordinate, for pixels scaled
+    /// to `[0, 1]`; inputs outside `[0, 1]` are refused. No weights. Since
+    /// format version 4.
+    Logit {
+        /// The squeeze towards the open interval that keeps the logit finite
+        /// (FFJORD: 1e-6), in `(0, 0.5)`.
+        alpha: f32,
+    },
+    /// Squeeze of the first `C·H·W` coordinates, read as a `[C, H, W]`
+    /// image, to `[4C, H/2, W/2]` (channel `4c + 2dy + dx` takes pixel
+    /// `(2h + dy, 2w + dx)` of channel `c`); the rest of the row passes
+    /// through. A permutation: log-det 0. No weights. Since version 4.
+    Squeeze(ImageShape),
+    /// A CNF block whose ODE net is FFJORD's convolutional one, on the first
+    /// `C·H·W` coordinates read as an image (the rest — what earlier scales
+    /// factored out — pass through). Since format version 4.
+    ConvCnf(ConvCnfSpec),
+}
+
+/// `[C, H, W]` of an image stage's input, which is the first `C·H·W`
+/// coordinates of the row in C order (channel, then row, then column).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageShape {
+    /// Channels.
+    pub channels: u16,
+    /// Rows of pixels.
+    pub height: u16,
+    /// Columns of pixels.
+    pub width: u16,
+}
+
+impl ImageShape {
+    /// Pixels per channel, `H·W`.
+    pub fn pixels(&self) -> usize {
+        usize::from(self.height) * usize::from(self.width)
+    }
+
+    /// Coordinates, `C·H·W`.
+    pub fn len(&self) -> usize {
+        usize::from(self.channels) * self.pixels()
+    }
+
+    /// Whether any side is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A CNF block with FFJORD's convolutional ODE net: every layer a 3×3
+/// convolution (stride 1, zero padding 1, so the image size stays) with
+/// time entering as in the dense net — [`LayerKind::Concat`] adds a first
+/// input channel filled with `t` (zero-padded like the rest),
+/// [`LayerKind::ConcatSquash`] gates each output channel by `σ(w_g t + b_g)`
+/// and adds `w_b t`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ConvCnfSpec {
+    /// The image the block acts on.
+    pub shape: ImageShape,
+    /// The net's layers; `out_dim` counts output channels (the last layer's
+    /// must equal `shape.channels`).
+    pub layers: heapless::Vec<LayerSpec, MAX_LAYERS>,
+    /// Activation between layers.
+    pub activation: Activation,
+    /// End time `T`.
+    pub end_time: f32,
+}
+
+impl ConvCnfSpec {
+    /// The net's widest activation in values (`channels × H·W`, input
+    /// included).
+    pub fn max_width(&self) -> usize {
+        let widest = self.layers.iter().map(|l| usize::from(l.out_dim)).max().unwrap_or(0);
+        widest.max(usize::from(self.shape.channels)).saturating_mul(self.shape.pixels())
+    }
+}
+
+/// Number of `f32` weights of a conv layer of `kind` from `c_in` to `c_out`
+/// channels: the kernel `[c_out, c_in (+1 for concat: the time channel
+/// first), 3, 3]`, then the vectors of [`LayerKind::weight_count`].
+pub fn conv_weight_count(kind: LayerKind, c_in: usize, c_out: usize) -> Option<usize> {
+    let kernel = c_out.checked_mul(kind.cols(c_in)?)?.checked_mul(9)?;
+    let vectors = kind.weight_count(c_in, c_out)?.checked_sub(c_out.checked_mul(kind.cols(c_in)?)?)?;
+    kernel.checked_add(vectors)
 }
 
 impl Stage {
@@ -160,21 +244,33 @@ impl Stage {
             Stage::Cnf(spec) if spec.matrices != MatrixEncoding::F32 => 3,
             Stage::Cnf(_) | Stage::Affine => 1,
             Stage::Linear => 2,
+            Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => 4,
         }
     }
 }
 
 /// [`Stage`] as the file has it: version 3 appended a CNF variant that names
-/// its matrix encoding, so versions 1–2 decode unchanged.
+/// its matrix encoding, version 4 the image stages, so older versions decode
+/// unchanged.
 #[derive(Serialize, Deserialize, Clone)]
 enum WireStage {
     Cnf(CnfSpec),
     Affine,
     Linear,
-    // Left out without feature `quantized` (the loader names the reason from
-    // the version first): one CnfSpec decoder less in the small builds.
-    #[cfg(feature = "quantized")]
+    // Left out without features `quantized` and `images` (the loader names
+    // the reason from the version first): one CnfSpec decoder less in the
+    // small builds. With `images` it stays, so the image variants keep
+    // their indices; `validate` then names the missing feature.
+    #[cfg(any(feature = "quantized", feature = "images"))]
     CnfEncoded(CnfSpec, MatrixEncoding),
+    #[cfg(feature = "images")]
+    Logit {
+        alpha: f32,
+    },
+    #[cfg(feature = "images")]
+    Squeeze(ImageShape),
+    #[cfg(feature = "images")]
+    ConvCnf(ConvCnfSpec),
 }
 
 impl From<WireStage> for Stage {
@@ -182,10 +278,16 @@ impl From<WireStage> for Stage {
         match w {
             // `matrices` is not on the wire: it decodes as its default, f32.
             WireStage::Cnf(spec) => Stage::Cnf(spec),
-            #[cfg(feature = "quantized")]
+            #[cfg(any(feature = "quantized", feature = "images"))]
             WireStage::CnfEncoded(spec, matrices) => Stage::Cnf(CnfSpec { matrices, ..spec }),
             WireStage::Affine => Stage::Affine,
             WireStage::Linear => Stage::Linear,
+            #[cfg(feature = "images")]
+            WireStage::Logit { alpha } => Stage::Logit { alpha },
+            #[cfg(feature = "images")]
+            WireStage::Squeeze(shape) => Stage::Squeeze(shape),
+            #[cfg(feature = "images")]
+            WireStage::ConvCnf(spec) => Stage::ConvCnf(spec),
         }
     }
 }
@@ -203,6 +305,16 @@ impl From<Stage> for WireStage {
             Stage::Cnf(spec) => WireStage::Cnf(spec),
             Stage::Affine => WireStage::Affine,
             Stage::Linear => WireStage::Linear,
+            #[cfg(feature = "images")]
+            Stage::Logit { alpha } => WireStage::Logit { alpha },
+            #[cfg(feature = "images")]
+            Stage::Squeeze(shape) => WireStage::Squeeze(shape),
+            #[cfg(feature = "images")]
+            Stage::ConvCnf(spec) => WireStage::ConvCnf(spec),
+            // (Without feature `images`, `validate` refuses image stages
+            // before anything is written.)
+            #[cfg(not(feature = "images"))]
+            Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => WireStage::Affine,
         }
     }
 }
@@ -278,6 +390,10 @@ pub struct Layout {
     /// Most gated units (outputs of concatsquash layers) in one CNF stage:
     /// the row path keeps their gates for one time point in its scratch.
     pub max_gates: usize,
+    /// Floats of scratch the image stages need besides the state (the
+    /// largest of a [`Stage::ConvCnf`]'s net evaluation and a
+    /// [`Stage::Squeeze`]'s copy); 0 without image stages.
+    pub image_work: usize,
 }
 
 impl Header<'_> {
@@ -315,6 +431,7 @@ fn validate(
     let mut values = count;
     let mut max_width = dim;
     let mut max_gates = 0;
+    let mut image_work = 0usize;
     let mut stage_offsets = heapless::Vec::new();
     let mut any_cnf = false;
     for (s, stage) in stages.enumerate() {
@@ -330,6 +447,29 @@ fn validate(
                 max_gates = max_gates.max(cnf.gate_count());
                 validate_cnf(cnf, s, dim, &mut max_width)?
             }
+            Stage::Logit { alpha } => {
+                image_stages_supported()?;
+                if !(*alpha > 0.0 && *alpha < 0.5) {
+                    return Err(LoadError::InvalidField(Field::ImageStage));
+                }
+                (0, 0)
+            }
+            Stage::Squeeze(shape) => {
+                image_stages_supported()?;
+                let even = shape.height % 2 == 0 && shape.width % 2 == 0;
+                if shape.is_empty() || shape.len() > dim || !even {
+                    return Err(LoadError::InvalidField(Field::ImageStage));
+                }
+                image_work = image_work.max(shape.len());
+                (0, 0)
+            }
+            Stage::ConvCnf(conv) => {
+                image_stages_supported()?;
+                any_cnf = true;
+                let (words, work) = validate_conv_cnf(conv, s, dim)?;
+                image_work = image_work.max(work);
+                (words, words)
+            }
         };
         count = count.checked_add(stage_words).ok_or(LoadError::InvalidField(Field::Size))?;
         values = values.checked_add(stage_values).ok_or(LoadError::InvalidField(Field::Size))?;
@@ -340,7 +480,7 @@ fn validate(
     if values > u32::MAX as usize / 4 {
         return Err(LoadError::InvalidField(Field::Size));
     }
-    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width, max_gates })
+    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width, max_gates, image_work })
 }
 
 /// A model header as the runtime keeps it: the fixed fields by value and the
@@ -417,6 +557,56 @@ impl<'a> HeaderView<'a> {
     pub fn stages(&self) -> impl DoubleEndedIterator<Item = Stage> + '_ {
         (0..self.stage_count()).filter_map(|i| self.stage(i))
     }
+}
+
+/// `Ok` if this runtime was built with the image stages (feature `images`).
+fn image_stages_supported() -> Result<(), LoadError> {
+    if cfg!(feature = "images") { Ok(()) } else { Err(LoadError::InvalidField(Field::ImageStage)) }
+}
+
+/// Checks one convolutional CNF stage; returns its weight words (all f32)
+/// and the scratch floats of one evaluation of its net with the exact trace.
+fn validate_conv_cnf(conv: &ConvCnfSpec, stage: usize, dim: usize) -> Result<(usize, usize), LoadError> {
+    if !(conv.end_time.is_finite() && conv.end_time > 0.0) {
+        return Err(LoadError::InvalidField(Field::EndTime));
+    }
+    if let Activation::Swish { beta } = conv.activation
+        && !beta.is_finite()
+    {
+        return Err(LoadError::InvalidField(Field::Activation));
+    }
+    let shape = conv.shape;
+    if shape.is_empty() || shape.len() > dim {
+        return Err(LoadError::InvalidField(Field::ImageStage));
+    }
+    let n = conv.layers.len();
+    if n == 0 {
+        return Err(LoadError::InvalidField(Field::Layers));
+    }
+    let size = LoadError::InvalidField(Field::Size);
+    let mut c_in = usize::from(shape.channels);
+    let mut words = 0usize;
+    for (l, layer) in conv.layers.iter().enumerate() {
+        let c_out = usize::from(layer.out_dim);
+        if c_out == 0 {
+            return Err(LoadError::InvalidField(Field::Layers));
+        }
+        if l + 1 == n && c_out != usize::from(shape.channels) {
+            return Err(LoadError::ShapeMismatch {
+                stage: stage as u8,
+                layer: l as u8,
+                expected: u32::from(shape.channels),
+                found: c_out as u32,
+            });
+        }
+        words = words.checked_add(conv_weight_count(layer.kind, c_in, c_out).ok_or(size)?).ok_or(size)?;
+        c_in = c_out;
+    }
+    let work = crate::image::conv_work_len(conv).ok_or(size)?;
+    if work > u32::MAX as usize / 4 {
+        return Err(size);
+    }
+    Ok((words, work))
 }
 
 /// Checks one CNF stage; returns its (words, values) in the weight section.
@@ -616,6 +806,15 @@ fn write_weights(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result
                     put(matrix, Some((cnf.matrices, d_out)))?;
                     put(total - matrix, None)?;
                     d_in = d_out;
+                }
+            }
+            Stage::Logit { .. } | Stage::Squeeze(_) => {}
+            Stage::ConvCnf(conv) => {
+                let mut c_in = usize::from(conv.shape.channels);
+                for layer in &conv.layers {
+                    let c_out = usize::from(layer.out_dim);
+                    put(conv_weight_count(layer.kind, c_in, c_out).ok_or(EncodeError::Serialize)?, None)?;
+                    c_in = c_out;
                 }
             }
         }

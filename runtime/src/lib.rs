@@ -19,6 +19,7 @@ mod base;
 pub mod error;
 mod flow;
 pub mod format;
+mod image;
 pub mod math;
 mod matvec;
 mod model;
@@ -31,7 +32,10 @@ pub mod solver;
 pub use base::fill_standard_normal;
 pub use error::{Error, Field, LoadError, SolveError};
 pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Verdict};
-pub use format::{Activation, CnfSpec, Header, HeaderView, LayerKind, LayerSpec, Metadata, Stage, Threshold};
+pub use format::{
+    Activation, CnfSpec, ConvCnfSpec, Header, HeaderView, ImageShape, LayerKind, LayerSpec, Metadata, Stage,
+    Threshold,
+};
 pub use model::{Model, StageWeights};
 pub use net::{CnfBlock, LayerWeights};
 pub use parts::{LayerParts, PartError, StageParts};

@@ -46,6 +46,11 @@ pub enum StageWeights<'a> {
     },
     /// A CNF block: its spec and layers ([`CnfBlock::layers`]).
     Cnf(CnfBlock<'a>),
+    /// A stage without weights ([`Stage::Logit`], [`Stage::Squeeze`]).
+    None,
+    /// A convolutional CNF block's weights, layer after layer, each as
+    /// [`crate::format::conv_weight_count`] counts them (FORMAT.md).
+    ConvCnf(Weights<'a>),
 }
 
 /// Which way a stage maps.
@@ -77,9 +82,15 @@ impl<'a> Model<'a> {
         if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(LoadError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
-        // Version 3 added f16 / i8 matrices, which this build cannot read.
-        if version >= 3 && !cfg!(feature = "quantized") {
+        // Version 3 added f16 / i8 matrices, version 4 image stages: name
+        // what this build cannot read. (A version-4 file with f16 / i8
+        // matrices decodes with feature `images`, and `validate` names the
+        // encoding.)
+        if version == 3 && !cfg!(feature = "quantized") {
             return Err(LoadError::InvalidField(crate::error::Field::MatrixEncoding));
+        }
+        if version >= 4 && !cfg!(feature = "images") {
+            return Err(LoadError::InvalidField(crate::error::Field::ImageStage));
         }
         let (body, trailer) =
             bytes.split_last_chunk::<CRC_LEN>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
@@ -148,7 +159,8 @@ impl<'a> Model<'a> {
                 Stage::Affine => log_abs_sum(&mut (offset..offset + dim))?,
                 // The diagonal is the last entry of each row of the packed triangle.
                 Stage::Linear => log_abs_sum(&mut (0..dim).map(|i| offset + i * (i + 1) / 2 + i))?,
-                Stage::Cnf(_) => 0.0,
+                // (The logit's log-det depends on the row.)
+                Stage::Cnf(_) | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => 0.0,
             };
             stage_log_dets.push(ld).map_err(|_| LoadError::MalformedHeader)?;
         }
@@ -200,8 +212,15 @@ impl<'a> Model<'a> {
     /// Floats of scratch that evaluating this model with `solver` needs.
     pub fn scratch_len(&self, solver: &Solver) -> usize {
         let n = self.dim() + 1;
-        let dynamics = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
+        let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
+        let dynamics = dense.max(self.layout.image_work);
         n.saturating_add(solver.work_len(n)).saturating_add(dynamics)
+    }
+
+    /// Whether the chain has image stages (format version 4), which only the
+    /// one-row path evaluates.
+    pub fn has_image_stages(&self) -> bool {
+        self.layout.image_work > 0
     }
 
     /// Network FLOPs (multiply-adds counted as 2) of one function evaluation
@@ -237,7 +256,22 @@ impl<'a> Model<'a> {
                 let w = self.weights.slice(offset, next - offset);
                 Some(CnfBlock::new(spec, w, self.dim(), self.layout.max_width))
             }
-            Stage::Affine | Stage::Linear => None,
+            Stage::Affine | Stage::Linear | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
+                None
+            }
+        }
+    }
+
+    /// The `i`-th stage as convolutional CNF dynamics, if it is one.
+    pub(crate) fn conv_block(&self, i: usize) -> Option<crate::image::ConvCnfBlock<'a>> {
+        match self.header.stage(i)? {
+            Stage::ConvCnf(spec) => {
+                let offset = *self.layout.stage_offsets.get(i)?;
+                let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.word_count);
+                let w = self.weights.slice(offset, next - offset);
+                Some(crate::image::ConvCnfBlock::new(spec, w))
+            }
+            _ => None,
         }
     }
 
@@ -267,6 +301,11 @@ impl<'a> Model<'a> {
                 }
             }
             Stage::Cnf(_) => StageWeights::Cnf(self.cnf_block(i)?),
+            Stage::Logit { .. } | Stage::Squeeze(_) => StageWeights::None,
+            Stage::ConvCnf(_) => {
+                let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.word_count);
+                StageWeights::ConvCnf(self.weights.slice(offset, next - offset))
+            }
         })
     }
 
@@ -295,7 +334,7 @@ impl<'a> Model<'a> {
         let offset = *self.layout.stage_offsets.get(i)?;
         let log_det = *self.stage_log_dets.get(i)?;
         match stage {
-            Stage::Cnf(_) => return None,
+            Stage::Cnf(_) | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => return None,
             Stage::Affine => {
                 let (scale, shift) = (self.weights.slice(offset, d), self.weights.slice(offset + d, d));
                 for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ffjord_runtime::format::{crc32, encode, encoded_len};
+use ffjord_runtime::format::{FORMAT_VERSION, crc32, encode, encoded_len};
 use ffjord_runtime::{Activation, Field, LayerKind, LoadError, Model, Solver, Stage};
 use proptest::prelude::*;
 
@@ -84,11 +84,17 @@ fn typed_errors_for_magic_version_and_crc() {
     assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::BadMagic);
     let mut b = GOLDEN.to_vec();
     b[4] = 9;
-    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::UnsupportedVersion { found: 9, supported: 3 });
+    assert_eq!(
+        Model::from_bytes(&b).unwrap_err(),
+        LoadError::UnsupportedVersion { found: 9, supported: FORMAT_VERSION }
+    );
     let mut b = GOLDEN.to_vec();
     b[4] = 0;
     reseal(&mut b);
-    assert_eq!(Model::from_bytes(&b).unwrap_err(), LoadError::UnsupportedVersion { found: 0, supported: 3 });
+    assert_eq!(
+        Model::from_bytes(&b).unwrap_err(),
+        LoadError::UnsupportedVersion { found: 0, supported: FORMAT_VERSION }
+    );
     let mut b = GOLDEN.to_vec();
     b[30] ^= 0x10;
     assert!(matches!(Model::from_bytes(&b), Err(LoadError::ChecksumMismatch { .. })));

@@ -271,6 +271,35 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
             }
             ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
             ffjord_runtime::Stage::Linear => println!("stage {i}     linear (lower-triangular)"),
+            ffjord_runtime::Stage::Logit { alpha } => {
+                println!("stage {i}     logit transform, alpha {alpha:e}")
+            }
+            ffjord_runtime::Stage::Squeeze(s) => {
+                println!(
+                    "stage {i}     squeeze {}×{}×{} → {}×{}×{}",
+                    s.channels,
+                    s.height,
+                    s.width,
+                    4 * s.channels,
+                    s.height / 2,
+                    s.width / 2
+                )
+            }
+            ffjord_runtime::Stage::ConvCnf(c) => {
+                let widths: Vec<String> =
+                    c.layers.iter().map(|l| format!("{:?}→{}", l.kind, l.out_dim)).collect();
+                let s = c.shape;
+                println!(
+                    "stage {i}     conv CNF on {}×{}×{} (the first {} values) T={} {:?} [{}] channels",
+                    s.channels,
+                    s.height,
+                    s.width,
+                    s.len(),
+                    c.end_time,
+                    c.activation,
+                    widths.join(", ")
+                );
+            }
         }
     }
     println!("solver      {:?}", model.default_solver());

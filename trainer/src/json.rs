@@ -5,8 +5,8 @@
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{
-    Activation, CnfSpec, Header, LayerKind, LayerParts, LayerSpec, MatrixEncoding, Metadata, Model, Solver,
-    Stage, StageParts, StageWeights, Threshold,
+    Activation, CnfSpec, ConvCnfSpec, Header, ImageShape, LayerKind, LayerParts, LayerSpec, MatrixEncoding,
+    Metadata, Model, Solver, Stage, StageParts, StageWeights, Threshold,
 };
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +61,40 @@ pub enum JsonStage {
     /// `y = L x + shift` with `L` lower-triangular: `lower[i]` is row `i` of
     /// `L` up to its diagonal (`i + 1` values).
     Linear { lower: Vec<Vec<f32>>, shift: Vec<f32> },
+    /// `y = logit(α + (1 − 2α) x)` on every value (version 4).
+    Logit { alpha: f32 },
+    /// Squeeze of the first `C·H·W` values, read as `shape = [C, H, W]`, to
+    /// `[4C, H/2, W/2]` (version 4).
+    Squeeze { shape: [u16; 3] },
+    /// A CNF block with a convolutional net on the first `C·H·W` values,
+    /// read as `shape = [C, H, W]` (version 4).
+    #[serde(rename = "conv_cnf")]
+    ConvCnf { shape: [u16; 3], end_time: f32, activation: Activation, layers: Vec<JsonConvLayer> },
+}
+
+/// One 3×3 conv layer: `weight` is `[out][in][3][3]` (`in + 1` for
+/// `Concat`, the time channel first), PyTorch's `Conv2d.weight`.
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JsonConvLayer {
+    pub kind: LayerKind,
+    pub weight: Vec<Vec<[[f32; 3]; 3]>>,
+    pub bias: Vec<f32>,
+    /// `ConcatSquash` only: `_hyper_gate.weight`, `_hyper_gate.bias`, `_hyper_bias.weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_weight: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_bias: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyper_bias: Option<Vec<f32>>,
+}
+
+fn shape_array(s: ImageShape) -> [u16; 3] {
+    [s.channels, s.height, s.width]
+}
+
+fn image_shape([channels, height, width]: [u16; 3]) -> ImageShape {
+    ImageShape { channels, height, width }
 }
 
 /// One layer: `weight` is `[out][in]` (`[out][in + 1]` for `Concat`, time first).
@@ -122,6 +156,59 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
                     activation: spec.activation,
                     layers,
                     matrices: spec.matrices,
+                });
+            }
+            StageWeights::None => stages.push(match h.stage(i) {
+                Some(Stage::Logit { alpha }) => JsonStage::Logit { alpha },
+                Some(Stage::Squeeze(shape)) => JsonStage::Squeeze { shape: shape_array(shape) },
+                other => bail!("stage {i}: no weights expected for {other:?}"),
+            }),
+            StageWeights::ConvCnf(w) => {
+                let Some(Stage::ConvCnf(spec)) = h.stage(i) else {
+                    bail!("stage {i}: conv weights for another stage")
+                };
+                let mut layers = Vec::new();
+                let mut c_in = usize::from(spec.shape.channels);
+                let mut rest = w;
+                for l in &spec.layers {
+                    let c_out = usize::from(l.out_dim);
+                    let cols = l.kind.cols(c_in).context("layer width")?;
+                    let (kernel, r) = rest.split_at(c_out * cols * 9);
+                    let (bias, r) = r.split_at(c_out);
+                    rest = r;
+                    let kernel = vec(kernel);
+                    let weight = kernel
+                        .chunks(cols * 9)
+                        .map(|o| {
+                            o.chunks(9)
+                                .map(|k| [[k[0], k[1], k[2]], [k[3], k[4], k[5]], [k[6], k[7], k[8]]])
+                                .collect()
+                        })
+                        .collect();
+                    let mut hyper = [None, None, None];
+                    if l.kind == LayerKind::ConcatSquash {
+                        for slot in &mut hyper {
+                            let (v, r) = rest.split_at(c_out);
+                            *slot = Some(vec(v));
+                            rest = r;
+                        }
+                    }
+                    let [gate_weight, gate_bias, hyper_bias] = hyper;
+                    layers.push(JsonConvLayer {
+                        kind: l.kind,
+                        weight,
+                        bias: vec(bias),
+                        gate_weight,
+                        gate_bias,
+                        hyper_bias,
+                    });
+                    c_in = c_out;
+                }
+                stages.push(JsonStage::ConvCnf {
+                    shape: shape_array(spec.shape),
+                    end_time: spec.end_time,
+                    activation: spec.activation,
+                    layers,
                 });
             }
         }
@@ -231,6 +318,59 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
                     activation: *activation,
                     end_time: *end_time,
                     matrices: *matrices,
+                })
+            }
+            JsonStage::Logit { alpha } => Stage::Logit { alpha: *alpha },
+            JsonStage::Squeeze { shape } => Stage::Squeeze(image_shape(*shape)),
+            JsonStage::ConvCnf { shape, end_time, activation, layers } => {
+                let mut specs = heapless::Vec::new();
+                let mut c_in = usize::from(shape[0]);
+                for (li, l) in layers.iter().enumerate() {
+                    let at = format!("stages[{si}].layers[{li}]");
+                    let c_out = l.weight.len();
+                    let cols = if l.kind == LayerKind::Concat { c_in + 1 } else { c_in };
+                    for (o, k) in l.weight.iter().enumerate() {
+                        ensure!(
+                            k.len() == cols,
+                            "{at}.weight[{o}]: {} input channels, expected {cols} ({c_in}{})",
+                            k.len(),
+                            if l.kind == LayerKind::Concat { " plus time" } else { "" }
+                        );
+                        weights.extend(k.iter().flatten().flatten());
+                    }
+                    ensure!(l.bias.len() == c_out, "{at}.bias: {} values, expected {c_out}", l.bias.len());
+                    weights.extend(&l.bias);
+                    let squash = l.kind == LayerKind::ConcatSquash;
+                    for (name, v) in [
+                        ("gate_weight", &l.gate_weight),
+                        ("gate_bias", &l.gate_bias),
+                        ("hyper_bias", &l.hyper_bias),
+                    ] {
+                        match (squash, v) {
+                            (true, Some(v)) => {
+                                ensure!(
+                                    v.len() == c_out,
+                                    "{at}.{name}: {} values, expected {c_out}",
+                                    v.len()
+                                );
+                                weights.extend(v);
+                            }
+                            (true, None) => bail!("{at}: ConcatSquash needs {name}"),
+                            (false, Some(_)) => bail!("{at}: {name} is only for ConcatSquash layers"),
+                            (false, None) => {}
+                        }
+                    }
+                    let out_dim = u16::try_from(c_out).with_context(|| format!("{at}: too many channels"))?;
+                    specs
+                        .push(LayerSpec { kind: l.kind, out_dim })
+                        .map_err(|_| anyhow::anyhow!("stages[{si}]: too many layers"))?;
+                    c_in = c_out;
+                }
+                Stage::ConvCnf(ConvCnfSpec {
+                    shape: image_shape(*shape),
+                    layers: specs,
+                    activation: *activation,
+                    end_time: *end_time,
                 })
             }
         };

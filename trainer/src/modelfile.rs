@@ -22,23 +22,36 @@ pub struct ExportInfo<'a> {
     pub command: &'a str,
 }
 
-/// Encodes `chain` (trained on standardized data) as a model file.
+/// Encodes `chain` (trained on standardized data) as a model file. An image
+/// chain (its first stage the logit transform, which takes pixels in
+/// `[0, 1]`) is trained on unscaled rows and written without
+/// standardization.
 pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
-    // Standardization has the affine layout: mean, then std.
-    let (mean, std) = (floats(info.mean)?, floats(info.std)?);
-    let mut weights: Vec<f32> =
-        StageParts::Affine { scale: &mean, shift: &std }.floats(mean.len())?.collect();
     let mut stages = heapless::Vec::new();
+    let mut chain_weights = Vec::new();
     for layer in &chain.layers {
         let (stage, w) = layer.export()?;
         stages
             .push(stage)
             .map_err(|_| anyhow::anyhow!("more than {} stages", ffjord_runtime::format::MAX_STAGES))?;
-        weights.extend(w);
+        chain_weights.extend(w);
     }
+    // Standardization has the affine layout: mean, then std.
+    let (mean, std) = (floats(info.mean)?, floats(info.std)?);
+    let standardize = !matches!(stages.first(), Some(Stage::Logit { .. }));
+    let mut weights: Vec<f32> = Vec::new();
+    if standardize {
+        weights.extend(StageParts::Affine { scale: &mean, shift: &std }.floats(mean.len())?);
+    } else {
+        anyhow::ensure!(
+            mean.iter().all(|&m| m == 0.0) && std.iter().all(|&s| s == 1.0),
+            "an image chain (logit transform first) takes unscaled pixels, but the data was standardized"
+        );
+    }
+    weights.extend(chain_weights);
     let header = Header {
         dim: u16::try_from(chain.dim).context("dimension too large")?,
-        standardize: true,
+        standardize,
         stages,
         solver: info.solver,
         threshold: info.threshold,
@@ -149,6 +162,32 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
                 let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
                 layers.push(Box::new(cnf));
             }
+            StageWeights::None => match model.header().stage(i) {
+                Some(Stage::Logit { alpha }) => {
+                    layers.push(Box::new(crate::model::LogitTransform { alpha: f64::from(alpha) }))
+                }
+                Some(Stage::Squeeze(shape)) => {
+                    let squeeze = crate::model::Squeeze::new(shape_of(shape))?;
+                    layers.push(on_prefix(shape.len(), d, Box::new(squeeze)));
+                }
+                other => anyhow::bail!("stage {i}: no weights expected for {other:?}"),
+            },
+            StageWeights::ConvCnf(w) => {
+                let Some(Stage::ConvCnf(spec)) = model.header().stage(i) else {
+                    anyhow::bail!("stage {i}: conv weights for another stage")
+                };
+                let p = vs.root() / "chain" / i;
+                let specs: Vec<_> = spec.layers.iter().map(|l| (l.kind, i64::from(l.out_dim))).collect();
+                let mut net = crate::model::ConvOdeNet::from_layers(
+                    &(&p / "odefunc"),
+                    shape_of(spec.shape),
+                    &specs,
+                    spec.activation,
+                )?;
+                net.load(w)?;
+                let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
+                layers.push(on_prefix(spec.shape.len(), d, Box::new(cnf)));
+            }
         }
     }
     let mut vs = vs;
@@ -159,12 +198,31 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
         // the end time the runtime uses (it was off by up to 1e-7 relative).
         let variables = vs.variables();
         for (i, stage) in model.header().stages().enumerate() {
-            if let (Stage::Cnf(spec), Some(v)) = (stage, variables.get(&format!("chain.{i}.sqrt_end_time"))) {
-                let _ = tch::no_grad(|| v.shallow_clone().fill_(f64::from(spec.end_time).sqrt()));
+            let end_time = match stage {
+                Stage::Cnf(spec) => spec.end_time,
+                Stage::ConvCnf(spec) => spec.end_time,
+                _ => continue,
+            };
+            if let Some(v) = variables.get(&format!("chain.{i}.sqrt_end_time")) {
+                let _ = tch::no_grad(|| v.shallow_clone().fill_(f64::from(end_time).sqrt()));
             }
         }
     }
     Ok((vs, Chain { layers, dim }))
+}
+
+/// `[C, H, W]` of a model file's image shape.
+fn shape_of(s: ffjord_runtime::ImageShape) -> [i64; 3] {
+    [i64::from(s.channels), i64::from(s.height), i64::from(s.width)]
+}
+
+/// `layer` acting on the first `len` of `dim` coordinates (itself when `len = dim`).
+fn on_prefix(
+    len: usize,
+    dim: usize,
+    layer: Box<dyn crate::model::FlowLayer>,
+) -> Box<dyn crate::model::FlowLayer> {
+    if len == dim { layer } else { Box::new(crate::model::Prefix { keep: len as i64, layer }) }
 }
 
 #[cfg(test)]

@@ -178,6 +178,23 @@ impl<'m, 'a> Flow<'m, 'a> {
                     stats = stats.merge(s);
                     log_det -= y.last().copied().unwrap_or(0.0);
                 }
+                Stage::Logit { alpha } if cfg!(feature = "images") => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det += crate::image::logit_forward(alpha, z)?;
+                }
+                Stage::Squeeze(shape) if cfg!(feature = "images") => {
+                    crate::image::squeeze(shape, y, work, true)
+                }
+                Stage::ConvCnf(spec) if cfg!(feature = "images") => {
+                    let block = model.conv_block(i).ok_or(SolveError::Internal)?;
+                    let (s, ell) = integrate_prefix(&self.solver, &block, (0.0, spec.end_time), y, work)?;
+                    stats = stats.merge(s);
+                    log_det -= ell;
+                }
+                // (Not decoded without feature `images`: its code is left out.)
+                Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
+                    return Err(SolveError::Internal);
+                }
             }
         }
         let (z, _) = y.split_at(d);
@@ -240,6 +257,23 @@ impl<'m, 'a> Flow<'m, 'a> {
                     stats = stats.merge(s);
                     log_det += y.last().copied().unwrap_or(0.0);
                 }
+                Stage::Logit { alpha } if cfg!(feature = "images") => {
+                    let (z, _) = y.split_at_mut(d);
+                    log_det += crate::image::logit_inverse(alpha, z);
+                }
+                Stage::Squeeze(shape) if cfg!(feature = "images") => {
+                    crate::image::squeeze(shape, y, work, false)
+                }
+                Stage::ConvCnf(spec) if cfg!(feature = "images") => {
+                    let block = model.conv_block(i).ok_or(SolveError::Internal)?;
+                    let (s, ell) = integrate_prefix(&self.solver, &block, (spec.end_time, 0.0), y, work)?;
+                    stats = stats.merge(s);
+                    log_det += ell;
+                }
+                // (Not decoded without feature `images`: its code is left out.)
+                Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
+                    return Err(SolveError::Internal);
+                }
             }
         }
         if let Some((mean, std)) = model.standardization() {
@@ -252,6 +286,28 @@ impl<'m, 'a> Flow<'m, 'a> {
         x.copy_from_slice(z);
         Ok(Sample { log_p: log_p_base + log_det, stats })
     }
+}
+
+/// Integrates a block that acts on the first `P` coordinates of the state
+/// `y` (`[z (D), ℓ]`) over `t0 → t1`: the coordinate after the prefix is
+/// set aside and its slot carries the block's `ℓ` from 0 (for `P = D` that
+/// slot is `ℓ`'s own). Returns the statistics and `ℓ(t1)`.
+fn integrate_prefix<B: crate::solver::Dynamics>(
+    solver: &Solver,
+    block: &B,
+    (t0, t1): (f32, f32),
+    y: &mut [f32],
+    work: &mut [f32],
+) -> Result<(Stats, f32), SolveError> {
+    let p = block.dim().saturating_sub(1);
+    let state = y.get_mut(..=p).ok_or(SolveError::Internal)?;
+    let (_, ell) = state.split_at_mut(p);
+    let ell = ell.first_mut().ok_or(SolveError::Internal)?;
+    let kept = core::mem::replace(ell, 0.0);
+    let stats = solver.integrate(block, t0, t1, state, work);
+    let ell = state.last_mut().ok_or(SolveError::Internal)?;
+    let delta = core::mem::replace(ell, kept);
+    Ok((stats?, delta))
 }
 
 /// Sets the log-density channel (the last element) of the state to zero.

@@ -53,6 +53,10 @@ impl<'m, 'a> Flow<'m, 'a> {
     /// Floats of scratch [`Flow::log_density_packed`] needs with
     /// `rows_per_block` rows per block.
     pub fn packed_scratch_len(&self, rows_per_block: usize) -> usize {
+        if self.model.has_image_stages() {
+            // Scored one row at a time (below).
+            return self.scratch_len();
+        }
         let rows = rows_per_block.min(MAX_PACKED_ROWS);
         let d = self.model.dim();
         let n = rows.saturating_mul(d + 1);
@@ -99,6 +103,11 @@ impl<'m, 'a> Flow<'m, 'a> {
         // work: NaN, ±inf (e.g. a CSV's 1e39 read as f32) → `NonFiniteInput`.
         for (row, x) in xs.chunks_exact(d).enumerate() {
             self.model.check_input(x).map_err(|error| BatchError { row, error })?;
+        }
+        // Image models (format version 4) have no packed kernel: one row at
+        // a time, the same values as `log_density_batch`.
+        if self.model.has_image_stages() {
+            return self.batch(xs, log_p, scratch, |ld| ld.log_p);
         }
         // One CNF stage and Dopri5: stream every row through the slots.
         let cnf_stages = self.model.stages().filter(|(_, s)| matches!(s, Stage::Cnf(_))).count();
@@ -199,6 +208,10 @@ impl<'m, 'a> Flow<'m, 'a> {
                     for (state, ld) in y.chunks_exact(d + 1).zip(out.iter_mut()) {
                         *ld -= state.last().copied().unwrap_or(0.0);
                     }
+                }
+                // (Image models take the one-row path: `log_density_packed`.)
+                Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
+                    return Err(SolveError::Internal);
                 }
             }
         }

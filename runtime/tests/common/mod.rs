@@ -83,6 +83,21 @@ pub fn random_weights(h: &Header<'_>, rng: &mut impl Rng) -> Vec<f32> {
                     d_in = d_out;
                 }
             }
+            Stage::Logit { .. } | Stage::Squeeze(_) => {}
+            Stage::ConvCnf(c) => {
+                let mut c_in = c.shape.channels as usize;
+                for l in &c.layers {
+                    let c_out = l.out_dim as usize;
+                    let n = ffjord_runtime::format::conv_weight_count(l.kind, c_in, c_out).unwrap();
+                    let cols = l.kind.cols(c_in).unwrap();
+                    let bound = 1.0 / ((cols * 9) as f32).sqrt();
+                    for i in 0..n {
+                        let a = if i < c_out * cols * 9 + c_out { bound } else { 1.0 };
+                        w.push(uniform(rng, a));
+                    }
+                    c_in = c_out;
+                }
+            }
         }
     }
     w

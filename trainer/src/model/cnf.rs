@@ -512,10 +512,16 @@ impl FlowLayer for Cnf {
                 .push(l)
                 .map_err(|_| anyhow::anyhow!("more than {} layers", ffjord_runtime::format::MAX_LAYERS))?;
         }
+        let end_time = self.end_time() as f32;
+        if let Some([c, h, w]) = self.field.image_shape() {
+            let shape = super::image::image_shape([c, h, w])?;
+            let spec = ffjord_runtime::ConvCnfSpec { shape, layers: spec_layers, activation, end_time };
+            return Ok((Stage::ConvCnf(spec), weights));
+        }
         let spec = ffjord_runtime::CnfSpec {
             layers: spec_layers,
             activation,
-            end_time: self.end_time() as f32,
+            end_time,
             matrices: Default::default(),
         };
         Ok((Stage::Cnf(spec), weights))

@@ -7,11 +7,12 @@
 //! gradient modes and Hutchinson's estimator take it unchanged, through
 //! autograd (no hand-written kernel).
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
+use ffjord_runtime::format::{Weights, conv_weight_count};
 use ffjord_runtime::{Activation, LayerKind, LayerSpec};
 use tch::{Tensor, nn};
 
-use super::field::{VectorField, activate, torch_default_init};
+use super::field::{VectorField, activate, floats, torch_default_init};
 
 /// One conv layer of the net.
 struct ConvLayer {
@@ -79,15 +80,70 @@ impl ConvOdeNet {
         kind: LayerKind,
         activation: Activation,
     ) -> Result<Self> {
+        let specs: Vec<_> = hidden.iter().chain(std::iter::once(&shape[0])).map(|&c| (kind, c)).collect();
+        Self::from_layers(p, shape, &specs, activation)
+    }
+
+    /// A net with the given `(kind, output channels)` layers (the last must
+    /// give back `C` channels), as a model file describes one.
+    pub fn from_layers(
+        p: &nn::Path<'_>,
+        shape: [i64; 3],
+        specs: &[(LayerKind, i64)],
+        activation: Activation,
+    ) -> Result<Self> {
         ensure!(shape.iter().all(|&n| n >= 1), "image shape {shape:?} has an empty side");
-        ensure!(hidden.iter().all(|&c| c >= 1), "hidden channel counts must be at least 1");
-        let mut layers = Vec::with_capacity(hidden.len() + 1);
+        ensure!(specs.iter().all(|&(_, c)| c >= 1), "channel counts must be at least 1");
+        ensure!(
+            specs.last().map(|l| l.1) == Some(shape[0]),
+            "the last layer must give {} channels",
+            shape[0]
+        );
+        let mut layers = Vec::with_capacity(specs.len());
         let mut c_in = shape[0];
-        for (i, &c_out) in hidden.iter().chain(std::iter::once(&shape[0])).enumerate() {
+        for (i, &(kind, c_out)) in specs.iter().enumerate() {
             layers.push(ConvLayer::new(p / "layers" / i, kind, c_in, c_out));
             c_in = c_out;
         }
         Ok(ConvOdeNet { shape, layers, activation })
+    }
+
+    /// Sets every layer's weights from a model file's conv stage (`w` in
+    /// FORMAT.md's order: per layer the kernel `[out, in (+1 time), 3, 3]`,
+    /// bias, and for concatsquash the gate weight, gate bias, hyper-bias).
+    pub fn load(&mut self, w: Weights<'_>) -> Result<()> {
+        let take = |t: &mut Tensor, w: Weights<'_>| -> Result<()> {
+            ensure!(
+                w.len() as i64 == t.numel() as i64,
+                "conv weights: {} floats for a tensor of {}",
+                w.len(),
+                t.numel()
+            );
+            let v: Vec<f32> = w.iter().collect();
+            let v = Tensor::from_slice(&v).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
+            tch::no_grad(|| t.copy_(&v));
+            Ok(())
+        };
+        let mut rest = w;
+        for l in &mut self.layers {
+            let (c_out, kernel) = (l.conv.ws.size()[0] as usize, l.conv.ws.numel());
+            let (k, r) = rest.split_at(kernel);
+            take(&mut l.conv.ws, k)?;
+            let (b, r) = r.split_at(c_out);
+            take(l.conv.bs.as_mut().context("conv layers have a bias")?, b)?;
+            rest = r;
+            if let Some((gate, bias)) = &mut l.hyper {
+                let (gw, r) = rest.split_at(c_out);
+                let (gb, r) = r.split_at(c_out);
+                let (hb, r) = r.split_at(c_out);
+                take(&mut gate.ws, gw)?;
+                take(gate.bs.as_mut().context("the hyper gate has a bias")?, gb)?;
+                take(&mut bias.ws, hb)?;
+                rest = r;
+            }
+        }
+        ensure!(rest.is_empty(), "conv stage: {} weights left over", rest.len());
+        Ok(())
     }
 
     /// Pixels per row (`C·H·W`).
@@ -112,11 +168,33 @@ impl VectorField for ConvOdeNet {
     }
 
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)> {
-        bail!(
-            "convolutional dynamics ({:?} images) are not in the model file format yet: \
-             the runtime's image stages are the next part of issue 16",
-            self.shape
-        )
+        let mut specs = Vec::new();
+        let mut weights = Vec::new();
+        let mut c_in = self.shape[0] as usize;
+        for l in &self.layers {
+            let c_out = l.conv.ws.size()[0] as usize;
+            let before = weights.len();
+            // Kernel [out, in (+1: the time channel first), 3, 3], as PyTorch holds it.
+            weights.extend(floats(&l.conv.ws)?);
+            weights.extend(floats(l.conv.bs.as_ref().context("conv layers have a bias")?)?);
+            if let Some((gate, bias)) = &l.hyper {
+                weights.extend(floats(&gate.ws)?);
+                weights.extend(floats(gate.bs.as_ref().context("the hyper gate has a bias")?)?);
+                weights.extend(floats(&bias.ws)?);
+            }
+            ensure!(
+                Some(weights.len() - before) == conv_weight_count(l.kind, c_in, c_out),
+                "conv layer weights do not match the file layout"
+            );
+            let out_dim = u16::try_from(c_out).context("too many channels for the model file")?;
+            specs.push(LayerSpec { kind: l.kind, out_dim });
+            c_in = c_out;
+        }
+        Ok((specs, self.activation, weights))
+    }
+
+    fn image_shape(&self) -> Option<[i64; 3]> {
+        Some(self.shape)
     }
 
     fn parameters(&self) -> Vec<Tensor> {

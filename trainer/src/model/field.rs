@@ -15,6 +15,11 @@ pub trait VectorField {
     fn forward(&self, t: &Tensor, z: &Tensor) -> Tensor;
     /// Runtime layer specs and weights in the order `runtime/FORMAT.md` gives.
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)>;
+    /// `[C, H, W]` if the field is convolutional on images given as flat
+    /// rows (exported as a `ConvCnf` stage, `out_dim` counting channels).
+    fn image_shape(&self) -> Option<[i64; 3]> {
+        None
+    }
     /// The trainable tensors (for the adjoint's parameter VJPs).
     fn parameters(&self) -> Vec<Tensor>;
     /// `f(t, z)` and the exact `Tr(∂f/∂z)` per row from one forward pass, if

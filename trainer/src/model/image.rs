@@ -42,8 +42,15 @@ impl FlowLayer for LogitTransform {
     }
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
-        bail!("the logit transform is not in the model file format yet (issue 16)")
+        Ok((Stage::Logit { alpha: self.alpha as f32 }, Vec::new()))
     }
+}
+
+/// The model file's form of a `[C, H, W]` shape.
+pub fn image_shape([c, h, w]: [i64; 3]) -> Result<ffjord_runtime::ImageShape> {
+    let side =
+        |n: i64| u16::try_from(n).map_err(|_| anyhow::anyhow!("image side {n} too large for the model file"));
+    Ok(ffjord_runtime::ImageShape { channels: side(c)?, height: side(h)?, width: side(w)? })
 }
 
 /// Squeeze: `[C, 2H, 2W] → [4C, H, W]`, channel `c·4 + dy·2 + dx` taking
@@ -86,7 +93,7 @@ impl FlowLayer for Squeeze {
     }
 
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
-        bail!("squeeze is not in the model file format yet (issue 16)")
+        Ok((Stage::Squeeze(image_shape(self.shape)?), Vec::new()))
     }
 }
 
@@ -119,8 +126,17 @@ impl FlowLayer for Prefix {
         Ok((Tensor::cat(&[&x, &rest], 1), ld))
     }
 
+    /// The inner layer's stage: an image stage acts on the prefix its
+    /// shape covers, which must be this one.
     fn export(&self) -> Result<(Stage, Vec<f32>)> {
-        bail!("factored-out scales are not in the model file format yet (issue 16)")
+        let (stage, weights) = self.layer.export()?;
+        let len = match &stage {
+            Stage::Squeeze(shape) => shape.len(),
+            Stage::ConvCnf(spec) => spec.shape.len(),
+            _ => bail!("only image stages act on a prefix of the row"),
+        };
+        ensure!(len as i64 == self.keep, "an image stage of {len} values inside a prefix of {}", self.keep);
+        Ok((stage, weights))
     }
 
     fn reverses_steps(&self, x: &Tensor, opts: &SolveOptions) -> bool {

@@ -224,8 +224,8 @@ fn hutchinson_is_unbiased_for_the_exact_trace() {
 /// The conv field on a tiny image: the exact divergence (one VJP per pixel)
 /// is the trace of the Jacobian by central differences, Hutchinson's
 /// `eᵀ(∂f/∂z)e` is `eᵀ(J e)` with `J e` by central differences (float64,
-/// 1e-6 absolute), the time enters every layer kind, and the field is not
-/// exportable yet (a clear error, not a wrong file).
+/// 1e-6 absolute), the time enters every layer kind, and the export has
+/// the model file's layout.
 #[test]
 fn conv_field_divergences_match_finite_differences() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,7 +259,15 @@ fn conv_field_divergences_match_finite_differences() {
         let later = tch::no_grad(|| net.forward(&Tensor::from(0.7f64), &z));
         let moved = gap(&later, &f.detach());
         assert_eq!(moved > 1e-9, kind != LayerKind::Ignore, "{kind:?}: time dependence {moved}");
-        assert!(net.export().is_err());
+        // Exported in the model file's layout (format version 4).
+        let (specs, _, weights) = net.export().unwrap();
+        let mut c_in = 2;
+        let mut count = 0;
+        for l in &specs {
+            count += ffjord_runtime::format::conv_weight_count(l.kind, c_in, l.out_dim as usize).unwrap();
+            c_in = l.out_dim as usize;
+        }
+        assert_eq!((weights.len(), c_in), (count, 2));
     }
     let vs = nn::VarStore::new(Device::Cpu);
     assert!(ConvOdeNet::new(&vs.root(), [1, 0, 3], &[4], LayerKind::Concat, Activation::Tanh).is_err());

@@ -1,0 +1,342 @@
+//! The image stages of format version 4 (FFJORD's multiscale model, spec
+//! §2.5–2.7): the logit transform, squeeze, and CNF blocks whose ODE net is
+//! convolutional. Each acts on a prefix of the row — `C·H·W` coordinates
+//! read as a `[C, H, W]` image in C order — so a multiscale model is one flat
+//! chain: factoring out half the channels is the next stages acting on a
+//! shorter prefix, and the latent is the whole row.
+//!
+//! The convolutional net's exact divergence uses forward-mode tangents as
+//! the dense net does ([`crate::net`]): `P + 1` lanes (value and one tangent
+//! per input coordinate), each convolved by the same kernels, the gate and
+//! activation applied as one factor per output value.
+
+use crate::error::SolveError;
+use crate::format::{Activation, ConvCnfSpec, LayerKind, Weights, conv_weight_count};
+use crate::math::{copy, sigmoid, tanh_with_derivative};
+use crate::net::activate;
+use crate::solver::Dynamics;
+
+/// Scratch floats of one evaluation of `spec`'s net with the exact trace:
+/// two activation buffers of `P + 1` lanes (P = C·H·W) of the widest layer,
+/// and one factor per output value.
+pub(crate) fn conv_work_len(spec: &ConvCnfSpec) -> Option<usize> {
+    let lanes = spec.shape.len().checked_add(1)?;
+    let width = spec.max_width();
+    lanes.checked_mul(2)?.checked_add(1)?.checked_mul(width)
+}
+
+/// The logit transform's two arguments `s = α + (1 − 2α) x` and
+/// `s' = 1 − s = α + (1 − 2α)(1 − x)`, each computed directly (`1 − s` in
+/// f32 would lose most digits next to 1).
+fn logit_args(alpha: f32, x: f32) -> (f32, f32) {
+    let a = 1.0 - 2.0 * alpha;
+    (alpha + a * x, alpha + a * (1.0 - x))
+}
+
+/// `ln(1 − 2α) − ln s − ln s'`: the log-derivative of one coordinate.
+fn logit_log_det(alpha: f32, s: f32, s1: f32) -> f32 {
+    libm::logf(1.0 - 2.0 * alpha) - libm::logf(s) - libm::logf(s1)
+}
+
+/// Applies `y = logit(α + (1 − 2α) x)` to every value of `z` in place and
+/// returns `log|det ∂y/∂x|`. Values outside `[0, 1]` are refused (the
+/// transform is for pixels scaled to `[0, 1]`).
+pub(crate) fn logit_forward(alpha: f32, z: &mut [f32]) -> Result<f32, SolveError> {
+    if let Some(i) = z.iter().position(|v| !(0.0..=1.0).contains(v)) {
+        return Err(SolveError::InputOutOfRange { index: i as u32 });
+    }
+    let mut log_det = 0.0;
+    for v in z.iter_mut() {
+        let (s, s1) = logit_args(alpha, *v);
+        *v = libm::logf(s) - libm::logf(s1);
+        log_det += logit_log_det(alpha, s, s1);
+    }
+    Ok(log_det)
+}
+
+/// The inverse of [`logit_forward`] in place: `x = (σ(y) − α) / (1 − 2α)`;
+/// returns the same `log|det ∂y/∂x|` at the result.
+pub(crate) fn logit_inverse(alpha: f32, z: &mut [f32]) -> f32 {
+    let mut log_det = 0.0;
+    for v in z.iter_mut() {
+        let (s, s1) = (sigmoid(*v), sigmoid(-*v));
+        *v = (s - alpha) / (1.0 - 2.0 * alpha);
+        log_det += logit_log_det(alpha, s, s1);
+    }
+    log_det
+}
+
+/// Squeeze (`forward`) or unsqueeze of the `[C, H, W]` image in `z` (its
+/// length `C·H·W`) through `tmp` (at least as long): `[C, H, W] ↔
+/// [4C, H/2, W/2]`, channel `4c + 2dy + dx` holding pixel
+/// `(2h + dy, 2w + dx)` of channel `c`, as the trainer's `Squeeze`.
+pub(crate) fn squeeze(shape: crate::format::ImageShape, z: &mut [f32], tmp: &mut [f32], forward: bool) {
+    let (c, h, w) = (usize::from(shape.channels), usize::from(shape.height), usize::from(shape.width));
+    let (h2, w2) = (h / 2, w / 2);
+    let n = shape.len();
+    let (Some(z), Some(tmp)) = (z.get_mut(..n), tmp.get_mut(..n)) else { return };
+    copy(tmp, z);
+    for ch in 0..c {
+        for dy in 0..2 {
+            for dx in 0..2 {
+                let out_ch = 4 * ch + 2 * dy + dx;
+                for i in 0..h2 {
+                    for j in 0..w2 {
+                        let image = (ch * h + 2 * i + dy) * w + 2 * j + dx;
+                        let squeezed = (out_ch * h2 + i) * w2 + j;
+                        let (from, to) = if forward { (image, squeezed) } else { (squeezed, image) };
+                        if let (Some(v), Some(dst)) = (tmp.get(from), z.get_mut(to)) {
+                            *dst = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One convolutional CNF block as dynamics of `[z (P values), ℓ]` with
+/// `dz/dt = f(t, z)` and `dℓ/dt = −Tr(∂f/∂z)`, as [`crate::CnfBlock`].
+#[derive(Clone, Debug)]
+pub(crate) struct ConvCnfBlock<'a> {
+    spec: ConvCnfSpec,
+    weights: Weights<'a>,
+}
+
+/// One conv layer's weights, split as FORMAT.md lays them out.
+struct ConvLayer<'a> {
+    kind: LayerKind,
+    c_in: usize,
+    c_out: usize,
+    /// `[c_out, cols, 3, 3]`, `cols = c_in` (+1 for concat: time first).
+    kernel: Weights<'a>,
+    bias: Weights<'a>,
+    gate_w: Weights<'a>,
+    gate_b: Weights<'a>,
+    hyper_b: Weights<'a>,
+}
+
+impl<'a> ConvCnfBlock<'a> {
+    /// A block over validated `spec` and its `weights`.
+    pub(crate) fn new(spec: ConvCnfSpec, weights: Weights<'a>) -> Self {
+        ConvCnfBlock { spec, weights }
+    }
+
+    /// Coordinates the block acts on, `P = C·H·W`.
+    pub(crate) fn len(&self) -> usize {
+        self.spec.shape.len()
+    }
+
+    fn layers(&self) -> impl Iterator<Item = ConvLayer<'a>> + '_ {
+        let mut c_in = usize::from(self.spec.shape.channels);
+        let mut offset = 0;
+        self.spec.layers.iter().map(move |layer| {
+            let c_out = usize::from(layer.out_dim);
+            let kind = layer.kind;
+            let count = conv_weight_count(kind, c_in, c_out).unwrap_or(0);
+            let w = self.weights.slice(offset, count);
+            let kernel_len = c_out * kind.cols(c_in).unwrap_or(0) * 9;
+            let (kernel, rest) = w.split_at(kernel_len);
+            let (bias, rest) = rest.split_at(c_out);
+            let squash = kind == LayerKind::ConcatSquash;
+            let (gate_w, rest) = rest.split_at(if squash { c_out } else { 0 });
+            let (gate_b, hyper_b) = rest.split_at(gate_w.len());
+            let l = ConvLayer { kind, c_in, c_out, kernel, bias, gate_w, gate_b, hyper_b };
+            offset += count;
+            c_in = c_out;
+            l
+        })
+    }
+
+    /// `f(t, z)` into `out` (P values) and the exact `Tr(∂f/∂z)`. Leaves
+    /// `out` NaN if `work` is too short (callers check lengths up front).
+    fn velocity_and_divergence(&self, t: f32, z: &[f32], out: &mut [f32], work: &mut [f32]) -> f32 {
+        out.fill(f32::NAN);
+        let p = self.len();
+        let lanes = p + 1;
+        let width = self.spec.max_width() * lanes;
+        let Some((a, rest)) = work.split_at_mut_checked(width) else { return f32::NAN };
+        let Some((b, rest)) = rest.split_at_mut_checked(width) else { return f32::NAN };
+        let Some((scale, _)) = rest.split_at_mut_checked(self.spec.max_width()) else { return f32::NAN };
+        // Seed: lane 0 is z, lane 1 + j the unit vector e_j.
+        for (l, lane) in a.chunks_exact_mut(p).take(lanes).enumerate() {
+            if l == 0 {
+                copy(lane, z);
+            } else {
+                lane.fill(0.0);
+                if let Some(e) = lane.get_mut(l - 1) {
+                    *e = 1.0;
+                }
+            }
+        }
+        let (mut input, mut output) = (a, b);
+        let n_layers = self.spec.layers.len();
+        let (h, w) = (usize::from(self.spec.shape.height), usize::from(self.spec.shape.width));
+        for (l, layer) in self.layers().enumerate() {
+            let act = if l + 1 < n_layers { Some(self.spec.activation) } else { None };
+            conv_layer(&layer, act, t, [h, w], lanes, input, output, scale);
+            core::mem::swap(&mut input, &mut output);
+        }
+        let mut lanes_out = input.get(..p * lanes).unwrap_or(&[]).chunks_exact(p);
+        if let Some(value) = lanes_out.next() {
+            copy(out, value);
+        }
+        lanes_out.enumerate().map(|(j, lane)| lane.get(j).copied().unwrap_or(f32::NAN)).sum()
+    }
+}
+
+impl Dynamics for ConvCnfBlock<'_> {
+    fn dim(&self) -> usize {
+        self.len() + 1
+    }
+
+    fn work_len(&self) -> usize {
+        conv_work_len(&self.spec).unwrap_or(usize::MAX)
+    }
+
+    fn error_split(&self) -> usize {
+        self.len()
+    }
+
+    fn eval(&self, t: f32, y: &[f32], dy: &mut [f32], work: &mut [f32]) {
+        let p = self.len();
+        let (z, _) = y.split_at(p.min(y.len()));
+        let (dz, dl) = dy.split_at_mut(p.min(dy.len()));
+        let div = self.velocity_and_divergence(t, z, dz, work);
+        if let Some(dl) = dl.first_mut() {
+            *dl = -div;
+        }
+    }
+}
+
+/// One conv layer on `lanes` lanes: `input` holds `lanes × c_in·H·W`
+/// (lane-major), `output` gets `lanes × c_out·H·W`. Lane 0 (the value)
+/// gets bias, time terms, gate and activation; the tangent lanes are the
+/// kernel's product times the factor d(output)/d(conv) kept in `scale`.
+#[allow(clippy::too_many_arguments)]
+fn conv_layer(
+    layer: &ConvLayer<'_>,
+    act: Option<Activation>,
+    t: f32,
+    [h, w]: [usize; 2],
+    lanes: usize,
+    input: &[f32],
+    output: &mut [f32],
+    scale: &mut [f32],
+) {
+    let hw = h * w;
+    let (c_in, c_out) = (layer.c_in, layer.c_out);
+    let concat = usize::from(layer.kind == LayerKind::Concat);
+    let cols = c_in + concat;
+    let kernels = layer.kernel.bytes().as_chunks::<36>().0;
+    let kernel = |o: usize, c: usize| -> [f32; 9] {
+        let mut k = [0.0; 9];
+        if let Some(bytes) = kernels.get(o * cols + c) {
+            for (v, b) in k.iter_mut().zip(bytes.as_chunks::<4>().0) {
+                *v = f32::from_le_bytes(*b);
+            }
+        }
+        k
+    };
+    // 1. Every lane: the convolution of its input channels (each kernel
+    //    read once for all lanes).
+    if let Some(out) = output.get_mut(..lanes * c_out * hw) {
+        out.fill(0.0);
+    }
+    for o in 0..c_out {
+        for c in 0..c_in {
+            let k = kernel(o, c + concat);
+            for l in 0..lanes {
+                let x = input.get((l * c_in + c) * hw..(l * c_in + c + 1) * hw).unwrap_or(&[]);
+                let y = output.get_mut((l * c_out + o) * hw..(l * c_out + o + 1) * hw).unwrap_or(&mut []);
+                conv3x3(&k, x, y, h, w);
+            }
+        }
+    }
+    // 2. The value lane: bias, time, gate, activation; `scale` keeps the
+    //    factor for the tangents.
+    let (value, tangents) = output.split_at_mut((c_out * hw).min(output.len()));
+    let mut any_scale = false;
+    for (o, (v_o, s_o)) in value.chunks_exact_mut(hw).zip(scale.chunks_exact_mut(hw)).enumerate() {
+        let b = layer.bias.get(o).unwrap_or(0.0);
+        if concat == 1 {
+            // The time channel: t at every pixel, zero-padded like the rest.
+            conv3x3_constant(&kernel(o, 0), t, v_o, h, w);
+        }
+        let (gate, hyper) = match layer.kind {
+            LayerKind::ConcatSquash => {
+                let g = sigmoid(layer.gate_w.get(o).unwrap_or(0.0) * t + layer.gate_b.get(o).unwrap_or(0.0));
+                (g, layer.hyper_b.get(o).unwrap_or(0.0) * t)
+            }
+            LayerKind::Ignore | LayerKind::Concat => (1.0, 0.0),
+        };
+        for (v, s) in v_o.iter_mut().zip(s_o.iter_mut()) {
+            let mut pre = (*v + b) * gate + hyper;
+            let mut ds = gate;
+            if let Some(act) = act {
+                let (y, dy) = match act {
+                    Activation::Tanh => tanh_with_derivative(pre),
+                    other => activate(other, pre),
+                };
+                pre = y;
+                ds *= dy;
+            }
+            *v = pre;
+            *s = ds;
+            any_scale |= ds != 1.0;
+        }
+    }
+    // 3. Tangent lanes: chain rule through gate and activation.
+    if any_scale {
+        for lane in tangents.chunks_exact_mut((c_out * hw).max(1)).take(lanes.saturating_sub(1)) {
+            for (y, &s) in lane.iter_mut().zip(scale.iter()) {
+                *y *= s;
+            }
+        }
+    }
+}
+
+/// Adds the 3×3 cross-correlation (zero padding 1, as PyTorch's `Conv2d`)
+/// of the `h × w` image `x` with `k` (row-major `[3, 3]`) to `y`.
+fn conv3x3(k: &[f32; 9], x: &[f32], y: &mut [f32], h: usize, w: usize) {
+    for (i, y_row) in y.chunks_exact_mut(w).take(h).enumerate() {
+        for (di, kr) in k.chunks_exact(3).enumerate() {
+            // Input row i + di − 1, if inside the image.
+            let Some(src) = (i + di).checked_sub(1).filter(|&r| r < h) else { continue };
+            let Some(x_row) = x.get(src * w..(src + 1) * w) else { continue };
+            let [k0, k1, k2] = [kr.first(), kr.get(1), kr.get(2)].map(|v| v.copied().unwrap_or(0.0));
+            for (yv, xv) in y_row.iter_mut().zip(x_row) {
+                *yv += k1 * xv;
+            }
+            // Left neighbour (column j − 1) for j ≥ 1; right (j + 1) for j ≤ w − 2.
+            for (yv, xv) in y_row.iter_mut().skip(1).zip(x_row) {
+                *yv += k0 * xv;
+            }
+            for (yv, xv) in y_row.iter_mut().zip(x_row.iter().skip(1)) {
+                *yv += k2 * xv;
+            }
+        }
+    }
+}
+
+/// Adds the 3×3 cross-correlation of a constant image `value` (zero
+/// padding 1) with `k` to `y`: each pixel gets `value` times the kernel
+/// entries that land inside the image.
+fn conv3x3_constant(k: &[f32; 9], value: f32, y: &mut [f32], h: usize, w: usize) {
+    for (i, y_row) in y.chunks_exact_mut(w).take(h).enumerate() {
+        for (j, yv) in y_row.iter_mut().enumerate() {
+            let mut sum = 0.0;
+            for (di, kr) in k.chunks_exact(3).enumerate() {
+                if (i + di).checked_sub(1).is_none_or(|r| r >= h) {
+                    continue;
+                }
+                for (dj, kv) in kr.iter().enumerate() {
+                    if (j + dj).checked_sub(1).is_some_and(|c| c < w) {
+                        sum += kv;
+                    }
+                }
+            }
+            *yv += value * sum;
+        }
+    }
+}
