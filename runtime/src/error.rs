@@ -288,10 +288,8 @@ impl fmt::Display for Field {
             Field::Size => "model too large to address",
             Field::StageVersion => "a stage is newer than the file's format version",
             Field::MatrixEncoding => "f16 / i8 matrices need feature `quantized`",
-            Field::ImageStage => {
-                "image stage: logit alpha not in (0, 0.5), an image empty, larger than the row or \
-                 (squeeze) of odd size, or this runtime lacks feature `images`"
-            }
+            // (Short: every byte counts in the 64 KiB WASM build.)
+            Field::ImageStage => "bad image stage, or no feature `images`",
         })
     }
 }
@@ -366,10 +364,7 @@ impl fmt::Display for SolveError {
             }
             SolveError::InvalidSolver => f.write_str("invalid solver settings"),
             SolveError::InputOutOfRange { index } => {
-                write!(
-                    f,
-                    "input value {index} is outside [0, 1] (the model's logit transform takes scaled pixels)"
-                )
+                write!(f, "input value {index} is outside [0, 1]")
             }
             SolveError::InvalidBlockSize => f.write_str("rows per block must be at least 1"),
             SolveError::Internal => {

@@ -55,6 +55,12 @@ fn exported_multiscale_model_matches_the_trainer_and_the_runtime_matches_float64
         .collect();
     // 8×8: one CNF, squeeze, one CNF, factor out half; then one CNF on [2, 4, 4].
     assert_eq!(kinds, ["logit", "conv", "squeeze", "conv", "conv"]);
+    // The JSON form holds every image stage: it re-encodes to the same bytes.
+    let json = ffjord_trainer::json::to_json(&model).unwrap();
+    let text = serde_json::to_string(&json).unwrap();
+    assert!(text.contains("\"logit\"") && text.contains("\"squeeze\"") && text.contains("\"conv_cnf\""));
+    let again: ffjord_trainer::json::JsonModel = serde_json::from_str(&text).unwrap();
+    assert!(ffjord_trainer::json::from_json(&again).unwrap() == bytes, "JSON round trip changed the file");
 
     // Dequantized pixels in [0, 1).
     let rows = 4;

@@ -22,36 +22,25 @@ pub struct ExportInfo<'a> {
     pub command: &'a str,
 }
 
-/// Encodes `chain` (trained on standardized data) as a model file. An image
-/// chain (its first stage the logit transform, which takes pixels in
-/// `[0, 1]`) is trained on unscaled rows and written without
-/// standardization.
+/// Encodes `chain` (trained on standardized data) as a model file. (Image
+/// runs standardize bytes to `(x + 0.5) / 256`, so their files take 8-bit
+/// pixel values and the logit stage sees `(0, 1)`.)
 pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
+    // Standardization has the affine layout: mean, then std.
+    let (mean, std) = (floats(info.mean)?, floats(info.std)?);
+    let mut weights: Vec<f32> =
+        StageParts::Affine { scale: &mean, shift: &std }.floats(mean.len())?.collect();
     let mut stages = heapless::Vec::new();
-    let mut chain_weights = Vec::new();
     for layer in &chain.layers {
         let (stage, w) = layer.export()?;
         stages
             .push(stage)
             .map_err(|_| anyhow::anyhow!("more than {} stages", ffjord_runtime::format::MAX_STAGES))?;
-        chain_weights.extend(w);
+        weights.extend(w);
     }
-    // Standardization has the affine layout: mean, then std.
-    let (mean, std) = (floats(info.mean)?, floats(info.std)?);
-    let standardize = !matches!(stages.first(), Some(Stage::Logit { .. }));
-    let mut weights: Vec<f32> = Vec::new();
-    if standardize {
-        weights.extend(StageParts::Affine { scale: &mean, shift: &std }.floats(mean.len())?);
-    } else {
-        anyhow::ensure!(
-            mean.iter().all(|&m| m == 0.0) && std.iter().all(|&s| s == 1.0),
-            "an image chain (logit transform first) takes unscaled pixels, but the data was standardized"
-        );
-    }
-    weights.extend(chain_weights);
     let header = Header {
         dim: u16::try_from(chain.dim).context("dimension too large")?,
-        standardize,
+        standardize: true,
         stages,
         solver: info.solver,
         threshold: info.threshold,

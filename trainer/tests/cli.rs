@@ -758,9 +758,9 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
 
 /// `fit` on 8-bit images (a uint8 NPY `[N, H, W]`) trains FFJORD's
 /// multiscale conv flow: validation and test in bits/dim, the image shape
-/// kept in the run's config (so resume rebuilds the same model), and no
-/// model file yet (image stages are not in the format); validation images
-/// of another size are an error that names both shapes.
+/// kept in the run's config (so resume rebuilds the same model), a model
+/// file the runtime scores to the trainer's bits/dim; validation images of
+/// another size are an error that names both shapes.
 #[test]
 fn fit_trains_the_multiscale_flow_on_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -811,13 +811,28 @@ fn fit_trains_the_multiscale_flow_on_images() {
         d,
     );
     assert!(out.contains("validation") && out.contains("bits/dim (exact trace"), "{out}");
-    assert!(!d.join("img.ffjd").exists(), "image models are not exported yet");
     let config = std::fs::read_to_string(d.join("img.run/config.toml")).unwrap();
     assert!(config.contains("image_shape = [\n    1,\n    8,\n    8,\n]"), "{config}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("img.run/summary.json")).unwrap()).unwrap();
     let bpd = summary["test_bits_per_dim"].as_f64().unwrap();
     assert!(bpd.is_finite() && bpd > 0.0, "{summary}");
+    // The model file (format version 4) takes 8-bit pixels; the runtime's
+    // bits/dim on the test images, −log₂ p(bytes) / D, is the trainer's.
+    let bytes = std::fs::read(d.join("img.ffjd")).unwrap();
+    let model = ffjord_runtime::Model::from_bytes(&bytes).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 4);
+    assert!(model.threshold().is_some());
+    let flow = ffjord_runtime::Flow::new(&model, model.default_solver()).unwrap();
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let test = images(8, 8);
+    let mut sum = 0.0;
+    for image in test.chunks(64) {
+        let x: Vec<f32> = image.iter().map(|&b| f32::from(b)).collect();
+        sum -= f64::from(flow.log_density(&x, &mut scratch).unwrap().log_p) / (64.0 * std::f64::consts::LN_2);
+    }
+    let runtime_bpd = sum / 8.0;
+    assert!((runtime_bpd - bpd).abs() < 2e-3, "runtime {runtime_bpd} vs trainer {bpd} bits/dim");
     // Samples from the best checkpoint as a PNG grid: 5 images → 3 × 2 cells of 8 + 1 pixels.
     let out = ok(&["sample-images", "--run-dir", "img.run", "--out", "s.png", "--count", "5"], d);
     assert!(out.contains("5 samples, 8×8"), "{out}");
