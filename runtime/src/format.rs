@@ -602,7 +602,7 @@ fn validate_conv_cnf(conv: &ConvCnfSpec, stage: usize, dim: usize) -> Result<(us
         words = words.checked_add(conv_weight_count(layer.kind, c_in, c_out).ok_or(size)?).ok_or(size)?;
         c_in = c_out;
     }
-    let work = crate::image::conv_work_len(conv).ok_or(size)?;
+    let work = crate::image::conv_work_len(conv, crate::image::ImageTrace::default()).ok_or(size)?;
     if work > u32::MAX as usize / 4 {
         return Err(size);
     }

@@ -16,13 +16,70 @@ use crate::math::{copy, sigmoid, tanh_with_derivative};
 use crate::net::activate;
 use crate::solver::Dynamics;
 
-/// Scratch floats of one evaluation of `spec`'s net with the exact trace:
-/// two activation buffers of `P + 1` lanes (P = C·H·W) of the widest layer,
-/// and one factor per output value.
-pub(crate) fn conv_work_len(spec: &ConvCnfSpec) -> Option<usize> {
-    let lanes = spec.shape.len().checked_add(1)?;
+/// How a convolutional CNF block computes `Tr(∂f/∂z)` on the row path
+/// ([`crate::Flow::with_image_trace`]). Dense CNF blocks always use the exact
+/// trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageTrace {
+    /// The exact trace: one forward-mode tangent per image value, at most
+    /// `lanes_per_pass` of them per pass of the net (each pass recomputes
+    /// the value), so the scratch is bounded by `lanes_per_pass` instead of
+    /// the image size — a microcontroller trades time for RAM. `0`: all in
+    /// one pass (the default, fastest).
+    Exact {
+        /// Tangent lanes per pass (`0`: all).
+        lanes_per_pass: u16,
+    },
+    /// Hutchinson's unbiased estimate `(1/K) Σ_k v_kᵀ (∂f/∂z) v_k` with `K =
+    /// probes` Rademacher vectors (±1) that depend only on `seed` (the same
+    /// at every evaluation of a solve, as the estimator needs): `K + 1`
+    /// lanes instead of `C·H·W + 1`, so log p is an unbiased estimate whose
+    /// spread falls as `1/√K` (average over seeds for more).
+    Hutchinson {
+        /// Probe vectors `K ≥ 1`.
+        probes: u16,
+        /// Seed of the probes.
+        seed: u32,
+    },
+}
+
+impl Default for ImageTrace {
+    fn default() -> Self {
+        ImageTrace::Exact { lanes_per_pass: 0 }
+    }
+}
+
+impl ImageTrace {
+    /// Tangent lanes per pass for a block on `p` values (at least 1).
+    fn tangents(self, p: usize) -> usize {
+        match self {
+            ImageTrace::Exact { lanes_per_pass: 0 } => p,
+            ImageTrace::Exact { lanes_per_pass } => usize::from(lanes_per_pass).min(p),
+            ImageTrace::Hutchinson { probes, .. } => usize::from(probes),
+        }
+        .max(1)
+    }
+}
+
+/// Scratch floats of one evaluation of `spec`'s net with `trace`: two
+/// activation buffers of `1 +` tangent lanes of the widest layer, and one
+/// factor per output value.
+pub(crate) fn conv_work_len(spec: &ConvCnfSpec, trace: ImageTrace) -> Option<usize> {
+    let lanes = trace.tangents(spec.shape.len()).checked_add(1)?;
     let width = spec.max_width();
     lanes.checked_mul(2)?.checked_add(1)?.checked_mul(width)
+}
+
+/// Probe `k`'s entry `i`, ±1, from `seed` alone (a 32-bit integer hash:
+/// the same on every target).
+fn rademacher(seed: u32, k: usize, i: usize) -> f32 {
+    let mut h = seed ^ (k as u32).wrapping_mul(0x9E37_79B9) ^ (i as u32).wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7FEB_352D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846C_A68B);
+    h ^= h >> 16;
+    if h & 1 == 0 { 1.0 } else { -1.0 }
 }
 
 /// The logit transform's two arguments `s = α + (1 − 2α) x` and
@@ -101,6 +158,7 @@ pub(crate) fn squeeze(shape: crate::format::ImageShape, z: &mut [f32], tmp: &mut
 pub(crate) struct ConvCnfBlock<'a> {
     spec: ConvCnfSpec,
     weights: Weights<'a>,
+    trace: ImageTrace,
 }
 
 /// One conv layer's weights, split as FORMAT.md lays them out.
@@ -118,8 +176,8 @@ struct ConvLayer<'a> {
 
 impl<'a> ConvCnfBlock<'a> {
     /// A block over validated `spec` and its `weights`.
-    pub(crate) fn new(spec: ConvCnfSpec, weights: Weights<'a>) -> Self {
-        ConvCnfBlock { spec, weights }
+    pub(crate) fn new(spec: ConvCnfSpec, weights: Weights<'a>, trace: ImageTrace) -> Self {
+        ConvCnfBlock { spec, weights, trace }
     }
 
     /// Coordinates the block acts on, `P = C·H·W`.
@@ -148,24 +206,76 @@ impl<'a> ConvCnfBlock<'a> {
         })
     }
 
-    /// `f(t, z)` into `out` (P values) and the exact `Tr(∂f/∂z)`. Leaves
-    /// `out` NaN if `work` is too short (callers check lengths up front).
+    /// `f(t, z)` into `out` (P values) and `Tr(∂f/∂z)` as the block's
+    /// [`ImageTrace`] computes it. Leaves `out` NaN if `work` is too short
+    /// (callers check lengths up front).
     fn velocity_and_divergence(&self, t: f32, z: &[f32], out: &mut [f32], work: &mut [f32]) -> f32 {
         out.fill(f32::NAN);
         let p = self.len();
-        let lanes = p + 1;
+        let tangents = self.trace.tangents(p);
+        match self.trace {
+            ImageTrace::Exact { .. } => {
+                // Passes over the image's coordinates, `tangents` at a time:
+                // lane 1 + k carries e_{start + k}, whose entry start + k of
+                // J e is ∂f/∂z there.
+                let mut div = 0.0;
+                for start in (0..p).step_by(tangents) {
+                    let n = tangents.min(p - start);
+                    let seed = |k: usize, i: usize| if i == start + k { 1.0 } else { 0.0 };
+                    let Some(result) = self.run(t, z, n, seed, work) else { return f32::NAN };
+                    let mut lanes = result.chunks_exact(p);
+                    if let Some(value) = lanes.next()
+                        && start == 0
+                    {
+                        copy(out, value);
+                    }
+                    div += lanes
+                        .enumerate()
+                        .map(|(k, lane)| lane.get(start + k).copied().unwrap_or(f32::NAN))
+                        .sum::<f32>();
+                }
+                div
+            }
+            ImageTrace::Hutchinson { seed, .. } => {
+                let probe = |k: usize, i: usize| rademacher(seed, k, i);
+                let Some(result) = self.run(t, z, tangents, probe, work) else { return f32::NAN };
+                let mut lanes = result.chunks_exact(p);
+                if let Some(value) = lanes.next() {
+                    copy(out, value);
+                }
+                let sum: f32 = lanes
+                    .enumerate()
+                    .map(|(k, jv)| jv.iter().enumerate().map(|(i, v)| probe(k, i) * v).sum::<f32>())
+                    .sum();
+                sum / tangents as f32
+            }
+        }
+    }
+
+    /// Runs the net on the value lane (`z`) and `n` tangent lanes, lane
+    /// `1 + k` seeded with `seed(k, i)` at coordinate `i`; returns the
+    /// output lanes (`(1 + n) × P`, lane-major), or `None` if `work` is too
+    /// short.
+    fn run<'w>(
+        &self,
+        t: f32,
+        z: &[f32],
+        n: usize,
+        seed: impl Fn(usize, usize) -> f32,
+        work: &'w mut [f32],
+    ) -> Option<&'w [f32]> {
+        let p = self.len();
+        let lanes = n + 1;
         let width = self.spec.max_width() * lanes;
-        let Some((a, rest)) = work.split_at_mut_checked(width) else { return f32::NAN };
-        let Some((b, rest)) = rest.split_at_mut_checked(width) else { return f32::NAN };
-        let Some((scale, _)) = rest.split_at_mut_checked(self.spec.max_width()) else { return f32::NAN };
-        // Seed: lane 0 is z, lane 1 + j the unit vector e_j.
+        let (a, rest) = work.split_at_mut_checked(width)?;
+        let (b, rest) = rest.split_at_mut_checked(width)?;
+        let (scale, _) = rest.split_at_mut_checked(self.spec.max_width())?;
         for (l, lane) in a.chunks_exact_mut(p).take(lanes).enumerate() {
             if l == 0 {
                 copy(lane, z);
             } else {
-                lane.fill(0.0);
-                if let Some(e) = lane.get_mut(l - 1) {
-                    *e = 1.0;
+                for (i, v) in lane.iter_mut().enumerate() {
+                    *v = seed(l - 1, i);
                 }
             }
         }
@@ -177,11 +287,7 @@ impl<'a> ConvCnfBlock<'a> {
             conv_layer(&layer, act, t, [h, w], lanes, input, output, scale);
             core::mem::swap(&mut input, &mut output);
         }
-        let mut lanes_out = input.get(..p * lanes).unwrap_or(&[]).chunks_exact(p);
-        if let Some(value) = lanes_out.next() {
-            copy(out, value);
-        }
-        lanes_out.enumerate().map(|(j, lane)| lane.get(j).copied().unwrap_or(f32::NAN)).sum()
+        input.get(..p * lanes).map(|r| &*r)
     }
 }
 
@@ -191,7 +297,7 @@ impl Dynamics for ConvCnfBlock<'_> {
     }
 
     fn work_len(&self) -> usize {
-        conv_work_len(&self.spec).unwrap_or(usize::MAX)
+        conv_work_len(&self.spec, self.trace).unwrap_or(usize::MAX)
     }
 
     fn error_split(&self) -> usize {

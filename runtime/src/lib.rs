@@ -36,6 +36,7 @@ pub use format::{
     Activation, CnfSpec, ConvCnfSpec, Header, HeaderView, ImageShape, LayerKind, LayerSpec, Metadata, Stage,
     Threshold,
 };
+pub use image::ImageTrace;
 pub use model::{Model, StageWeights};
 pub use net::{CnfBlock, LayerWeights};
 pub use parts::{LayerParts, PartError, StageParts};

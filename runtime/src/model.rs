@@ -211,10 +211,26 @@ impl<'a> Model<'a> {
 
     /// Floats of scratch that evaluating this model with `solver` needs.
     pub fn scratch_len(&self, solver: &Solver) -> usize {
+        self.scratch_len_with(solver, crate::ImageTrace::default())
+    }
+
+    /// [`Model::scratch_len`] when convolutional CNF stages compute their
+    /// trace as `trace` says ([`crate::Flow::with_image_trace`]).
+    pub fn scratch_len_with(&self, solver: &Solver, trace: crate::ImageTrace) -> usize {
         let n = self.dim() + 1;
         let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
-        let dynamics = dense.max(self.layout.image_work);
-        n.saturating_add(solver.work_len(n)).saturating_add(dynamics)
+        let mut image = 0usize;
+        if self.has_image_stages() {
+            for (_, stage) in self.stages() {
+                let work = match stage {
+                    Stage::Squeeze(shape) => shape.len(),
+                    Stage::ConvCnf(spec) => crate::image::conv_work_len(&spec, trace).unwrap_or(usize::MAX),
+                    _ => 0,
+                };
+                image = image.max(work);
+            }
+        }
+        n.saturating_add(solver.work_len(n)).saturating_add(dense.max(image))
     }
 
     /// Whether the chain has image stages (format version 4), which only the
@@ -263,13 +279,17 @@ impl<'a> Model<'a> {
     }
 
     /// The `i`-th stage as convolutional CNF dynamics, if it is one.
-    pub(crate) fn conv_block(&self, i: usize) -> Option<crate::image::ConvCnfBlock<'a>> {
+    pub(crate) fn conv_block(
+        &self,
+        i: usize,
+        trace: crate::ImageTrace,
+    ) -> Option<crate::image::ConvCnfBlock<'a>> {
         match self.header.stage(i)? {
             Stage::ConvCnf(spec) => {
                 let offset = *self.layout.stage_offsets.get(i)?;
                 let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.word_count);
                 let w = self.weights.slice(offset, next - offset);
-                Some(crate::image::ConvCnfBlock::new(spec, w))
+                Some(crate::image::ConvCnfBlock::new(spec, w, trace))
             }
             _ => None,
         }

@@ -344,3 +344,71 @@ fn image_inputs_and_stages_get_typed_errors() {
     // An image larger than the row.
     assert!(field(bad(vec![conv(shape(1, 4, 4), &[1], LayerKind::Ignore, Activation::Tanh, 1.0)], 8)));
 }
+
+#[test]
+fn exact_trace_in_passes_and_hutchinson_estimates() {
+    use ffjord_runtime::ImageTrace;
+    let solver = Solver::Rk4 { steps: 4 };
+    let stages = vec![
+        conv(shape(1, 4, 4), &[4], LayerKind::ConcatSquash, Activation::Tanh, 0.5),
+        Stage::Squeeze(shape(1, 4, 4)),
+        conv(shape(2, 2, 2), &[4], LayerKind::Concat, Activation::Softplus, 0.5),
+    ];
+    let h = header(16, false, stages, solver);
+    let w = random_weights(&h, &mut rng(31));
+    let bytes = encode_model(&h, &w);
+    let model = Model::from_bytes(&bytes).unwrap();
+    let exact = Flow::new(&model, solver).unwrap();
+    let x: Vec<f32> = {
+        let mut r = rng(32);
+        (0..16).map(|_| uniform(&mut r, 1.0)).collect()
+    };
+    let mut z_all = vec![0.0; 16];
+    let all = exact.forward(&x, Some(&mut z_all), &mut vec![0.0; exact.scratch_len()]).unwrap();
+    // Fewer lanes per pass: less scratch, the same path (z to the bit) and
+    // the same trace up to summation order.
+    for lanes_per_pass in [1u16, 3, 7, 16, 100] {
+        let flow = exact.with_image_trace(ImageTrace::Exact { lanes_per_pass }).unwrap();
+        if lanes_per_pass < 16 {
+            assert!(flow.scratch_len() < exact.scratch_len(), "{lanes_per_pass}");
+        }
+        let mut z = vec![0.0; 16];
+        let got = flow.forward(&x, Some(&mut z), &mut vec![0.0; flow.scratch_len()]).unwrap();
+        assert_eq!(z, z_all, "{lanes_per_pass} lanes per pass");
+        assert!(
+            (got.log_p - all.log_p).abs() < 1e-5 * (1.0 + all.log_p.abs()),
+            "{} vs {}",
+            got.log_p,
+            all.log_p
+        );
+    }
+    // Hutchinson: a seed fixes the estimate; over seeds it averages to the
+    // exact log p (unbiased: within 4 standard errors of 400 draws).
+    let estimate = |probes: u16, seed: u32| {
+        let flow = exact.with_image_trace(ImageTrace::Hutchinson { probes, seed }).unwrap();
+        let mut z = vec![0.0; 16];
+        let ld = flow.forward(&x, Some(&mut z), &mut vec![0.0; flow.scratch_len()]).unwrap();
+        assert_eq!(z, z_all, "the path does not depend on the probes");
+        ld.log_p as f64
+    };
+    assert_eq!(estimate(2, 7), estimate(2, 7));
+    let draws: Vec<f64> = (0..400).map(|s| estimate(1, s)).collect();
+    let mean = draws.iter().sum::<f64>() / 400.0;
+    let sd = (draws.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 399.0).sqrt();
+    assert!(sd > 1e-4, "the estimates vary with the seed");
+    assert!(
+        (mean - all.log_p as f64).abs() < 4.0 * sd / 20.0,
+        "mean {mean} ± {} vs exact {}",
+        sd / 20.0,
+        all.log_p
+    );
+    // More probes, less spread.
+    let draws8: Vec<f64> = (0..100).map(|s| estimate(8, 1000 + s)).collect();
+    let mean8 = draws8.iter().sum::<f64>() / 100.0;
+    let sd8 = (draws8.iter().map(|v| (v - mean8).powi(2)).sum::<f64>() / 99.0).sqrt();
+    assert!(sd8 < 0.6 * sd, "8 probes: sd {sd8}, 1 probe: {sd}");
+    assert_eq!(
+        exact.with_image_trace(ImageTrace::Hutchinson { probes: 0, seed: 1 }).unwrap_err(),
+        SolveError::InvalidSolver
+    );
+}

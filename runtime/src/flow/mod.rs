@@ -104,13 +104,32 @@ pub const MAX_PACKED_ROWS: usize = crate::solver::MAX_LOCKSTEP_ROWS;
 pub struct Flow<'m, 'a> {
     model: &'m Model<'a>,
     solver: Solver,
+    image_trace: crate::ImageTrace,
 }
 
 impl<'m, 'a> Flow<'m, 'a> {
     /// A flow evaluated with `solver` (e.g. [`Model::default_solver`]).
     pub fn new(model: &'m Model<'a>, solver: Solver) -> Result<Self, SolveError> {
         solver.validate()?;
-        Ok(Flow { model, solver })
+        Ok(Flow { model, solver, image_trace: crate::ImageTrace::default() })
+    }
+
+    /// This flow with convolutional CNF stages computing their trace as
+    /// `trace` says: the exact trace in passes of a bounded number of lanes
+    /// (less scratch, more time), or Hutchinson's seeded estimate (an
+    /// unbiased estimate of log p, much faster on large images). Dense CNF
+    /// stages always take the exact trace. A Hutchinson trace with no
+    /// probes is an [`SolveError::InvalidSolver`].
+    pub fn with_image_trace(self, trace: crate::ImageTrace) -> Result<Self, SolveError> {
+        if matches!(trace, crate::ImageTrace::Hutchinson { probes: 0, .. }) {
+            return Err(SolveError::InvalidSolver);
+        }
+        Ok(Flow { image_trace: trace, ..self })
+    }
+
+    /// How convolutional CNF stages compute their trace.
+    pub fn image_trace(&self) -> crate::ImageTrace {
+        self.image_trace
     }
 
     /// The model.
@@ -125,7 +144,7 @@ impl<'m, 'a> Flow<'m, 'a> {
 
     /// Floats of scratch each call needs.
     pub fn scratch_len(&self) -> usize {
-        self.model.scratch_len(&self.solver)
+        self.model.scratch_len_with(&self.solver, self.image_trace)
     }
 
     fn split_scratch<'s>(
@@ -186,7 +205,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                     crate::image::squeeze(shape, y, work, true)
                 }
                 Stage::ConvCnf(spec) if cfg!(feature = "images") => {
-                    let block = model.conv_block(i).ok_or(SolveError::Internal)?;
+                    let block = model.conv_block(i, self.image_trace).ok_or(SolveError::Internal)?;
                     let (s, ell) = integrate_prefix(&self.solver, &block, (0.0, spec.end_time), y, work)?;
                     stats = stats.merge(s);
                     log_det -= ell;
@@ -265,7 +284,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                     crate::image::squeeze(shape, y, work, false)
                 }
                 Stage::ConvCnf(spec) if cfg!(feature = "images") => {
-                    let block = model.conv_block(i).ok_or(SolveError::Internal)?;
+                    let block = model.conv_block(i, self.image_trace).ok_or(SolveError::Internal)?;
                     let (s, ell) = integrate_prefix(&self.solver, &block, (spec.end_time, 0.0), y, work)?;
                     stats = stats.merge(s);
                     log_det += ell;
