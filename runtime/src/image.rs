@@ -287,7 +287,8 @@ impl<'a> ConvCnfBlock<'a> {
             conv_layer(&layer, act, t, [h, w], lanes, input, output, scale);
             core::mem::swap(&mut input, &mut output);
         }
-        input.get(..p * lanes).map(|r| &*r)
+        let input: &'w [f32] = input;
+        input.get(..p * lanes)
     }
 }
 
