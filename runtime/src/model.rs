@@ -211,7 +211,9 @@ impl<'a> Model<'a> {
 
     /// Floats of scratch that evaluating this model with `solver` needs.
     pub fn scratch_len(&self, solver: &Solver) -> usize {
-        self.scratch_len_with(solver, crate::ImageTrace::default())
+        let n = self.dim() + 1;
+        let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
+        n.saturating_add(solver.work_len(n)).saturating_add(dense.max(self.layout.image_work))
     }
 
     /// [`Model::scratch_len`] when convolutional CNF stages compute their
@@ -220,7 +222,8 @@ impl<'a> Model<'a> {
         let n = self.dim() + 1;
         let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
         let mut image = 0usize;
-        if self.has_image_stages() {
+        // (Image stages only load with feature `images`.)
+        if cfg!(feature = "images") && self.has_image_stages() {
             for (_, stage) in self.stages() {
                 let work = match stage {
                     Stage::Squeeze(shape) => shape.len(),

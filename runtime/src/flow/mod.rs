@@ -104,6 +104,8 @@ pub const MAX_PACKED_ROWS: usize = crate::solver::MAX_LOCKSTEP_ROWS;
 pub struct Flow<'m, 'a> {
     model: &'m Model<'a>,
     solver: Solver,
+    // (Only with feature `images`: the small WASM build counts bytes.)
+    #[cfg(feature = "images")]
     image_trace: crate::ImageTrace,
 }
 
@@ -111,7 +113,12 @@ impl<'m, 'a> Flow<'m, 'a> {
     /// A flow evaluated with `solver` (e.g. [`Model::default_solver`]).
     pub fn new(model: &'m Model<'a>, solver: Solver) -> Result<Self, SolveError> {
         solver.validate()?;
-        Ok(Flow { model, solver, image_trace: crate::ImageTrace::default() })
+        Ok(Flow {
+            model,
+            solver,
+            #[cfg(feature = "images")]
+            image_trace: crate::ImageTrace::default(),
+        })
     }
 
     /// This flow with convolutional CNF stages computing their trace as
@@ -120,6 +127,7 @@ impl<'m, 'a> Flow<'m, 'a> {
     /// unbiased estimate of log p, much faster on large images). Dense CNF
     /// stages always take the exact trace. A Hutchinson trace with no
     /// probes is an [`SolveError::InvalidSolver`].
+    #[cfg(feature = "images")]
     pub fn with_image_trace(self, trace: crate::ImageTrace) -> Result<Self, SolveError> {
         if matches!(trace, crate::ImageTrace::Hutchinson { probes: 0, .. }) {
             return Err(SolveError::InvalidSolver);
@@ -129,7 +137,10 @@ impl<'m, 'a> Flow<'m, 'a> {
 
     /// How convolutional CNF stages compute their trace.
     pub fn image_trace(&self) -> crate::ImageTrace {
-        self.image_trace
+        #[cfg(feature = "images")]
+        return self.image_trace;
+        #[cfg(not(feature = "images"))]
+        crate::ImageTrace::default()
     }
 
     /// The model.
@@ -144,7 +155,10 @@ impl<'m, 'a> Flow<'m, 'a> {
 
     /// Floats of scratch each call needs.
     pub fn scratch_len(&self) -> usize {
-        self.model.scratch_len_with(&self.solver, self.image_trace)
+        #[cfg(feature = "images")]
+        return self.model.scratch_len_with(&self.solver, self.image_trace);
+        #[cfg(not(feature = "images"))]
+        self.model.scratch_len(&self.solver)
     }
 
     fn split_scratch<'s>(
@@ -205,7 +219,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                     crate::image::squeeze(shape, y, work, true)
                 }
                 Stage::ConvCnf(spec) if cfg!(feature = "images") => {
-                    let block = model.conv_block(i, self.image_trace).ok_or(SolveError::Internal)?;
+                    let block = model.conv_block(i, self.image_trace()).ok_or(SolveError::Internal)?;
                     let (s, ell) = integrate_prefix(&self.solver, &block, (0.0, spec.end_time), y, work)?;
                     stats = stats.merge(s);
                     log_det -= ell;
@@ -284,7 +298,7 @@ impl<'m, 'a> Flow<'m, 'a> {
                     crate::image::squeeze(shape, y, work, false)
                 }
                 Stage::ConvCnf(spec) if cfg!(feature = "images") => {
-                    let block = model.conv_block(i, self.image_trace).ok_or(SolveError::Internal)?;
+                    let block = model.conv_block(i, self.image_trace()).ok_or(SolveError::Internal)?;
                     let (s, ell) = integrate_prefix(&self.solver, &block, (spec.end_time, 0.0), y, work)?;
                     stats = stats.merge(s);
                     log_det += ell;
