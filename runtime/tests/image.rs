@@ -4,6 +4,8 @@
 //! on a prefix of the row, the logit transform's log-determinant in closed
 //! form, squeeze as a permutation, inverse round trips, and typed errors.
 
+#![cfg(feature = "images")]
+
 mod common;
 
 use common::*;
