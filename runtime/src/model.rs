@@ -220,8 +220,13 @@ impl<'a> Model<'a> {
     /// trace as `trace` says ([`crate::Flow::with_image_trace`]).
     pub fn scratch_len_with(&self, solver: &Solver, trace: crate::ImageTrace) -> usize {
         let n = self.dim() + 1;
-        let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
+        let mut dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
         let mut image = 0usize;
+        // A chain of image stages alone needs no dense net's scratch (which
+        // would be D + 1 lanes of D values: more than bounded passes save).
+        if cfg!(feature = "images") && !self.stages().any(|(_, s)| matches!(s, Stage::Cnf(_))) {
+            dense = 0;
+        }
         // (Image stages only load with feature `images`.)
         if cfg!(feature = "images") && self.has_image_stages() {
             for (_, stage) in self.stages() {
@@ -248,18 +253,34 @@ impl<'a> Model<'a> {
     /// over the CNF stages: FLOPs = this × NFE, exactly when the stages have
     /// one size or take equal NFE (fixed steps). (Until 2026-12-03 it was
     /// the sum, which counted a two-stage model's FLOPs twice.) Activations
-    /// and gates are not counted.
+    /// and gates are not counted. A convolutional block counts its 3×3
+    /// products on all `C·H·W + 1` lanes in one pass (bounded passes,
+    /// [`crate::ImageTrace::Exact`], recompute the value lane once per pass).
     pub fn flops_per_evaluation(&self) -> u64 {
         let lanes = self.dim() as u64 + 1;
         let (mut flops, mut stages) = (0u64, 0u64);
         for stage in self.header.stages() {
-            if let Stage::Cnf(cnf) = stage {
+            if let Stage::Cnf(cnf) = &stage {
                 stages += 1;
                 let mut d_in = self.dim() as u64;
                 for layer in &cnf.layers {
                     let d_out = u64::from(layer.out_dim);
                     flops += 2 * d_in * d_out * lanes;
                     d_in = d_out;
+                }
+            }
+            // A conv block: 9 multiply-adds per input channel, output channel
+            // and pixel, on its C·H·W + 1 lanes (one pass; the time channel
+            // of a concat layer, on the value lane only, is not counted).
+            if let Stage::ConvCnf(conv) = stage {
+                stages += 1;
+                let pixels = conv.shape.pixels() as u64;
+                let lanes = conv.shape.len() as u64 + 1;
+                let mut c_in = u64::from(conv.shape.channels);
+                for layer in &conv.layers {
+                    let c_out = u64::from(layer.out_dim);
+                    flops += 2 * 9 * c_in * c_out * pixels * lanes;
+                    c_in = c_out;
                 }
             }
         }

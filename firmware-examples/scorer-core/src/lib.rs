@@ -9,7 +9,7 @@ pub mod stack;
 
 use core::fmt::Write;
 
-use ffjord_runtime::{Flow, Model, Solver, Verdict};
+use ffjord_runtime::{Flow, Model, SolveError, Solver, Verdict};
 use rand_xoshiro::Xoshiro128PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 
@@ -71,6 +71,22 @@ pub struct Golden<'a, const D: usize> {
     pub expected_samples: &'a [([f32; D], f32)],
     /// Mean mat-vec FLOPs of one log-density per solver (host-computed).
     pub flops: &'a [u64],
+    /// Image models: tangent lanes per pass of the exact trace
+    /// (`ImageTrace::Exact`; bounds the scratch), as the host computed the
+    /// expected values; 0 for one pass.
+    pub image_lanes_per_pass: u16,
+}
+
+/// A flow over `model` with `solver`, its image stages tracing in passes of
+/// `lanes` tangent lanes (0: one pass).
+fn flow_for<'m, 'a>(model: &'m Model<'a>, solver: Solver, lanes: u16) -> Result<Flow<'m, 'a>, SolveError> {
+    let flow = Flow::new(model, solver)?;
+    #[cfg(feature = "images")]
+    if lanes > 0 {
+        return flow.with_image_trace(ffjord_runtime::ImageTrace::Exact { lanes_per_pass: lanes });
+    }
+    let _ = lanes;
+    Ok(flow)
 }
 
 /// Semihosting stdout as a `core::fmt::Write` (QEMU examples).
@@ -167,7 +183,7 @@ pub fn run<const D: usize>(out: &mut impl Console, g: &Golden<'_, D>, scratch: &
         let _ = writeln!(out, "flops {name} {flops}");
     }
     for (s, ((name, solver), exp)) in solvers.iter().zip(expected).enumerate() {
-        let flow = match Flow::new(&model, *solver) {
+        let flow = match flow_for(&model, *solver, g.image_lanes_per_pass) {
             Ok(f) => f,
             Err(e) => {
                 let _ = writeln!(out, "{name}: {e}");
@@ -213,7 +229,7 @@ pub fn run<const D: usize>(out: &mut impl Console, g: &Golden<'_, D>, scratch: &
             }
         }
     }
-    let flow = match Flow::new(&model, model.default_solver()) {
+    let flow = match flow_for(&model, model.default_solver(), g.image_lanes_per_pass) {
         Ok(f) => f,
         Err(_) => return failures + 1,
     };
