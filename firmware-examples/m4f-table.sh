@@ -13,13 +13,6 @@ root=$(cd "$here/.." && pwd)
 out="$here/target/m4f-table"
 mkdir -p "$out"
 gcc -shared -fPIC -O2 -Wall -o "$out/libinsncount.so" "$here/qemu-plugin/insncount.c"
-cat >"$out/memory-large.x" <<'EOF'
-MEMORY
-{
-  FLASH : ORIGIN = 0x00000000, LENGTH = 256K
-  RAM   : ORIGIN = 0x20000000, LENGTH = 64K
-}
-EOF
 
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(8gaussians-mcu shuttle 8gaussians cardio satellite power)
@@ -47,7 +40,7 @@ for m in "${models[@]}"; do
     }
     if [ -f "$rows" ]; then export FFJORD_ROWS="$rows"; else unset FFJORD_ROWS; fi
     if ! build env 2>"$out/$label.build"; then
-      build env FFJORD_MEMORY_X="$out/memory-large.x" 2>>"$out/$label.build"
+      build env FFJORD_MEMORY_X="$here/qemu-m4f/memory-large.x" 2>>"$out/$label.build"
       mark=" †"
     fi
     elf="$out/target/thumbv7em-none-eabihf/release/qemu-m4f"

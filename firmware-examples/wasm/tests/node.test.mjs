@@ -28,8 +28,16 @@ const same = (a, b) => Math.fround(a) === Math.fround(b);
 // Models with f16 / i8 matrices (format version 3): the small build leaves
 // that reader out and must refuse them with the reason.
 const quantized = (g) => /\.(f16|i8)\.ffjd$/.test(g.model);
+// Image models (format version 4): likewise for the image stages.
+const image = (g) => g.format_version >= 4;
 
 for (const g of goldens) {
+  if (build === "small" && image(g)) {
+    test(`${g.model}: the small build refuses image stages, naming why`, () => {
+      assert.throws(() => new Detector(readFileSync(g.model)), /no feature `images`/);
+    });
+    continue;
+  }
   if (build === "small" && quantized(g)) {
     test(`${g.model}: the small build refuses f16 / i8 matrices, naming why`, () => {
       assert.throws(() => new Detector(readFileSync(g.model)), /need feature `quantized`/);
