@@ -61,12 +61,22 @@ impl ImageTrace {
     }
 }
 
-/// Scratch floats of one evaluation of `spec`'s net with `trace`: two
-/// activation buffers of `1 +` tangent lanes of the widest layer, and one
-/// factor per output value.
+/// Scratch floats of one evaluation of `spec`'s net with `trace`. One pass
+/// (all tangents, or Hutchinson's probes): two activation buffers of
+/// `1 +` tangent lanes of the widest layer and one factor per output value.
+/// Exact in passes of `n < C·H·W` tangents: two buffers of `n` lanes and
+/// every layer's factors (the value lane runs once, its factors serve every
+/// pass).
 pub(crate) fn conv_work_len(spec: &ConvCnfSpec, trace: ImageTrace) -> Option<usize> {
-    let lanes = trace.tangents(spec.shape.len()).checked_add(1)?;
+    let p = spec.shape.len();
+    let tangents = trace.tangents(p);
     let width = spec.max_width();
+    if matches!(trace, ImageTrace::Exact { .. }) && tangents < p {
+        let all_layers: usize =
+            spec.layers.iter().map(|l| usize::from(l.out_dim) * spec.shape.pixels()).sum();
+        return tangents.checked_mul(2)?.checked_mul(width)?.checked_add(all_layers);
+    }
+    let lanes = tangents.checked_add(1)?;
     lanes.checked_mul(2)?.checked_add(1)?.checked_mul(width)
 }
 
@@ -214,28 +224,18 @@ impl<'a> ConvCnfBlock<'a> {
         let p = self.len();
         let tangents = self.trace.tangents(p);
         match self.trace {
-            ImageTrace::Exact { .. } => {
-                // Passes over the image's coordinates, `tangents` at a time:
-                // lane 1 + k carries e_{start + k}, whose entry start + k of
-                // J e is ∂f/∂z there.
-                let mut div = 0.0;
-                for start in (0..p).step_by(tangents) {
-                    let n = tangents.min(p - start);
-                    let seed = |k: usize, i: usize| if i == start + k { 1.0 } else { 0.0 };
-                    let Some(result) = self.run(t, z, n, seed, work) else { return f32::NAN };
-                    let mut lanes = result.chunks_exact(p);
-                    if let Some(value) = lanes.next()
-                        && start == 0
-                    {
-                        copy(out, value);
-                    }
-                    div += lanes
-                        .enumerate()
-                        .map(|(k, lane)| lane.get(start + k).copied().unwrap_or(f32::NAN))
-                        .sum::<f32>();
+            // One pass: lane 1 + j carries e_j, whose entry j of J e_j is
+            // ∂f_j/∂z_j.
+            ImageTrace::Exact { .. } if tangents >= p => {
+                let seed = |k: usize, i: usize| if i == k { 1.0 } else { 0.0 };
+                let Some(result) = self.run(t, z, p, seed, work) else { return f32::NAN };
+                let mut lanes = result.chunks_exact(p);
+                if let Some(value) = lanes.next() {
+                    copy(out, value);
                 }
-                div
+                lanes.enumerate().map(|(j, lane)| lane.get(j).copied().unwrap_or(f32::NAN)).sum()
             }
+            ImageTrace::Exact { .. } => self.divergence_in_passes(t, z, out, tangents, work),
             ImageTrace::Hutchinson { seed, .. } => {
                 let probe = |k: usize, i: usize| rademacher(seed, k, i);
                 let Some(result) = self.run(t, z, tangents, probe, work) else { return f32::NAN };
@@ -250,6 +250,72 @@ impl<'a> ConvCnfBlock<'a> {
                 sum / tangents as f32
             }
         }
+    }
+
+    /// The exact trace in passes of `n` tangent lanes: the value lane runs
+    /// once and keeps every layer's factor d(output)/d(conv) (the
+    /// activation's derivative times the gate); each pass then carries `n`
+    /// unit vectors through the convolutions and those factors alone.
+    fn divergence_in_passes(&self, t: f32, z: &[f32], out: &mut [f32], n: usize, work: &mut [f32]) -> f32 {
+        let p = self.len();
+        let hw = self.spec.shape.pixels();
+        let width = self.spec.max_width() * n.max(1);
+        let Some((a, rest)) = work.split_at_mut_checked(width) else { return f32::NAN };
+        let Some((b, factors)) = rest.split_at_mut_checked(width) else { return f32::NAN };
+        let (h, w) = (usize::from(self.spec.shape.height), usize::from(self.spec.shape.width));
+        let n_layers = self.spec.layers.len();
+        // The value lane, its factors layer after layer into `factors`.
+        copy(a.get_mut(..p).unwrap_or(&mut []), z);
+        let (mut input, mut output) = (&mut *a, &mut *b);
+        let mut at = 0;
+        let mut any = [false; crate::format::MAX_LAYERS];
+        for (l, layer) in self.layers().enumerate() {
+            let act = if l + 1 < n_layers { Some(self.spec.activation) } else { None };
+            let len = layer.c_out * hw;
+            let Some(f) = factors.get_mut(at..at + len) else { return f32::NAN };
+            conv_lanes(&layer, [h, w], 1, input, output);
+            let value = output.get_mut(..len).unwrap_or(&mut []);
+            if let Some(slot) = any.get_mut(l) {
+                *slot = value_terms(&layer, act, t, [h, w], value, f);
+            }
+            at += len;
+            core::mem::swap(&mut input, &mut output);
+        }
+        copy(out, input.get(..p).unwrap_or(&[]));
+        // The tangent passes.
+        let mut div = 0.0;
+        for start in (0..p).step_by(n.max(1)) {
+            let lanes = n.min(p - start);
+            let (mut input, mut output) = (&mut *a, &mut *b);
+            for (k, lane) in input.chunks_exact_mut(p).take(lanes).enumerate() {
+                lane.fill(0.0);
+                if let Some(e) = lane.get_mut(start + k) {
+                    *e = 1.0;
+                }
+            }
+            let mut at = 0;
+            for (l, layer) in self.layers().enumerate() {
+                let len = layer.c_out * hw;
+                conv_lanes(&layer, [h, w], lanes, input, output);
+                if any.get(l).copied().unwrap_or(true) {
+                    let f = factors.get(at..at + len).unwrap_or(&[]);
+                    for lane in output.chunks_exact_mut(len.max(1)).take(lanes) {
+                        for (y, &s) in lane.iter_mut().zip(f) {
+                            *y *= s;
+                        }
+                    }
+                }
+                at += len;
+                core::mem::swap(&mut input, &mut output);
+            }
+            div += input
+                .chunks_exact(p)
+                .take(lanes)
+                .enumerate()
+                .map(|(k, lane)| lane.get(start + k).copied().unwrap_or(f32::NAN))
+                .sum::<f32>();
+        }
+        div
     }
 
     /// Runs the net on the value lane (`z`) and `n` tangent lanes, lane
@@ -331,28 +397,45 @@ fn conv_layer(
     output: &mut [f32],
     scale: &mut [f32],
 ) {
+    let len = layer.c_out * h * w;
+    conv_lanes(layer, [h, w], lanes, input, output);
+    let (value, tangents) = output.split_at_mut(len.min(output.len()));
+    let any_scale = value_terms(layer, act, t, [h, w], value, scale);
+    // Tangent lanes: chain rule through gate and activation.
+    if any_scale {
+        for lane in tangents.chunks_exact_mut(len.max(1)).take(lanes.saturating_sub(1)) {
+            for (y, &s) in lane.iter_mut().zip(scale.iter()) {
+                *y *= s;
+            }
+        }
+    }
+}
+
+/// The kernel `[c_out, cols, 3, 3]` block for output channel `o` and input
+/// channel `c` (the time channel is `c = 0` of a concat layer).
+fn kernel(layer: &ConvLayer<'_>, o: usize, c: usize) -> [f32; 9] {
+    let cols = layer.c_in + usize::from(layer.kind == LayerKind::Concat);
+    let mut k = [0.0; 9];
+    if let Some(bytes) = layer.kernel.bytes().as_chunks::<36>().0.get(o * cols + c) {
+        for (v, b) in k.iter_mut().zip(bytes.as_chunks::<4>().0) {
+            *v = f32::from_le_bytes(*b);
+        }
+    }
+    k
+}
+
+/// Every lane's convolution of its input channels (no bias or time terms):
+/// `output[l] = K ⋆ input[l]`, each kernel read once for all lanes.
+fn conv_lanes(layer: &ConvLayer<'_>, [h, w]: [usize; 2], lanes: usize, input: &[f32], output: &mut [f32]) {
     let hw = h * w;
     let (c_in, c_out) = (layer.c_in, layer.c_out);
     let concat = usize::from(layer.kind == LayerKind::Concat);
-    let cols = c_in + concat;
-    let kernels = layer.kernel.bytes().as_chunks::<36>().0;
-    let kernel = |o: usize, c: usize| -> [f32; 9] {
-        let mut k = [0.0; 9];
-        if let Some(bytes) = kernels.get(o * cols + c) {
-            for (v, b) in k.iter_mut().zip(bytes.as_chunks::<4>().0) {
-                *v = f32::from_le_bytes(*b);
-            }
-        }
-        k
-    };
-    // 1. Every lane: the convolution of its input channels (each kernel
-    //    read once for all lanes).
     if let Some(out) = output.get_mut(..lanes * c_out * hw) {
         out.fill(0.0);
     }
     for o in 0..c_out {
         for c in 0..c_in {
-            let k = kernel(o, c + concat);
+            let k = kernel(layer, o, c + concat);
             for l in 0..lanes {
                 let x = input.get((l * c_in + c) * hw..(l * c_in + c + 1) * hw).unwrap_or(&[]);
                 let y = output.get_mut((l * c_out + o) * hw..(l * c_out + o + 1) * hw).unwrap_or(&mut []);
@@ -360,15 +443,26 @@ fn conv_layer(
             }
         }
     }
-    // 2. The value lane: bias, time, gate, activation; `scale` keeps the
-    //    factor for the tangents.
-    let (value, tangents) = output.split_at_mut((c_out * hw).min(output.len()));
+}
+
+/// The value lane after its convolution (`value`, `c_out·H·W`, in place):
+/// bias, time terms, gate and activation; `scale` gets each value's factor
+/// d(output)/d(conv). Returns whether any factor differs from 1.
+fn value_terms(
+    layer: &ConvLayer<'_>,
+    act: Option<Activation>,
+    t: f32,
+    [h, w]: [usize; 2],
+    value: &mut [f32],
+    scale: &mut [f32],
+) -> bool {
+    let hw = h * w;
     let mut any_scale = false;
     for (o, (v_o, s_o)) in value.chunks_exact_mut(hw).zip(scale.chunks_exact_mut(hw)).enumerate() {
         let b = layer.bias.get(o).unwrap_or(0.0);
-        if concat == 1 {
+        if layer.kind == LayerKind::Concat {
             // The time channel: t at every pixel, zero-padded like the rest.
-            conv3x3_constant(&kernel(o, 0), t, v_o, h, w);
+            conv3x3_constant(&kernel(layer, o, 0), t, v_o, h, w);
         }
         let (gate, hyper) = match layer.kind {
             LayerKind::ConcatSquash => {
@@ -393,36 +487,77 @@ fn conv_layer(
             any_scale |= ds != 1.0;
         }
     }
-    // 3. Tangent lanes: chain rule through gate and activation.
-    if any_scale {
-        for lane in tangents.chunks_exact_mut((c_out * hw).max(1)).take(lanes.saturating_sub(1)) {
-            for (y, &s) in lane.iter_mut().zip(scale.iter()) {
-                *y *= s;
+    any_scale
+}
+
+/// Adds the 3×3 cross-correlation (zero padding 1, as PyTorch's `Conv2d`)
+/// of the `h × w` image `x` with `k` (row-major `[3, 3]`) to `y`. Each output
+/// row is read and written once: its interior pixels take all nine products
+/// in one pass over three input rows (windows of three), the edge columns
+/// and the top and bottom rows the products that land inside the image.
+fn conv3x3(k: &[f32; 9], x: &[f32], y: &mut [f32], h: usize, w: usize) {
+    let [k0, k1, k2, k3, k4, k5, k6, k7, k8] = *k;
+    let (ka, km, kb) = ([k0, k1, k2], [k3, k4, k5], [k6, k7, k8]);
+    let row = |r: usize| if r < h { x.get(r * w..(r + 1) * w) } else { None };
+    for (i, y_row) in y.chunks_exact_mut(w).take(h).enumerate() {
+        let Some(mid) = row(i) else { continue };
+        let above = i.checked_sub(1).and_then(row);
+        let below = row(i + 1);
+        match (above, below) {
+            (Some(a), Some(b)) if w >= 3 => {
+                let interior = y_row.iter_mut().skip(1).take(w - 2);
+                for (((v, ra), rm), rb) in interior.zip(a.windows(3)).zip(mid.windows(3)).zip(b.windows(3)) {
+                    if let ([a0, a1, a2], [m0, m1, m2], [b0, b1, b2]) = (ra, rm, rb) {
+                        *v += ka[0] * a0
+                            + ka[1] * a1
+                            + ka[2] * a2
+                            + km[0] * m0
+                            + km[1] * m1
+                            + km[2] * m2
+                            + kb[0] * b0
+                            + kb[1] * b1
+                            + kb[2] * b2;
+                    }
+                }
+                for (r, kr) in [(a, ka), (mid, km), (b, kb)] {
+                    add_row_edges(y_row, r, kr);
+                }
+            }
+            _ => {
+                for (r, kr) in [(above, ka), (Some(mid), km), (below, kb)] {
+                    if let Some(r) = r {
+                        add_row(y_row, r, kr);
+                    }
+                }
             }
         }
     }
 }
 
-/// Adds the 3×3 cross-correlation (zero padding 1, as PyTorch's `Conv2d`)
-/// of the `h × w` image `x` with `k` (row-major `[3, 3]`) to `y`.
-fn conv3x3(k: &[f32; 9], x: &[f32], y: &mut [f32], h: usize, w: usize) {
-    for (i, y_row) in y.chunks_exact_mut(w).take(h).enumerate() {
-        for (di, kr) in k.chunks_exact(3).enumerate() {
-            // Input row i + di − 1, if inside the image.
-            let Some(src) = (i + di).checked_sub(1).filter(|&r| r < h) else { continue };
-            let Some(x_row) = x.get(src * w..(src + 1) * w) else { continue };
-            let [k0, k1, k2] = [kr.first(), kr.get(1), kr.get(2)].map(|v| v.copied().unwrap_or(0.0));
-            for (yv, xv) in y_row.iter_mut().zip(x_row) {
-                *yv += k1 * xv;
-            }
-            // Left neighbour (column j − 1) for j ≥ 1; right (j + 1) for j ≤ w − 2.
-            for (yv, xv) in y_row.iter_mut().skip(1).zip(x_row) {
-                *yv += k0 * xv;
-            }
-            for (yv, xv) in y_row.iter_mut().zip(x_row.iter().skip(1)) {
-                *yv += k2 * xv;
-            }
-        }
+/// Adds one input row's three products `k0·r[j−1] + k1·r[j] + k2·r[j+1]`
+/// (zero outside) to every pixel of the output row `y`.
+fn add_row(y: &mut [f32], r: &[f32], [k0, k1, k2]: [f32; 3]) {
+    for (v, x) in y.iter_mut().zip(r) {
+        *v += k1 * x;
+    }
+    for (v, x) in y.iter_mut().skip(1).zip(r) {
+        *v += k0 * x;
+    }
+    for (v, x) in y.iter_mut().zip(r.iter().skip(1)) {
+        *v += k2 * x;
+    }
+}
+
+/// [`add_row`] for the first and last pixel only (`w ≥ 3`; the interior is
+/// done).
+fn add_row_edges(y: &mut [f32], r: &[f32], [k0, k1, k2]: [f32; 3]) {
+    let w = y.len();
+    if let (Some(v), Some(x0), Some(x1)) = (y.first_mut(), r.first(), r.get(1)) {
+        *v += k1 * x0 + k2 * x1;
+    }
+    if let (Some(v), Some(xa), Some(xb)) = (y.last_mut(), r.get(w.wrapping_sub(2)), r.get(w.wrapping_sub(1)))
+    {
+        *v += k0 * xa + k1 * xb;
     }
 }
 
