@@ -93,6 +93,20 @@ impl Detector {
         self.model().threshold().map(|t| t.score)
     }
 
+    /// `[C, H, W]` when the model's rows are images (an image stage covers
+    /// all of a row), for the page's drawing pad; `undefined` otherwise and
+    /// in builds without image models.
+    #[cfg(feature = "images")]
+    pub fn image_shape(&self) -> Option<Vec<u16>> {
+        let m = self.model();
+        let shape = m.header().stages().find_map(|s| match s {
+            ffjord_runtime::Stage::ConvCnf(c) if c.shape.len() == m.dim() => Some(c.shape),
+            ffjord_runtime::Stage::Squeeze(s) if s.len() == m.dim() => Some(s),
+            _ => None,
+        })?;
+        Some(vec![shape.channels, shape.height, shape.width])
+    }
+
     /// The quantile of validation scores the threshold was set at.
     pub fn threshold_quantile(&self) -> Option<f32> {
         self.model().threshold().map(|t| t.quantile)

@@ -163,3 +163,39 @@ test("the small build (for engines without SIMD) scores like the host's one-row 
     mkdirSync(artifacts, { recursive: true });
     await page.screenshot({ path: join(artifacts, "page-small-build.png"), fullPage: true });
 }));
+
+// The drawing pad (image models): a known image set on the pad scores as the
+// host scores it; a mouse stroke paints pixels and scores; samples draw.
+const image = goldens.find((g) => g.format_version >= 4);
+test("the drawing pad scores drawn images like the host and draws samples", { skip: !image && "no image model" }, () => withPage("", async (page) => {
+    await page.selectOption("#bundled", "models/mnist-8x8.ffjd");
+    await page.waitForSelector("#pad-section:not([hidden])");
+    assert.match(await page.textContent("#build"), /SIMD build/);
+    for (const row of image.rows.slice(0, 2)) {
+      await page.evaluate((x) => window.ffjordPad.set(Uint8Array.from(x)), row.x);
+      await page.click("#pad-score");
+      await page.waitForFunction(() => document.querySelector("#pad-result").textContent.startsWith("log p ="));
+      const text = await page.textContent("#pad-result");
+      const lp = Number(/log p = (-?[\d.]+)/.exec(text)[1]);
+      assert.ok(Math.abs(lp - row.log_p) <= 1e-4 * (1 + Math.abs(row.log_p)), `pad ${lp} vs host ${row.log_p}`);
+      const bpd = Number(/([\d.]+) bits\/dim/.exec(text)[1]);
+      assert.ok(Math.abs(bpd + row.log_p / (64 * Math.LN2)) < 1e-3, text);
+      assert.match(text, row.verdict === "anomaly" ? /ANOMALY/ : /normal/);
+      await page.evaluate(() => document.querySelector("#pad-result").textContent = "");
+    }
+    // A stroke across the pad with the mouse.
+    await page.click("#pad-clear");
+    const box = await page.locator("#pad").boundingBox();
+    await page.mouse.move(box.x + box.width * 0.3, box.y + box.height * 0.2);
+    await page.mouse.down();
+    await page.mouse.move(box.x + box.width * 0.5, box.y + box.height * 0.8, { steps: 12 });
+    await page.mouse.up();
+    const painted = await page.evaluate(() => window.ffjordPad.pixels.filter((v) => v > 0).length);
+    assert.ok(painted >= 4, `the stroke painted ${painted} pixels`);
+    await page.click("#pad-score");
+    await page.waitForFunction(() => document.querySelector("#pad-result").textContent.startsWith("log p ="));
+    await page.click("#pad-sample");
+    await page.waitForFunction(() => document.querySelector("#pad-result").textContent === "8 samples from the model", null, { timeout: 60_000 });
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, "page-drawing-pad.png"), fullPage: true });
+}));

@@ -92,6 +92,87 @@ async function loadModel(bytes, label) {
   } else {
     $("density-section").hidden = true;
   }
+  pad.reset(model.image);
+}
+
+// The drawing pad for image models: an H × W grid of 8-bit pixels (one
+// channel), painted with a soft brush, scored as one row; samples drawn from
+// the model below it.
+const pad = {
+  shape: null,
+  pixels: null,
+  reset(shape) {
+    const single = Array.isArray(shape) && shape.length === 3 && shape[0] === 1;
+    $("pad-section").hidden = !single;
+    this.shape = single ? { h: shape[1], w: shape[2] } : null;
+    if (!this.shape) return;
+    this.pixels = new Uint8Array(this.shape.h * this.shape.w);
+    $("pad-result").textContent = "Draw a digit with the mouse (left button), then Score.";
+    this.render();
+  },
+  /** Replaces the pixels (row-major bytes); also the tests' way to set a known image. */
+  set(bytes) {
+    this.pixels.set(bytes.slice(0, this.pixels.length));
+    this.render();
+  },
+  paint(event) {
+    const c = $("pad"), rect = c.getBoundingClientRect(), { h, w } = this.shape;
+    const fx = (event.clientX - rect.left) / rect.width * w, fy = (event.clientY - rect.top) / rect.height * h;
+    const strength = Number($("pad-brush").value);
+    for (let r = 0; r < h; r++) {
+      for (let q = 0; q < w; q++) {
+        const d2 = (q + 0.5 - fx) ** 2 + (r + 0.5 - fy) ** 2;
+        const add = strength * Math.exp(-d2 / 0.35);
+        const i = r * w + q;
+        this.pixels[i] = Math.min(255, this.pixels[i] + Math.round(add));
+      }
+    }
+    this.render();
+  },
+  render() {
+    drawGray($("pad"), this.pixels, this.shape.h, this.shape.w, 0, $("pad").width);
+  },
+  async score() {
+    if (!this.shape) return;
+    const { h, w } = this.shape;
+    try {
+      const { logp, nfe } = await runtime.request("point", { x: Float32Array.from(this.pixels) });
+      const bpd = -logp / (h * w * Math.LN2);
+      const t = model.threshold;
+      const verdict = t === undefined ? "no threshold" : -logp > t ? "ANOMALY (unlike the training images)" : "normal";
+      $("pad-result").textContent = `log p = ${logp.toFixed(4)}, ${bpd.toFixed(4)} bits/dim, ${verdict} (${nfe} evaluations)`;
+    } catch (e) {
+      $("pad-result").textContent = e.message;
+    }
+  },
+  async sample() {
+    if (!this.shape) return;
+    const { h, w } = this.shape, n = 8;
+    $("pad-result").textContent = "sampling…";
+    try {
+      const { xs } = await runtime.request("samples", { seed: Math.floor(Math.random() * 2 ** 31), n });
+      const c = $("pad-samples"), cell = c.width / n;
+      for (let k = 0; k < n; k++) {
+        const img = Uint8Array.from(xs.subarray(k * h * w, (k + 1) * h * w), (v) => Math.max(0, Math.min(255, Math.round(v))));
+        drawGray(c, img, h, w, k * cell, cell);
+      }
+      $("pad-result").textContent = `${n} samples from the model`;
+    } catch (e) {
+      $("pad-result").textContent = e.message;
+    }
+  },
+};
+window.ffjordPad = pad;
+
+/** Draws an h × w grayscale image (bytes) into `canvas` at x offset `x0`, `size` pixels wide. */
+function drawGray(canvas, bytes, h, w, x0, size) {
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  bytes.forEach((v, i) => img.data.set([v, v, v, 255], 4 * i));
+  const tmp = Object.assign(document.createElement("canvas"), { width: w, height: h });
+  tmp.getContext("2d").putImageData(img, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(tmp, x0, 0, size, size * h / w);
 }
 
 function parseCsv(text, dim) {
@@ -280,6 +361,13 @@ async function main() {
   $("density").addEventListener("mousemove", showCursor);
   $("density").addEventListener("click", showCursor);
   $("show-samples").addEventListener("change", () => model && drawDensity());
+  let drawing = false;
+  $("pad").addEventListener("mousedown", (e) => { drawing = true; pad.paint(e); });
+  $("pad").addEventListener("mousemove", (e) => drawing && pad.paint(e));
+  window.addEventListener("mouseup", () => { drawing = false; });
+  $("pad-clear").addEventListener("click", () => pad.reset([1, pad.shape.h, pad.shape.w]));
+  $("pad-score").addEventListener("click", () => pad.score());
+  $("pad-sample").addEventListener("click", () => pad.sample());
   document.body.dataset.ready = "true";
 }
 

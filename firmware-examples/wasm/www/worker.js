@@ -43,6 +43,7 @@ const handlers = {
       build, packed: Boolean(detector.log_density_packed),
       dim: detector.dim(), name: detector.name(), description: detector.description(),
       threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
+      image: detector.image_shape ? detector.image_shape() : undefined,
     };
   },
   solver({ solver }) {
@@ -79,7 +80,10 @@ const handlers = {
     return { view: { x0, x1, y0, y1 }, logp, xs, ys };
   },
   point({ x }) {
-    return { logp: detector.log_density(x) };
+    return { logp: detector.log_density(x), nfe: detector.last_nfe() };
+  },
+  samples({ seed, n }) {
+    return { xs: detector.sample(BigInt(seed), n) };
   },
 };
 
