@@ -43,7 +43,8 @@ const handlers = {
       build, packed: Boolean(detector.log_density_packed),
       dim: detector.dim(), name: detector.name(), description: detector.description(),
       threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
-      image: detector.image_shape ? detector.image_shape() : undefined,
+      // [C, H, W] of an image model (a Uint16Array from the module), as an array.
+      image: detector.image_shape ? Array.from(detector.image_shape() ?? []) : [],
     };
   },
   solver({ solver }) {
