@@ -11,7 +11,7 @@ model_dir="${1:-$root/models/8gaussians-mcu}"
 out="$root/firmware-examples/target/c-m4f"
 mkdir -p "$out/generated"
 (cd "$root" && CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-  cargo build --quiet --release -p ffjord-c --no-default-features --target thumbv7em-none-eabihf --target-dir "$out/cargo" 2>&1 \
+  cargo build --quiet --release -p ffjord-c --no-default-features --features quantized --target thumbv7em-none-eabihf --target-dir "$out/cargo" 2>&1 \
   | grep -v "dropping unsupported crate type" || true)
 lib="$out/cargo/thumbv7em-none-eabihf/release/libffjord_c.a"
 [ -f "$lib" ] || { echo "staticlib not built" >&2; exit 1; }

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+#[allow(unused_imports)] // Dopri5: when the generated tables name it (FFJORD_SOLVERS may not)
 use ffjord_runtime::{Dopri5, Solver};
 use scorer_core::{Expected, Golden};
 
