@@ -513,6 +513,12 @@ pub(crate) struct ScoreArgs {
     /// Output CSV (stdout if omitted).
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
+    /// Image models: training images (uint8 NPY) for a background density —
+    /// independent per-pixel histograms — and a likelihood-ratio score
+    /// `−(log p(x) − log p_background(x))`, written next to −log p and, with
+    /// --label, its AUROC (it discounts what pixel statistics alone explain).
+    #[arg(long)]
+    pub(crate) background: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

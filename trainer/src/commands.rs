@@ -178,9 +178,27 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     let mut scratch = vec![0.0f32; flow.scratch_len()];
     // log_p = log_p_base (the standard normal at z) − delta_log_p (the log
     // volume change along the flow, standardization included).
+    // A background density for the likelihood-ratio score (image models).
+    let background = match &args.background {
+        Some(path) => {
+            let images = ffjord_trainer::images::Images::load(path)?;
+            anyhow::ensure!(
+                images.dim() == model.dim(),
+                "{}: images of {} pixels, the model takes {}",
+                path.display(),
+                images.dim(),
+                model.dim()
+            );
+            Some(ffjord_trainer::images::PixelHistograms::fit(&images, 0.1)?)
+        }
+        None => None,
+    };
     let mut out = String::from("row,log_p,score,verdict,nfe,log_p_base,delta_log_p");
+    if background.is_some() {
+        out += ",log_p_background,ratio_score";
+    }
     out += if labels.is_some() { ",label\n" } else { "\n" };
-    let (mut anomalies, mut scores) = (0, Vec::with_capacity(table.rows));
+    let (mut anomalies, mut scores, mut ratio_scores) = (0, Vec::with_capacity(table.rows), Vec::new());
     for i in 0..table.rows {
         let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
         let s = flow.score(&x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
@@ -191,6 +209,14 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
             "{i},{},{},{verdict},{},{},{}",
             ld.log_p, s.score, ld.stats.nfe, ld.log_p_base, ld.delta_log_p
         );
+        if let Some(bg) = &background {
+            let lb = bg.log_prob(table.row(i)).with_context(|| {
+                format!("row {}: the background takes pixel values, integers 0–255", i + 1)
+            })?;
+            let ratio = lb - f64::from(ld.log_p);
+            out += &format!(",{lb},{ratio}");
+            ratio_scores.push(ratio);
+        }
         match &labels {
             Some(l) => out += &format!(",{}\n", u8::from(l[i])),
             None => out += "\n",
@@ -213,6 +239,14 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
             d.recall,
             d.false_positive_rate
         );
+        if background.is_some() {
+            // No stored threshold for the ratio: AUROC and average precision only.
+            let r = ffjord_trainer::anomaly::detection(&ratio_scores, labels, f64::INFINITY);
+            eprintln!(
+                "likelihood ratio against the per-pixel background: AUROC {:.4}, average precision {:.4}",
+                r.auroc, r.average_precision
+            );
+        }
     }
     Ok(())
 }

@@ -173,6 +173,22 @@ impl PixelHistograms {
         Ok(PixelHistograms { log2_p })
     }
 
+    /// `log p(x)` in nats of one image given as pixel values (each an
+    /// integer in 0–255; `None` for anything else or the wrong length).
+    pub fn log_prob(&self, pixels: &[f64]) -> Option<f64> {
+        if pixels.len() != self.log2_p.len() {
+            return None;
+        }
+        let mut bits = 0.0;
+        for (&v, lp) in pixels.iter().zip(&self.log2_p) {
+            if !(0.0..=255.0).contains(&v) || v.fract() != 0.0 {
+                return None;
+            }
+            bits += lp[v as usize];
+        }
+        Some(bits * std::f64::consts::LN_2)
+    }
+
     /// Mean bits per pixel on `images` (their shape must match the fit's).
     pub fn bits_per_dim(&self, images: &Images) -> Result<f64> {
         let d = images.dim();

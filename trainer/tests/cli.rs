@@ -833,6 +833,36 @@ fn fit_trains_the_multiscale_flow_on_images() {
     }
     let runtime_bpd = sum / 8.0;
     assert!((runtime_bpd - bpd).abs() < 2e-3, "runtime {runtime_bpd} vs trainer {bpd} bits/dim");
+    // `score` on image rows (pixel values and an anomaly label): −log p and,
+    // against a per-pixel background fitted on the training images, the
+    // likelihood-ratio score, each with its AUROC.
+    let mut csv = (0..64).map(|i| format!("p{i}")).collect::<Vec<_>>().join(",") + ",anomaly\n";
+    for (k, image) in test.chunks(64).enumerate().take(4) {
+        let row: Vec<String> = image.iter().map(u8::to_string).collect();
+        csv += &format!("{},0\n", row.join(","));
+        // An outlier: the same image turned upside down and brightened.
+        let flipped: Vec<String> = image.iter().rev().map(|&b| (b / 2 + 120 + k as u8).to_string()).collect();
+        csv += &format!("{},1\n", flipped.join(","));
+    }
+    std::fs::write(d.join("rows.csv"), csv).unwrap();
+    let run = trainer(
+        &[
+            "score",
+            "--model",
+            "img.ffjd",
+            "--data",
+            "rows.csv",
+            "--label",
+            "anomaly",
+            "--background",
+            "train.npy",
+        ],
+        d,
+    );
+    let (out, log) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{log}");
+    assert!(out.contains("log_p_background,ratio_score"), "{out}");
+    assert!(log.contains("likelihood ratio against the per-pixel background: AUROC"), "{log}");
     // Samples from the best checkpoint as a PNG grid: 5 images → 3 × 2 cells of 8 + 1 pixels.
     let out = ok(&["sample-images", "--run-dir", "img.run", "--out", "s.png", "--count", "5"], d);
     assert!(out.contains("5 samples, 8×8"), "{out}");
