@@ -74,20 +74,7 @@ pub enum JsonStage {
 
 /// One 3×3 conv layer: `weight` is `[out][in][3][3]` (`in + 1` for
 /// `Concat`, the time channel first), PyTorch's `Conv2d.weight`.
-#[derive(Serialize, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct JsonConvLayer {
-    pub kind: LayerKind,
-    pub weight: Vec<Vec<[[f32; 3]; 3]>>,
-    pub bias: Vec<f32>,
-    /// `ConcatSquash` only: `_hyper_gate.weight`, `_hyper_gate.bias`, `_hyper_bias.weight`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gate_weight: Option<Vec<f32>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gate_bias: Option<Vec<f32>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hyper_bias: Option<Vec<f32>>,
-}
+pub type JsonConvLayer = JsonLayerOf<Vec<Vec<[[f32; 3]; 3]>>>;
 
 fn shape_array(s: ImageShape) -> [u16; 3] {
     [s.channels, s.height, s.width]
@@ -98,11 +85,15 @@ fn image_shape([channels, height, width]: [u16; 3]) -> ImageShape {
 }
 
 /// One layer: `weight` is `[out][in]` (`[out][in + 1]` for `Concat`, time first).
+pub type JsonLayer = JsonLayerOf<Vec<Vec<f32>>>;
+
+/// A layer of a dense (`W = Vec<Vec<f32>>`) or convolutional net: its
+/// kind, weight, bias and, for concatsquash, the hyper-net vectors.
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
-pub struct JsonLayer {
+pub struct JsonLayerOf<W> {
     pub kind: LayerKind,
-    pub weight: Vec<Vec<f32>>,
+    pub weight: W,
     pub bias: Vec<f32>,
     /// `ConcatSquash` only: `_hyper_gate.weight`, `_hyper_gate.bias`, `_hyper_bias.weight`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,7 +12,7 @@ use ffjord_runtime::format::{Weights, conv_weight_count};
 use ffjord_runtime::{Activation, LayerKind, LayerSpec};
 use tch::{Tensor, nn};
 
-use super::field::{VectorField, activate, floats, torch_default_init};
+use super::field::{VectorField, activate, floats, set_tensor, torch_default_init};
 
 /// One conv layer of the net.
 struct ConvLayer {
@@ -112,18 +112,7 @@ impl ConvOdeNet {
     /// FORMAT.md's order: per layer the kernel `[out, in (+1 time), 3, 3]`,
     /// bias, and for concatsquash the gate weight, gate bias, hyper-bias).
     pub fn load(&mut self, w: Weights<'_>) -> Result<()> {
-        let take = |t: &mut Tensor, w: Weights<'_>| -> Result<()> {
-            ensure!(
-                w.len() as i64 == t.numel() as i64,
-                "conv weights: {} floats for a tensor of {}",
-                w.len(),
-                t.numel()
-            );
-            let v: Vec<f32> = w.iter().collect();
-            let v = Tensor::from_slice(&v).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
-            tch::no_grad(|| t.copy_(&v));
-            Ok(())
-        };
+        let take = |t: &mut Tensor, w: Weights<'_>| set_tensor(t, w.iter().collect(), "conv weights");
         let mut rest = w;
         for l in &mut self.layers {
             let (c_out, kernel) = (l.conv.ws.size()[0] as usize, l.conv.ws.numel());

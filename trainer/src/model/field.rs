@@ -210,6 +210,20 @@ impl DiffeqLayer {
     }
 }
 
+/// Sets `t` to `values` (as many as it has elements; `what` names them in
+/// the error), without recording gradients: loading a model file's weights.
+pub(super) fn set_tensor(t: &mut Tensor, values: Vec<f32>, what: &str) -> Result<()> {
+    ensure!(
+        values.len() as i64 == t.numel() as i64,
+        "{what}: {} floats for a tensor of {}",
+        values.len(),
+        t.numel()
+    );
+    let v = Tensor::from_slice(&values).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
+    tch::no_grad(|| t.copy_(&v));
+    Ok(())
+}
+
 /// PyTorch's `nn.Linear` initialisation (kaiming-uniform with a = √5, i.e.
 /// weights and bias ~ U(±1/√fan_in)), which the spec's recipes assume; tch's
 /// own default draws weights √6 ≈ 2.4× wider.
@@ -276,18 +290,7 @@ impl OdeNet {
     /// Loads the layers' weights from the runtime's views of a model file
     /// (`CnfBlock::layers`), in this net's layer order.
     pub fn load_layers<'a>(&mut self, weights: impl Iterator<Item = LayerWeights<'a>>) -> Result<()> {
-        let take = |t: &mut Tensor, w: Matrix<'_>| -> Result<()> {
-            ensure!(
-                w.len() as i64 == t.numel() as i64,
-                "layer weights: {} floats for a tensor of {}",
-                w.len(),
-                t.numel()
-            );
-            let v: Vec<f32> = w.iter().collect();
-            let v = Tensor::from_slice(&v).to_kind(t.kind()).to_device(t.device()).reshape(t.size());
-            tch::no_grad(|| t.copy_(&v));
-            Ok(())
-        };
+        let take = |t: &mut Tensor, w: Matrix<'_>| set_tensor(t, w.iter().collect(), "layer weights");
         let mut count = 0;
         for (l, w) in self.layers.iter_mut().zip(weights) {
             take(&mut l.linear.ws, w.matrix)?;
