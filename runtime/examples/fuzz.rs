@@ -20,12 +20,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use ffjord_runtime::format::crc32;
-use ffjord_runtime::{Flow, Model, Solver};
+use ffjord_runtime::{Flow, ImageTrace, Model, Solver};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
 /// Committed model files (folder/file under `models/`), f16 / i8 ones included.
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 9] = [
     "8gaussians/model.ffjd",
     "8gaussians-mcu/model.ffjd",
     "8gaussians-mcu/model.i8.ffjd",
@@ -34,6 +34,7 @@ const MODELS: [&str; 8] = [
     "satellite/model.ffjd",
     "cardio/model.ffjd",
     "power/model.ffjd",
+    "mnist-8x8/model.ffjd",
 ];
 
 struct Args {
@@ -99,8 +100,10 @@ fn mutate(bytes: &mut Vec<u8>, rng: &mut impl Rng) {
     }
 }
 
-/// The model's own solver, with adaptive budgets capped at `max_steps` (0: uncapped).
+/// The model's own solver, with adaptive budgets capped at `max_steps` (0:
+/// uncapped); image models at 50 steps (an evaluation costs C·H·W lanes).
 fn solver_for(model: &Model<'_>, max_steps: u32, rng: &mut impl Rng) -> Solver {
+    let max_steps = if model.has_image_stages() { 50 } else { max_steps };
     match (model.default_solver(), below(rng, 4)) {
         (_, 0) => Solver::Rk4 { steps: 1 + below(rng, 8) as u32 },
         (Solver::Dopri5(mut d), _) if max_steps > 0 => {
@@ -130,6 +133,21 @@ fn exercise(bytes: &[u8], max_steps: u32, rng: &mut Xoshiro256PlusPlus) -> bool 
     let Ok(model) = Model::from_bytes(bytes) else { return false };
     let d = model.dim();
     let Ok(flow) = Flow::new(&model, solver_for(&model, max_steps, rng)) else { return true };
+    // Image models: both trace modes — mostly Hutchinson's (cheap), one in
+    // eight the exact trace in passes of up to 16 lanes.
+    let flow = if !model.has_image_stages() {
+        flow
+    } else {
+        let trace = if below(rng, 8) == 0 {
+            ImageTrace::Exact { lanes_per_pass: below(rng, 17) as u16 }
+        } else {
+            ImageTrace::Hutchinson { probes: 1 + below(rng, 3) as u16, seed: rng.next_u32() }
+        };
+        match flow.with_image_trace(trace) {
+            Ok(f) => f,
+            Err(_) => return true,
+        }
+    };
     let mut scratch = vec![0.0; flow.scratch_len()];
     let x = hostile_row(d, rng);
     let _ = flow.log_density(&x, &mut scratch);

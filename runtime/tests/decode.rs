@@ -287,3 +287,14 @@ fn misaligned_bytes_load_and_evaluate_identically() {
         assert_eq!(f.log_density(&x, &mut scratch).unwrap(), expected, "offset {shift}");
     }
 }
+
+/// Without feature `images`, a version-4 file (the committed image model) is
+/// refused with the reason, not as a malformed header.
+#[cfg(not(feature = "images"))]
+#[test]
+fn without_the_feature_image_models_are_refused_with_the_reason() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-8x8/model.ffjd");
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 4);
+    assert_eq!(Model::from_bytes(&bytes).unwrap_err(), LoadError::InvalidField(Field::ImageStage));
+}
