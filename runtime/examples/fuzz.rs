@@ -20,7 +20,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use ffjord_runtime::format::crc32;
-use ffjord_runtime::{Flow, ImageTrace, Model, Solver};
+#[cfg(feature = "images")]
+use ffjord_runtime::ImageTrace;
+use ffjord_runtime::{Flow, Model, Solver};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
 
@@ -134,7 +136,9 @@ fn exercise(bytes: &[u8], max_steps: u32, rng: &mut Xoshiro256PlusPlus) -> bool 
     let d = model.dim();
     let Ok(flow) = Flow::new(&model, solver_for(&model, max_steps, rng)) else { return true };
     // Image models: both trace modes — mostly Hutchinson's (cheap), one in
-    // eight the exact trace in passes of up to 16 lanes.
+    // eight the exact trace in passes of up to 16 lanes. (Without feature
+    // `images` they do not load.)
+    #[cfg(feature = "images")]
     let flow = if !model.has_image_stages() {
         flow
     } else {
