@@ -19,9 +19,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
-use ffjord_runtime::format::crc32;
 #[cfg(feature = "images")]
 use ffjord_runtime::ImageTrace;
+use ffjord_runtime::format::crc32;
 use ffjord_runtime::{Flow, Model, Solver};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::{Rng, SeedableRng};
