@@ -81,7 +81,9 @@ async function loadModel(bytes, label) {
     `. Data: ${model.description}`;
   $("build").textContent = model.build === "small"
     ? "Runtime: small build (no WebAssembly SIMD; one row at a time)."
-    : "Runtime: SIMD build (rows scored 32 at a time in lockstep).";
+    : model.image?.length === 3
+      ? "Runtime: SIMD build (image models are scored one row at a time)."
+      : "Runtime: SIMD build (rows scored 32 at a time in lockstep).";
   $("score").disabled = false;
   $("results").innerHTML = "";
   $("summary").textContent = "";
