@@ -394,6 +394,9 @@ pub struct Layout {
     /// largest of a [`Stage::ConvCnf`]'s net evaluation and a
     /// [`Stage::Squeeze`]'s copy); 0 without image stages.
     pub image_work: usize,
+    /// Whether any stage is a dense [`Stage::Cnf`] (whose net needs
+    /// `D + 1` lanes of scratch).
+    pub dense_cnf: bool,
 }
 
 impl Header<'_> {
@@ -432,6 +435,7 @@ fn validate(
     let mut max_width = dim;
     let mut max_gates = 0;
     let mut image_work = 0usize;
+    let mut dense_cnf = false;
     let mut stage_offsets = heapless::Vec::new();
     let mut any_cnf = false;
     for (s, stage) in stages.enumerate() {
@@ -444,6 +448,7 @@ fn validate(
             }
             Stage::Cnf(cnf) => {
                 any_cnf = true;
+                dense_cnf = true;
                 max_gates = max_gates.max(cnf.gate_count());
                 validate_cnf(cnf, s, dim, &mut max_width)?
             }
@@ -480,7 +485,15 @@ fn validate(
     if values > u32::MAX as usize / 4 {
         return Err(LoadError::InvalidField(Field::Size));
     }
-    Ok(Layout { word_count: count, value_count: values, stage_offsets, max_width, max_gates, image_work })
+    Ok(Layout {
+        word_count: count,
+        value_count: values,
+        stage_offsets,
+        max_width,
+        max_gates,
+        image_work,
+        dense_cnf,
+    })
 }
 
 /// A model header as the runtime keeps it: the fixed fields by value and the

@@ -212,6 +212,8 @@ impl<'a> Model<'a> {
     /// Floats of scratch that evaluating this model with `solver` needs.
     pub fn scratch_len(&self, solver: &Solver) -> usize {
         let n = self.dim() + 1;
+        // (With all lanes in one pass a conv block needs more than the dense
+        // net's D + 1 lanes of D values, so the maximum needs no flag.)
         let dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
         n.saturating_add(solver.work_len(n)).saturating_add(dense.max(self.layout.image_work))
     }
@@ -219,24 +221,27 @@ impl<'a> Model<'a> {
     /// [`Model::scratch_len`] when convolutional CNF stages compute their
     /// trace as `trace` says ([`crate::Flow::with_image_trace`]).
     pub fn scratch_len_with(&self, solver: &Solver, trace: crate::ImageTrace) -> usize {
+        // (Image stages only load with feature `images`.) Every call of the
+        // row path asks, so a dense model decodes no stage here.
+        if !(cfg!(feature = "images") && self.has_image_stages()) || trace == crate::ImageTrace::default() {
+            return self.scratch_len(solver);
+        }
         let n = self.dim() + 1;
-        let mut dense = crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n);
         let mut image = 0usize;
         // A chain of image stages alone needs no dense net's scratch (which
         // would be D + 1 lanes of D values: more than bounded passes save).
-        if cfg!(feature = "images") && !self.stages().any(|(_, s)| matches!(s, Stage::Cnf(_))) {
-            dense = 0;
-        }
-        // (Image stages only load with feature `images`.)
-        if cfg!(feature = "images") && self.has_image_stages() {
-            for (_, stage) in self.stages() {
-                let work = match stage {
-                    Stage::Squeeze(shape) => shape.len(),
-                    Stage::ConvCnf(spec) => crate::image::conv_work_len(&spec, trace).unwrap_or(usize::MAX),
-                    _ => 0,
-                };
-                image = image.max(work);
-            }
+        let dense = if self.layout.dense_cnf {
+            crate::net::net_work_len(self.layout.max_width, self.layout.max_gates, n)
+        } else {
+            0
+        };
+        for (_, stage) in self.stages() {
+            let work = match stage {
+                Stage::Squeeze(shape) => shape.len(),
+                Stage::ConvCnf(spec) => crate::image::conv_work_len(&spec, trace).unwrap_or(usize::MAX),
+                _ => 0,
+            };
+            image = image.max(work);
         }
         n.saturating_add(solver.work_len(n)).saturating_add(dense.max(image))
     }
