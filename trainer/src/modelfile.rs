@@ -8,7 +8,7 @@ use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{Header, Metadata, Model, Stage, StageParts, StageWeights, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, floats};
+use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, Prefix, floats};
 use ffjord_runtime::Solver;
 
 /// What goes into the header besides the chain.
@@ -157,7 +157,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
                 }
                 Some(Stage::Squeeze(shape)) => {
                     let squeeze = crate::model::Squeeze::new(shape_of(shape))?;
-                    layers.push(on_prefix(shape.len(), d, Box::new(squeeze)));
+                    layers.push(Prefix::around(shape.len() as i64, dim, Box::new(squeeze)));
                 }
                 other => anyhow::bail!("stage {i}: no weights expected for {other:?}"),
             },
@@ -175,7 +175,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
                 )?;
                 net.load(w)?;
                 let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
-                layers.push(on_prefix(spec.shape.len(), d, Box::new(cnf)));
+                layers.push(Prefix::around(spec.shape.len() as i64, dim, Box::new(cnf)));
             }
         }
     }
@@ -203,15 +203,6 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
 /// `[C, H, W]` of a model file's image shape.
 fn shape_of(s: ffjord_runtime::ImageShape) -> [i64; 3] {
     [i64::from(s.channels), i64::from(s.height), i64::from(s.width)]
-}
-
-/// `layer` acting on the first `len` of `dim` coordinates (itself when `len = dim`).
-fn on_prefix(
-    len: usize,
-    dim: usize,
-    layer: Box<dyn crate::model::FlowLayer>,
-) -> Box<dyn crate::model::FlowLayer> {
-    if len == dim { layer } else { Box::new(crate::model::Prefix { keep: len as i64, layer }) }
 }
 
 #[cfg(test)]

@@ -107,6 +107,12 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// `layer` on the first `keep` of `dim` coordinates: itself when it
+    /// covers the whole row, else wrapped.
+    pub fn around(keep: i64, dim: i64, layer: Box<dyn FlowLayer>) -> Box<dyn FlowLayer> {
+        if keep == dim { layer } else { Box::new(Prefix { keep, layer }) }
+    }
+
     fn split(&self, x: &Tensor) -> (Tensor, Tensor) {
         let d = x.size()[1];
         (x.narrow(1, 0, self.keep), x.narrow(1, self.keep, d - self.keep))
@@ -206,9 +212,6 @@ pub fn multiscale(p: &nn::Path<'_>, cfg: &MultiscaleConfig) -> Result<Chain> {
         ensure!(alpha > 0.0 && alpha < 0.5, "logit alpha must be in (0, 0.5), got {alpha}");
         layers.push(Box::new(LogitTransform { alpha }));
     }
-    let wrap = |keep: i64, layer: Box<dyn FlowLayer>| -> Box<dyn FlowLayer> {
-        if keep == dim { layer } else { Box::new(Prefix { keep, layer }) }
-    };
     let mut shape = cfg.shape;
     let mut n_cnf = 0;
     for scale in 0..scales {
@@ -220,8 +223,9 @@ pub fn multiscale(p: &nn::Path<'_>, cfg: &MultiscaleConfig) -> Result<Chain> {
                 n_cnf += 1;
                 let net = ConvOdeNet::new(&(&q / "odefunc"), shape, &cfg.hidden, cfg.layer, cfg.activation)?;
                 let keep = shape.iter().product();
-                layers.push(wrap(
+                layers.push(Prefix::around(
                     keep,
+                    dim,
                     Box::new(Cnf::new(&q, Box::new(net), cfg.end_time, cfg.train_end_time)),
                 ));
             }
@@ -229,7 +233,7 @@ pub fn multiscale(p: &nn::Path<'_>, cfg: &MultiscaleConfig) -> Result<Chain> {
                 let squeeze = Squeeze::new(shape)?;
                 let keep = shape.iter().product();
                 shape = squeeze.output_shape();
-                layers.push(wrap(keep, Box::new(squeeze)));
+                layers.push(Prefix::around(keep, dim, Box::new(squeeze)));
             }
         }
         if !last {
