@@ -1,6 +1,13 @@
+//! The base density at the end of the chain: `N(0, I)`, or a Gaussian kernel
+//! density estimate over stored latent points ([`crate::format::Stage::KdeBase`]).
 //! Standard-normal draws from any `rand_core::Rng` (Box–Muller through libm).
 
 use rand_core::Rng;
+
+#[cfg(feature = "kde")]
+use crate::format::{KdeSpec, Weights};
+#[cfg(feature = "kde")]
+use crate::math::HALF_LN_2PI;
 
 /// A uniform draw in (0, 1] with 24 random bits.
 fn uniform_open0<R: Rng + ?Sized>(rng: &mut R) -> f32 {
@@ -19,4 +26,45 @@ pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
             *o = vals.next().unwrap_or(0.0);
         }
     }
+}
+
+/// Draws from `1/n Σ_i N(c_i, h² I)` into `out`: a uniformly chosen centre
+/// plus `h` times a standard normal.
+#[cfg(feature = "kde")]
+pub(crate) fn kde_sample<R: Rng + ?Sized>(spec: KdeSpec, centres: Weights<'_>, rng: &mut R, out: &mut [f32]) {
+    fill_standard_normal(rng, out);
+    // A centre by the high bits of n · u (u uniform in [0, 2³²)).
+    let i = ((u64::from(rng.next_u32()) * u64::from(spec.centres)) >> 32) as usize;
+    let centre = centres.slice(i.saturating_mul(out.len()), out.len());
+    for (o, c) in out.iter_mut().zip(centre.iter()) {
+        *o = c + spec.bandwidth * *o;
+    }
+}
+
+/// `log (1/n Σ_i N(z; c_i, h² I))`: a running log-sum-exp in `f32` over the
+/// centres in file order (one pass, no scratch). A point so far from every
+/// centre that its squared distance overflows gets `−∞`, as the Gaussian
+/// base does.
+#[cfg(feature = "kde")]
+pub(crate) fn kde_log_prob(spec: KdeSpec, centres: Weights<'_>, z: &[f32]) -> f32 {
+    let d = z.len();
+    let h = spec.bandwidth;
+    let scale = -0.5 / (h * h);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    for c in centres.rows(d) {
+        let mut dist2 = 0.0f32;
+        for (zi, ci) in z.iter().zip(c.iter()) {
+            let e = zi - ci;
+            dist2 += e * e;
+        }
+        let v = dist2 * scale;
+        if v > max {
+            sum = sum * libm::expf(max - v) + 1.0;
+            max = v;
+        } else {
+            sum += libm::expf(v - max);
+        }
+    }
+    let norm = libm::logf(spec.centres as f32) + d as f32 * (HALF_LN_2PI + libm::logf(h));
+    max + libm::logf(sum) - norm
 }

@@ -101,6 +101,10 @@ pub enum Field {
     /// image or one larger than the row, a squeeze of odd height or
     /// width), or this runtime was built without feature `images`.
     ImageStage,
+    /// A kernel density base is malformed (no centres or more than
+    /// [`crate::format::MAX_KDE_CENTRES`], a bandwidth not finite and
+    /// positive) or is not the chain's last stage.
+    KdeBase,
 }
 
 /// Why one evaluation (log-density, sample, score) did not finish.
@@ -290,6 +294,7 @@ impl fmt::Display for Field {
             Field::MatrixEncoding => "f16 / i8 matrices need feature `quantized`",
             // (Short: every byte counts in the 64 KiB WASM build.)
             Field::ImageStage => "bad image stage, or no feature `images`",
+            Field::KdeBase => "bad KDE base (not last, or no feature `kde`)",
         })
     }
 }

@@ -19,15 +19,20 @@ pub const MAGIC: [u8; 4] = *b"FFJD";
 /// The newest format version this runtime reads and writes. Version 2 added
 /// the [`Stage::Linear`] stage, version 3 CNF stages whose matrices are
 /// stored as f16 or i8 ([`CnfSpec::matrices`]), version 4 the image stages
-/// ([`Stage::Logit`], [`Stage::Squeeze`], [`Stage::ConvCnf`]); [`encode`]
+/// ([`Stage::Logit`], [`Stage::Squeeze`], [`Stage::ConvCnf`]), version 5
+/// the kernel density base ([`Stage::KdeBase`]); [`encode`]
 /// writes the oldest version that can hold a header ([`Header::version`]),
 /// so files without them keep their old version.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 /// The oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
 /// blocks with batch norm around each (FFJORD's HEPMASS model has 21).
 pub const MAX_STAGES: usize = 32;
+/// Most centres of a [`Stage::KdeBase`]: its log-density costs one distance
+/// per centre, so this bounds the work of one call (65,536 centres of a
+/// 9-dimensional model are 1.8 M FLOPs).
+pub const MAX_KDE_CENTRES: u32 = 65_536;
 /// Most layers in one CNF's ODE net (so at most `MAX_LAYERS - 1` hidden layers).
 pub const MAX_LAYERS: usize = 8;
 /// Bytes before the postcard header.
@@ -169,6 +174,29 @@ pub enum Stage {
     /// `C·H·W` coordinates read as an image (the rest — what earlier scales
     /// factored out — pass through). Since format version 4.
     ConvCnf(ConvCnfSpec),
+    /// Not a map: the base density at the end of the chain, a Gaussian kernel
+    /// density estimate `p(z) = 1/n Σ_i N(z; c_i, h² I)` over `n` centres
+    /// (latent points of training rows) in place of `N(0, I)`. Only as the
+    /// last stage. Weights: the centres, `n × D` floats row by row. Since
+    /// format version 5.
+    KdeBase(KdeSpec),
+}
+
+/// A [`Stage::KdeBase`]: how many centres and the kernel's width.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct KdeSpec {
+    /// Number of centres `n`, in `1..=MAX_KDE_CENTRES`.
+    pub centres: u32,
+    /// The kernel's standard deviation `h` in latent units, finite and
+    /// positive.
+    pub bandwidth: f32,
+}
+
+impl KdeSpec {
+    /// Number of `f32` weights (the centres) in dimension `dim`.
+    pub fn weight_count(&self, dim: usize) -> Option<usize> {
+        (self.centres as usize).checked_mul(dim)
+    }
 }
 
 /// `[C, H, W]` of an image stage's input, which is the first `C·H·W`
@@ -245,33 +273,53 @@ impl Stage {
             Stage::Cnf(_) | Stage::Affine => 1,
             Stage::Linear => 2,
             Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => 4,
+            Stage::KdeBase(_) => 5,
         }
     }
 }
 
 /// [`Stage`] as the file has it: version 3 appended a CNF variant that names
-/// its matrix encoding, version 4 the image stages, so older versions decode
-/// unchanged.
+/// its matrix encoding, version 4 the image stages, version 5 the kernel
+/// density base, so older versions decode unchanged.
 #[derive(Serialize, Deserialize, Clone)]
 enum WireStage {
     Cnf(CnfSpec),
     Affine,
     Linear,
-    // Left out without features `quantized` and `images` (the loader names
-    // the reason from the version first): one CnfSpec decoder less in the
-    // small builds. With `images` it stays, so the image variants keep
-    // their indices; `validate` then names the missing feature.
+    // Without features `quantized` and `images` this variant, without
+    // `images` the image variants and without `kde` the base are bare
+    // placeholders (no decoder linked: the small builds count bytes), so
+    // every variant keeps its index; [`HeaderView::decode`] refuses them by
+    // index, naming the missing feature, before decoding a stage.
     #[cfg(any(feature = "quantized", feature = "images"))]
     CnfEncoded(CnfSpec, MatrixEncoding),
+    #[cfg(not(any(feature = "quantized", feature = "images")))]
+    CnfEncoded,
     #[cfg(feature = "images")]
     Logit {
         alpha: f32,
     },
+    #[cfg(not(feature = "images"))]
+    Logit,
     #[cfg(feature = "images")]
     Squeeze(ImageShape),
+    #[cfg(not(feature = "images"))]
+    Squeeze,
     #[cfg(feature = "images")]
     ConvCnf(ConvCnfSpec),
+    #[cfg(not(feature = "images"))]
+    ConvCnf,
+    #[cfg(feature = "kde")]
+    KdeBase(KdeSpec),
+    #[cfg(not(feature = "kde"))]
+    KdeBase,
 }
+
+/// Wire indices of [`WireStage::CnfEncoded`] and [`WireStage::KdeBase`]
+/// (postcard writes an enum's variant index as a varint before its fields;
+/// the image variants are 4 to 6).
+const WIRE_CNF_ENCODED: u8 = 3;
+const WIRE_KDE_BASE: u8 = 7;
 
 impl From<WireStage> for Stage {
     fn from(w: WireStage) -> Self {
@@ -288,6 +336,15 @@ impl From<WireStage> for Stage {
             WireStage::Squeeze(shape) => Stage::Squeeze(shape),
             #[cfg(feature = "images")]
             WireStage::ConvCnf(spec) => Stage::ConvCnf(spec),
+            #[cfg(feature = "kde")]
+            WireStage::KdeBase(spec) => Stage::KdeBase(spec),
+            // (Never decoded: `NotBuilt` fails first.)
+            #[cfg(not(feature = "kde"))]
+            WireStage::KdeBase => Stage::Affine,
+            #[cfg(not(any(feature = "quantized", feature = "images")))]
+            WireStage::CnfEncoded => Stage::Affine,
+            #[cfg(not(feature = "images"))]
+            WireStage::Logit | WireStage::Squeeze | WireStage::ConvCnf => Stage::Affine,
         }
     }
 }
@@ -315,6 +372,12 @@ impl From<Stage> for WireStage {
             // before anything is written.)
             #[cfg(not(feature = "images"))]
             Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => WireStage::Affine,
+            #[cfg(feature = "kde")]
+            Stage::KdeBase(spec) => WireStage::KdeBase(spec),
+            // (Without feature `kde`, `validate` refuses it before anything
+            // is written.)
+            #[cfg(not(feature = "kde"))]
+            Stage::KdeBase(_) => WireStage::Affine,
         }
     }
 }
@@ -376,7 +439,7 @@ pub struct Header<'a> {
 }
 
 /// Where things are in the weight section, derived from a validated [`Header`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Layout {
     /// Total number of 4-byte words in the weight section (one per weight
     /// unless a CNF stage stores its matrices as f16 or i8).
@@ -397,6 +460,12 @@ pub struct Layout {
     /// Whether any stage is a dense [`Stage::Cnf`] (whose net needs
     /// `D + 1` lanes of scratch).
     pub dense_cnf: bool,
+    /// The chain's [`Stage::KdeBase`] (its last stage), if it has one;
+    /// otherwise the base is `N(0, I)`.
+    pub kde_base: Option<KdeSpec>,
+    /// The oldest format version that has every stage (a file must declare
+    /// at least this one).
+    pub min_version: u16,
 }
 
 impl Header<'_> {
@@ -438,7 +507,14 @@ fn validate(
     let mut dense_cnf = false;
     let mut stage_offsets = heapless::Vec::new();
     let mut any_cnf = false;
+    let mut kde_base = None;
+    let mut min_version = MIN_FORMAT_VERSION;
     for (s, stage) in stages.enumerate() {
+        // The base ends the chain: nothing after it, a second one included.
+        if kde_base.is_some() {
+            return Err(LoadError::InvalidField(Field::KdeBase));
+        }
+        min_version = min_version.max(stage.min_version());
         stage_offsets.push(count).map_err(|_| LoadError::MalformedHeader)?;
         let (stage_words, stage_values) = match &stage {
             Stage::Affine => (2 * dim, 2 * dim),
@@ -475,6 +551,18 @@ fn validate(
                 image_work = image_work.max(work);
                 (words, words)
             }
+            Stage::KdeBase(kde) => {
+                let valid = cfg!(feature = "kde")
+                    && (1..=MAX_KDE_CENTRES).contains(&kde.centres)
+                    && kde.bandwidth.is_finite()
+                    && kde.bandwidth > 0.0;
+                if !valid {
+                    return Err(LoadError::InvalidField(Field::KdeBase));
+                }
+                kde_base = Some(*kde);
+                let n = kde.weight_count(dim).ok_or(LoadError::InvalidField(Field::Size))?;
+                (n, n)
+            }
         };
         count = count.checked_add(stage_words).ok_or(LoadError::InvalidField(Field::Size))?;
         values = values.checked_add(stage_values).ok_or(LoadError::InvalidField(Field::Size))?;
@@ -493,6 +581,8 @@ fn validate(
         max_gates,
         image_work,
         dense_cnf,
+        kde_base,
+        min_version,
     })
 }
 
@@ -518,6 +608,19 @@ pub struct HeaderView<'a> {
     stage_starts: heapless::Vec<u32, MAX_STAGES>,
 }
 
+/// The error that names the feature a stage needs, when `stage` (the bytes
+/// of a stage, not yet decoded) is one this build leaves out.
+fn not_built(stage: &[u8]) -> Option<LoadError> {
+    // (Variant indices below 128 are one byte of varint.)
+    let field = match *stage.first()? {
+        WIRE_CNF_ENCODED if !cfg!(any(feature = "quantized", feature = "images")) => Field::MatrixEncoding,
+        4..=6 if !cfg!(feature = "images") => Field::ImageStage,
+        WIRE_KDE_BASE if !cfg!(feature = "kde") => Field::KdeBase,
+        _ => return None,
+    };
+    Some(LoadError::InvalidField(field))
+}
+
 fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), LoadError> {
     postcard::take_from_bytes::<T>(bytes).map_err(|_| LoadError::MalformedHeader)
 }
@@ -538,6 +641,9 @@ impl<'a> HeaderView<'a> {
         for _ in 0..n {
             let offset = (stages_start.len() - rest.len()) as u32;
             stage_starts.push(offset).map_err(|_| LoadError::MalformedHeader)?;
+            if let Some(e) = not_built(rest) {
+                return Err(e);
+            }
             rest = take::<Stage>(rest)?.1;
         }
         let stages_raw = stages_start.get(..stages_start.len() - rest.len()).unwrap_or(&[]);
@@ -830,6 +936,7 @@ fn write_weights(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result
                     c_in = c_out;
                 }
             }
+            Stage::KdeBase(kde) => put(kde.weight_count(dim).ok_or(EncodeError::Serialize)?, None)?,
         }
     }
     Ok(())

@@ -33,8 +33,8 @@ pub use base::fill_standard_normal;
 pub use error::{Error, Field, LoadError, SolveError};
 pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Verdict};
 pub use format::{
-    Activation, CnfSpec, ConvCnfSpec, Header, HeaderView, ImageShape, LayerKind, LayerSpec, Metadata, Stage,
-    Threshold,
+    Activation, CnfSpec, ConvCnfSpec, Header, HeaderView, ImageShape, KdeSpec, LayerKind, LayerSpec,
+    Metadata, Stage, Threshold,
 };
 pub use image::ImageTrace;
 pub use model::{Model, StageWeights};

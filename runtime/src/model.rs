@@ -24,6 +24,10 @@ pub struct Model<'a> {
     /// log|det| of each affine or linear stage (`Σ ln |scale|`, `Σ ln |L_ii|`),
     /// 0 for CNF stages.
     stage_log_dets: heapless::Vec<f32, MAX_STAGES>,
+    /// The kernel density base and its centres, if the chain ends in one
+    /// (otherwise the base is `N(0, I)`).
+    #[cfg(feature = "kde")]
+    kde: Option<(crate::format::KdeSpec, Weights<'a>)>,
 }
 
 /// One stage's weights, by kind ([`Model::stage_weights`]).
@@ -51,6 +55,8 @@ pub enum StageWeights<'a> {
     /// A convolutional CNF block's weights, layer after layer, each as
     /// [`crate::format::conv_weight_count`] counts them (FORMAT.md).
     ConvCnf(Weights<'a>),
+    /// A kernel density base's centres, `n × D` row by row.
+    KdeCentres(Weights<'a>),
 }
 
 /// Which way a stage maps.
@@ -82,16 +88,9 @@ impl<'a> Model<'a> {
         if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(LoadError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
-        // Version 3 added f16 / i8 matrices, version 4 image stages: name
-        // what this build cannot read. (A version-4 file with f16 / i8
-        // matrices decodes with feature `images`, and `validate` names the
-        // encoding.)
-        if version == 3 && !cfg!(feature = "quantized") {
-            return Err(LoadError::InvalidField(crate::error::Field::MatrixEncoding));
-        }
-        if version >= 4 && !cfg!(feature = "images") {
-            return Err(LoadError::InvalidField(crate::error::Field::ImageStage));
-        }
+        // A stage this build leaves out (f16 / i8 matrices without feature
+        // `quantized`, image stages without `images`) is named when the
+        // header is decoded.
         let (body, trailer) =
             bytes.split_last_chunk::<CRC_LEN>().ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
         // The header is decoded once, before the CRC is checked (decoding is
@@ -115,7 +114,7 @@ impl<'a> Model<'a> {
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
         let (header, layout, after) = decoded?;
-        if header.version() > version {
+        if layout.min_version > version {
             return Err(LoadError::InvalidField(crate::error::Field::StageVersion));
         }
         // The header must end before the CRC trailer.
@@ -160,11 +159,30 @@ impl<'a> Model<'a> {
                 // The diagonal is the last entry of each row of the packed triangle.
                 Stage::Linear => log_abs_sum(&mut (0..dim).map(|i| offset + i * (i + 1) / 2 + i))?,
                 // (The logit's log-det depends on the row.)
-                Stage::Cnf(_) | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => 0.0,
+                Stage::Cnf(_)
+                | Stage::Logit { .. }
+                | Stage::Squeeze(_)
+                | Stage::ConvCnf(_)
+                | Stage::KdeBase(_) => 0.0,
             };
             stage_log_dets.push(ld).map_err(|_| LoadError::MalformedHeader)?;
         }
-        Ok(Model { header, layout, weights, standardize_log_det, stage_log_dets })
+        // A kernel density base is the last stage: its centres end the weights.
+        // (Without feature `kde` a chain never has one: `validate`.)
+        #[cfg(feature = "kde")]
+        let kde = match (layout.kde_base, layout.stage_offsets.last()) {
+            (Some(spec), Some(&offset)) => Some((spec, weights.slice(offset, layout.word_count - offset))),
+            _ => None,
+        };
+        Ok(Model {
+            header,
+            layout,
+            weights,
+            standardize_log_det,
+            stage_log_dets,
+            #[cfg(feature = "kde")]
+            kde,
+        })
     }
 
     /// Data dimension `D`.
@@ -301,9 +319,12 @@ impl<'a> Model<'a> {
                 let w = self.weights.slice(offset, next - offset);
                 Some(CnfBlock::new(spec, w, self.dim(), self.layout.max_width))
             }
-            Stage::Affine | Stage::Linear | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
-                None
-            }
+            Stage::Affine
+            | Stage::Linear
+            | Stage::Logit { .. }
+            | Stage::Squeeze(_)
+            | Stage::ConvCnf(_)
+            | Stage::KdeBase(_) => None,
         }
     }
 
@@ -355,7 +376,35 @@ impl<'a> Model<'a> {
                 let next = self.layout.stage_offsets.get(i + 1).copied().unwrap_or(self.layout.word_count);
                 StageWeights::ConvCnf(self.weights.slice(offset, next - offset))
             }
+            Stage::KdeBase(_) => {
+                StageWeights::KdeCentres(self.weights.slice(offset, self.layout.word_count - offset))
+            }
         })
+    }
+
+    /// The kernel density base ([`Stage::KdeBase`]), if the chain ends in
+    /// one; otherwise the base is `N(0, I)`.
+    pub fn kde_base(&self) -> Option<crate::format::KdeSpec> {
+        self.layout.kde_base
+    }
+
+    /// `log p(z)` of a latent point under the model's base density: `N(0, I)`
+    /// or its kernel density estimate.
+    pub fn base_log_prob(&self, z: &[f32]) -> f32 {
+        #[cfg(feature = "kde")]
+        if let Some((spec, centres)) = self.kde {
+            return crate::base::kde_log_prob(spec, centres, z);
+        }
+        crate::math::standard_normal_log_prob(z)
+    }
+
+    /// Draws a latent point from the base density into `out` (length `D`).
+    pub(crate) fn sample_base<R: rand_core::Rng + ?Sized>(&self, rng: &mut R, out: &mut [f32]) {
+        #[cfg(feature = "kde")]
+        if let Some((spec, centres)) = self.kde {
+            return crate::base::kde_sample(spec, centres, rng, out);
+        }
+        crate::base::fill_standard_normal(rng, out)
     }
 
     /// `(mean, std)` of input standardization, if the model has it.
@@ -383,7 +432,13 @@ impl<'a> Model<'a> {
         let offset = *self.layout.stage_offsets.get(i)?;
         let log_det = *self.stage_log_dets.get(i)?;
         match stage {
-            Stage::Cnf(_) | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => return None,
+            Stage::Cnf(_)
+            | Stage::Logit { .. }
+            | Stage::Squeeze(_)
+            | Stage::ConvCnf(_)
+            | Stage::KdeBase(_) => {
+                return None;
+            }
             Stage::Affine => {
                 let (scale, shift) = (self.weights.slice(offset, d), self.weights.slice(offset + d, d));
                 for ((v, a), b) in z.iter_mut().zip(scale.iter()).zip(shift.iter()) {

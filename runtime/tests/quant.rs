@@ -43,7 +43,13 @@ fn dequantized(h: &Header<'_>, weights: &[f32], matrices: MatrixEncoding) -> Vec
     for stage in &h.stages {
         match stage {
             Stage::Affine => copy(2 * d, &mut at, &mut out),
-            Stage::Linear | Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => unreachable!(),
+            Stage::Linear
+            | Stage::Logit { .. }
+            | Stage::Squeeze(_)
+            | Stage::ConvCnf(_)
+            | Stage::KdeBase(_) => {
+                unreachable!()
+            }
             Stage::Cnf(c) => {
                 let mut d_in = d;
                 for l in &c.layers {

@@ -8,7 +8,6 @@ use rand_core::Rng;
 
 use crate::error::SolveError;
 use crate::format::Stage;
-use crate::math::standard_normal_log_prob;
 use crate::model::{Direction, Model};
 use crate::solver::{Solver, Stats, take};
 
@@ -17,7 +16,8 @@ use crate::solver::{Solver, Stats, take};
 pub struct LogDensity {
     /// `log p(x)` in the data's own units (standardization included).
     pub log_p: f32,
-    /// `log N(z; 0, I)` of the latent point.
+    /// `log p(z)` of the latent point under the base density (`N(0, I)`, or
+    /// the model's kernel density base).
     pub log_p_base: f32,
     /// `Δ` with `log_p = log_p_base − delta_log_p` (spec §1): the negated sum
     /// of every stage's log|det|.
@@ -228,6 +228,8 @@ impl<'m, 'a> Flow<'m, 'a> {
                 Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
                     return Err(SolveError::Internal);
                 }
+                // The base, not a map: read after the chain.
+                Stage::KdeBase(_) => {}
             }
         }
         let (z, _) = y.split_at(d);
@@ -237,7 +239,7 @@ impl<'m, 'a> Flow<'m, 'a> {
             }
             out.copy_from_slice(z);
         }
-        let log_p_base = standard_normal_log_prob(z);
+        let log_p_base = model.base_log_prob(z);
         Ok(LogDensity { log_p: log_p_base + log_det, log_p_base, delta_log_p: -log_det, stats })
     }
 
@@ -250,7 +252,8 @@ impl<'m, 'a> Flow<'m, 'a> {
     }
 
     /// Draws one sample into `out` (length `D`) by integrating every stage in
-    /// reverse from `z ~ N(0, I)`, carrying the log-density along the path.
+    /// reverse from a draw of the base density (`N(0, I)` or the model's
+    /// kernel density base), carrying the log-density along the path.
     pub fn sample<R: Rng + ?Sized>(
         &self,
         rng: &mut R,
@@ -261,7 +264,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         if out.len() != d {
             return Err(SolveError::OutputLength { expected: d as u32, found: out.len() as u32 });
         }
-        crate::base::fill_standard_normal(rng, out);
+        self.model.sample_base(rng, out);
         self.inverse(out, scratch)
     }
 
@@ -273,7 +276,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         let d = model.dim();
         let (y, work) = self.split_scratch(scratch)?;
         y.split_at_mut(d).0.copy_from_slice(x);
-        let log_p_base = standard_normal_log_prob(x);
+        let log_p_base = model.base_log_prob(x);
         let mut log_det = 0.0f32;
         let mut stats = Stats::default();
         for (i, stage) in model.stages().rev() {
@@ -307,6 +310,8 @@ impl<'m, 'a> Flow<'m, 'a> {
                 Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
                     return Err(SolveError::Internal);
                 }
+                // The base, not a map: read after the chain.
+                Stage::KdeBase(_) => {}
             }
         }
         if let Some((mean, std)) = model.standardization() {

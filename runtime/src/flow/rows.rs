@@ -6,7 +6,7 @@
 use super::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, reset_ell};
 use crate::error::SolveError;
 use crate::format::Stage;
-use crate::math::{copy, standard_normal_log_prob};
+use crate::math::copy;
 use crate::model::{Direction, Model};
 use crate::solver::{RowStream, Solver, Stats, take};
 
@@ -213,11 +213,13 @@ impl<'m, 'a> Flow<'m, 'a> {
                 Stage::Logit { .. } | Stage::Squeeze(_) | Stage::ConvCnf(_) => {
                     return Err(SolveError::Internal);
                 }
+                // The base, read below.
+                Stage::KdeBase(_) => {}
             }
         }
         for (state, lp) in y.chunks_exact(d + 1).zip(out.iter_mut()) {
             let (z, _) = state.split_at(d);
-            *lp += standard_normal_log_prob(z);
+            *lp += model.base_log_prob(z);
         }
         Ok(stats)
     }
@@ -295,7 +297,7 @@ impl RowStream for ChainStream<'_, '_, '_> {
             log_det += model.apply_map(i, &stage, z, Direction::Forward).unwrap_or(0.0);
         }
         if let Some(o) = self.out.get_mut(row) {
-            *o += standard_normal_log_prob(z) + log_det;
+            *o += model.base_log_prob(z) + log_det;
         }
         self.stats = self.stats.merge(stats);
     }

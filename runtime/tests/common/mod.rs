@@ -84,6 +84,7 @@ pub fn random_weights(h: &Header<'_>, rng: &mut impl Rng) -> Vec<f32> {
                 }
             }
             Stage::Logit { .. } | Stage::Squeeze(_) => {}
+            Stage::KdeBase(k) => w.extend((0..k.centres as usize * d).map(|_| uniform(rng, 2.0))),
             Stage::ConvCnf(c) => {
                 let mut c_in = c.shape.channels as usize;
                 for l in &c.layers {
