@@ -7,7 +7,7 @@ use rand_core::Rng;
 #[cfg(feature = "kde")]
 use crate::format::{KdeSpec, Weights};
 #[cfg(feature = "kde")]
-use crate::math::HALF_LN_2PI;
+use crate::math::{HALF_LN_2PI, standard_normal_log_prob};
 
 /// A uniform draw in (0, 1] with 24 random bits.
 fn uniform_open0<R: Rng + ?Sized>(rng: &mut R) -> f32 {
@@ -28,11 +28,15 @@ pub fn fill_standard_normal<R: Rng + ?Sized>(rng: &mut R, out: &mut [f32]) {
     }
 }
 
-/// Draws from `1/n Σ_i N(c_i, h² I)` into `out`: a uniformly chosen centre
-/// plus `h` times a standard normal.
+/// Draws from `(1 − w)/n Σ_i N(c_i, h² I) + w N(0, I)` into `out`: with
+/// probability `w` a standard normal, else a uniformly chosen centre plus
+/// `h` times a standard normal.
 #[cfg(feature = "kde")]
 pub(crate) fn kde_sample<R: Rng + ?Sized>(spec: KdeSpec, centres: Weights<'_>, rng: &mut R, out: &mut [f32]) {
     fill_standard_normal(rng, out);
+    if uniform_open0(rng) <= spec.normal_weight {
+        return;
+    }
     // A centre by the high bits of n · u (u uniform in [0, 2³²)).
     let i = ((u64::from(rng.next_u32()) * u64::from(spec.centres)) >> 32) as usize;
     let centre = centres.slice(i.saturating_mul(out.len()), out.len());
@@ -41,10 +45,11 @@ pub(crate) fn kde_sample<R: Rng + ?Sized>(spec: KdeSpec, centres: Weights<'_>, r
     }
 }
 
-/// `log (1/n Σ_i N(z; c_i, h² I))`: a running log-sum-exp in `f32` over the
-/// centres in file order (one pass, no scratch). A point so far from every
-/// centre that its squared distance overflows gets `−∞`, as the Gaussian
-/// base does.
+/// `log ((1 − w)/n Σ_i N(z; c_i, h² I) + w N(z; 0, I))`: the kernels by a
+/// running log-sum-exp in `f32` over the centres in file order (one pass,
+/// no scratch), then the normal part by one more log-add-exp. A point so far
+/// from every centre that its squared distance overflows gets the normal
+/// part alone (`−∞` when that overflows too, as for the Gaussian base).
 #[cfg(feature = "kde")]
 pub(crate) fn kde_log_prob(spec: KdeSpec, centres: Weights<'_>, z: &[f32]) -> f32 {
     let d = z.len();
@@ -66,5 +71,13 @@ pub(crate) fn kde_log_prob(spec: KdeSpec, centres: Weights<'_>, z: &[f32]) -> f3
         }
     }
     let norm = libm::logf(spec.centres as f32) + d as f32 * (HALF_LN_2PI + libm::logf(h));
-    max + libm::logf(sum) - norm
+    let kernels = max + libm::logf(sum) - norm;
+    let w = spec.normal_weight;
+    if w <= 0.0 {
+        return kernels;
+    }
+    let a = libm::log1pf(-w) + kernels;
+    let b = libm::logf(w) + standard_normal_log_prob(z);
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    if hi == f32::NEG_INFINITY { hi } else { hi + libm::log1pf(libm::expf(lo - hi)) }
 }

@@ -174,15 +174,18 @@ pub enum Stage {
     /// `C·H·W` coordinates read as an image (the rest — what earlier scales
     /// factored out — pass through). Since format version 4.
     ConvCnf(ConvCnfSpec),
-    /// Not a map: the base density at the end of the chain, a Gaussian kernel
-    /// density estimate `p(z) = 1/n Σ_i N(z; c_i, h² I)` over `n` centres
-    /// (latent points of training rows) in place of `N(0, I)`. Only as the
-    /// last stage. Weights: the centres, `n × D` floats row by row. Since
-    /// format version 5.
+    /// Not a map: the base density at the end of the chain in place of
+    /// `N(0, I)`, a Gaussian kernel density estimate over `n` centres (latent
+    /// points of training rows) mixed with `N(0, I)` by weight `w`:
+    /// `p(z) = (1 − w)/n Σ_i N(z; c_i, h² I) + w N(z; 0, I)` (the normal part
+    /// keeps points far from every centre from scoring as far as the kernels
+    /// alone would send them). Only as the last stage. Weights: the centres,
+    /// `n × D` floats row by row. Since format version 5.
     KdeBase(KdeSpec),
 }
 
-/// A [`Stage::KdeBase`]: how many centres and the kernel's width.
+/// A [`Stage::KdeBase`]: how many centres, the kernel's width and the
+/// weight of the standard normal.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct KdeSpec {
     /// Number of centres `n`, in `1..=MAX_KDE_CENTRES`.
@@ -190,6 +193,8 @@ pub struct KdeSpec {
     /// The kernel's standard deviation `h` in latent units, finite and
     /// positive.
     pub bandwidth: f32,
+    /// The weight `w` of `N(0, I)` in the mixture, in `[0, 1)`.
+    pub normal_weight: f32,
 }
 
 impl KdeSpec {
@@ -555,7 +560,8 @@ fn validate(
                 let valid = cfg!(feature = "kde")
                     && (1..=MAX_KDE_CENTRES).contains(&kde.centres)
                     && kde.bandwidth.is_finite()
-                    && kde.bandwidth > 0.0;
+                    && kde.bandwidth > 0.0
+                    && (0.0..1.0).contains(&kde.normal_weight);
                 if !valid {
                     return Err(LoadError::InvalidField(Field::KdeBase));
                 }

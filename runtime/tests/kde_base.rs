@@ -17,9 +17,9 @@ const TIGHT: Solver =
 
 /// `dz/dt = A z` over `[0, T]` on a KDE base with `centres` (row-major) and
 /// bandwidth `h`, with standardization `(x − m) / s`.
-fn linear_on_kde(a: &DMatrix<f64>, t: f32, m: &[f32], s: &[f32], centres: &[f32], h: f32) -> Vec<u8> {
+fn linear_on_kde(a: &DMatrix<f64>, t: f32, m: &[f32], s: &[f32], centres: &[f32], h: f32, w: f32) -> Vec<u8> {
     let d = a.nrows();
-    let kde = KdeSpec { centres: (centres.len() / d) as u32, bandwidth: h };
+    let kde = KdeSpec { centres: (centres.len() / d) as u32, bandwidth: h, normal_weight: w };
     let stages = vec![
         Stage::Cnf(cnf(d as u16, &[], &[LayerKind::Ignore], Activation::Identity, t)),
         Stage::KdeBase(kde),
@@ -31,8 +31,8 @@ fn linear_on_kde(a: &DMatrix<f64>, t: f32, m: &[f32], s: &[f32], centres: &[f32]
     encode_model(&header(d as u16, true, stages, TIGHT), &w)
 }
 
-/// log (1/n Σ N(z; c_i, h² I)) in float64, by log-sum-exp.
-fn kde_log_prob64(z: &[f64], centres: &[f32], h: f64) -> f64 {
+/// log ((1 − w)/n Σ N(z; c_i, h² I) + w N(z; 0, I)) in float64, by log-sum-exp.
+fn kde_log_prob64(z: &[f64], centres: &[f32], h: f64, w: f64) -> f64 {
     let d = z.len();
     let v: Vec<f64> = centres
         .chunks(d)
@@ -40,7 +40,14 @@ fn kde_log_prob64(z: &[f64], centres: &[f32], h: f64) -> f64 {
         .collect();
     let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
-    lse - ((centres.len() / d) as f64).ln() - d as f64 * (0.5 * (2.0 * std::f64::consts::PI).ln() + h.ln())
+    let kernels = lse
+        - ((centres.len() / d) as f64).ln()
+        - d as f64 * (0.5 * (2.0 * std::f64::consts::PI).ln() + h.ln());
+    if w == 0.0 {
+        return kernels;
+    }
+    let (a, b) = ((1.0 - w).ln() + kernels, w.ln() + std_normal_logprob64(z));
+    a.max(b) + (-(a - b).abs()).exp().ln_1p()
 }
 
 struct Case {
@@ -50,10 +57,11 @@ struct Case {
     s: Vec<f32>,
     centres: Vec<f32>,
     h: f32,
+    w: f32,
 }
 
 impl Case {
-    fn new(d: usize, n: usize, h: f32, seed: u64) -> Case {
+    fn new(d: usize, n: usize, h: f32, w: f32, seed: u64) -> Case {
         let mut r = rng(seed);
         Case {
             a: DMatrix::from_fn(d, d, |_, _| uniform(&mut r, 0.6) as f64),
@@ -62,11 +70,12 @@ impl Case {
             s: (0..d).map(|_| 0.6 + uniform(&mut r, 0.3).abs()).collect(),
             centres: (0..n * d).map(|_| uniform(&mut r, 2.0)).collect(),
             h,
+            w,
         }
     }
 
     fn bytes(&self) -> Vec<u8> {
-        linear_on_kde(&self.a, self.t as f32, &self.m, &self.s, &self.centres, self.h)
+        linear_on_kde(&self.a, self.t as f32, &self.m, &self.s, &self.centres, self.h, self.w)
     }
 
     /// log p(x) = log KDE(e^{AT} (x − m)/s) + T tr A − Σ ln s.
@@ -79,7 +88,8 @@ impl Case {
             .collect();
         let z = (&self.a * self.t).exp() * DVector::from_column_slice(&y);
         let log_s: f64 = self.s.iter().map(|&s| (s as f64).ln()).sum();
-        kde_log_prob64(z.as_slice(), &self.centres, self.h as f64) + self.t * self.a.trace() - log_s
+        kde_log_prob64(z.as_slice(), &self.centres, self.h as f64, self.w as f64) + self.t * self.a.trace()
+            - log_s
     }
 }
 
@@ -89,12 +99,12 @@ const TOL: f64 = 2e-4;
 
 #[test]
 fn log_density_on_a_kde_base_matches_the_closed_form_on_every_path() {
-    for (d, n, h, seed) in [(2, 1, 0.3, 1), (3, 50, 0.5, 2), (6, 300, 0.25, 3)] {
-        let case = Case::new(d, n, h, seed);
+    for (d, n, h, w, seed) in [(2, 1, 0.3, 0.0, 1), (3, 50, 0.5, 0.2, 2), (6, 300, 0.25, 0.05, 3)] {
+        let case = Case::new(d, n, h, w, seed);
         let bytes = case.bytes();
         let model = Model::from_bytes(&bytes).unwrap();
         assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 5, "written as version 5");
-        assert_eq!(model.kde_base(), Some(KdeSpec { centres: n as u32, bandwidth: h }));
+        assert_eq!(model.kde_base(), Some(KdeSpec { centres: n as u32, bandwidth: h, normal_weight: w }));
         let mut r = rng(seed + 100);
         let rows: Vec<f32> = (0..7 * d).map(|_| uniform(&mut r, 2.5)).collect();
         let expected: Vec<f64> = rows.chunks(d).map(|x| case.log_p64(x)).collect();
@@ -123,29 +133,33 @@ fn log_density_on_a_kde_base_matches_the_closed_form_on_every_path() {
 fn far_from_every_centre_the_base_stays_finite_and_monotone() {
     // One centre at the origin: log p falls as −|z|²/(2h²) with no underflow
     // to −∞ (the log-sum-exp keeps the largest term), until |z|² overflows.
-    let case = Case { centres: vec![0.0, 0.0], ..Case::new(2, 1, 0.1, 4) };
-    let bytes = case.bytes();
-    let model = Model::from_bytes(&bytes).unwrap();
-    let flow = Flow::new(&model, Solver::Rk4 { steps: 50 }).unwrap();
-    let mut scratch = vec![0.0; flow.scratch_len()];
-    let mut last = f32::INFINITY;
-    for k in 0..8 {
-        let x = [case.m[0] + 10f32.powi(k), case.m[1]];
-        let lp = flow.log_density(&x, &mut scratch).unwrap().log_p;
-        assert!(lp.is_finite() && lp < last, "10^{k}: {lp} after {last}");
-        let e = case.log_p64(&x);
-        assert!(((lp as f64 - e) / e).abs() < 1e-4, "10^{k}: {lp} vs {e}");
-        last = lp;
+    // With the normal part the tail is the normal's, −|z|²/2 + log w.
+    for w in [0.0, 0.1] {
+        let case = Case { centres: vec![0.0, 0.0], ..Case::new(2, 1, 0.1, w, 4) };
+        let bytes = case.bytes();
+        let model = Model::from_bytes(&bytes).unwrap();
+        let flow = Flow::new(&model, Solver::Rk4 { steps: 50 }).unwrap();
+        let mut scratch = vec![0.0; flow.scratch_len()];
+        let mut last = f32::INFINITY;
+        for k in 0..8 {
+            let x = [case.m[0] + 10f32.powi(k), case.m[1]];
+            let lp = flow.log_density(&x, &mut scratch).unwrap().log_p;
+            assert!(lp.is_finite() && lp < last, "w={w} 10^{k}: {lp} after {last}");
+            let e = case.log_p64(&x);
+            assert!(((lp as f64 - e) / e).abs() < 1e-4, "w={w} 10^{k}: {lp} vs {e}");
+            last = lp;
+        }
     }
 }
 
 #[test]
 fn samples_have_the_mixtures_moments_and_their_own_log_density() {
     // A = 0: the flow is the identity after standardization, so samples are
-    // x = m + s ⊙ (c_I + h ε) with I uniform: mean m + s ⊙ mean(c), variance
-    // s² ⊙ (var(c) + h²).
+    // x = m + s ⊙ u with u from the base: c_I + h ε (I uniform) with
+    // probability 1 − w, else ε. So E u = (1 − w) mean(c) and
+    // E u² = (1 − w)(mean(c²) + h²) + w.
     let d = 2;
-    let case = Case { a: DMatrix::zeros(d, d), ..Case::new(d, 5, 0.2, 5) };
+    let case = Case { a: DMatrix::zeros(d, d), ..Case::new(d, 5, 0.2, 0.3, 5) };
     let bytes = case.bytes();
     let model = Model::from_bytes(&bytes).unwrap();
     let flow = Flow::new(&model, Solver::Rk4 { steps: 4 }).unwrap();
@@ -161,15 +175,17 @@ fn samples_have_the_mixtures_moments_and_their_own_log_density() {
     for j in 0..d {
         let c: Vec<f64> = case.centres.chunks(d).map(|c| c[j] as f64).collect();
         let c_mean = c.iter().sum::<f64>() / c.len() as f64;
-        let c_var = c.iter().map(|v| (v - c_mean).powi(2)).sum::<f64>() / c.len() as f64;
-        let (m, s) = (case.m[j] as f64, case.s[j] as f64);
+        let c_sq = c.iter().map(|v| v * v).sum::<f64>() / c.len() as f64;
+        let (m, s, w) = (case.m[j] as f64, case.s[j] as f64, case.w as f64);
+        let u_mean = (1.0 - w) * c_mean;
+        let u_var = (1.0 - w) * (c_sq + (case.h as f64).powi(2)) + w - u_mean * u_mean;
         let v: Vec<f64> = xs.chunks(d).map(|x| x[j] as f64).collect();
         let mean = v.iter().sum::<f64>() / n as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        let want_var = s * s * (c_var + (case.h as f64).powi(2));
+        let want_var = s * s * u_var;
         // Standard errors: sd/√n for the mean, about var·√(2/n)·2 for the
         // variance (heavier tails than a Gaussian); bounds at 5 of them.
-        assert!((mean - (m + s * c_mean)).abs() < 5.0 * (want_var / n as f64).sqrt(), "mean {mean}");
+        assert!((mean - (m + s * u_mean)).abs() < 5.0 * (want_var / n as f64).sqrt(), "mean {mean}");
         assert!((var - want_var).abs() < 5.0 * want_var * (8.0 / n as f64).sqrt(), "var {var} vs {want_var}");
     }
 }
@@ -186,13 +202,17 @@ fn malformed_kde_bases_are_refused_with_the_field() {
         assert!(ffjord_runtime::format::encode(&h, &w, &mut out).is_err());
         h.layout().unwrap_err()
     };
-    let kde = |centres, bandwidth| Stage::KdeBase(KdeSpec { centres, bandwidth });
+    let kde = |centres, bandwidth| Stage::KdeBase(KdeSpec { centres, bandwidth, normal_weight: 0.1 });
+    let weighted = |normal_weight| Stage::KdeBase(KdeSpec { centres: 3, bandwidth: 0.5, normal_weight });
     let bad = LoadError::InvalidField(Field::KdeBase);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(0, 0.5)]), bad);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(MAX_KDE_CENTRES + 1, 0.5)]), bad);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(3, 0.0)]), bad);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(3, f32::NAN)]), bad);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(3, f32::INFINITY)]), bad);
+    for w in [-0.1, 1.0, f32::NAN] {
+        assert_eq!(refused(vec![cnf_stage.clone(), weighted(w)]), bad, "normal weight {w}");
+    }
     // Only as the last stage, and only once.
     assert_eq!(refused(vec![kde(3, 0.5), cnf_stage.clone()]), bad);
     assert_eq!(refused(vec![cnf_stage.clone(), kde(3, 0.5), kde(3, 0.5)]), bad);

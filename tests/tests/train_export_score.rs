@@ -8,10 +8,26 @@
 use ffjord_e2e::{float64_log_p, runtime_tolerance};
 use ffjord_runtime::{Flow, Model, Verdict};
 use ffjord_trainer::config::TrainConfig;
+use ffjord_trainer::kde::BaseArg;
 use ffjord_trainer::train::{RunDir, fit};
 
 #[test]
 fn a_trained_model_scores_the_same_in_the_runtime_and_the_trainer() {
+    let model = train_and_check(BaseArg::Normal);
+    assert!(model.is_none());
+}
+
+/// The same with the base forced to the latent KDE (`fit --base kde`): the
+/// model file ends in a `KdeBase` stage that every path scores alike.
+#[test]
+fn a_model_on_a_kde_base_scores_the_same_in_the_runtime_and_the_trainer() {
+    let kde = train_and_check(BaseArg::Kde).expect("a KDE base");
+    assert!(kde.centres >= 2 && kde.bandwidth > 0.0, "{kde:?}");
+}
+
+/// Fits 8gaussians with `base`, checks runtime against float64, packed
+/// against per-row and the threshold rule; returns the file's KDE base.
+fn train_and_check(base: BaseArg) -> Option<ffjord_runtime::KdeSpec> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         toy: Some("8gaussians".into()),
@@ -19,6 +35,8 @@ fn a_trained_model_scores_the_same_in_the_runtime_and_the_trainer() {
         iterations: 40,
         valid_every: 20,
         batch: 128,
+        base,
+        kde_centres: 300,
         ..TrainConfig::default()
     };
     cfg.validate().unwrap();
@@ -61,4 +79,5 @@ fn a_trained_model_scores_the_same_in_the_runtime_and_the_trainer() {
         flagged > 0 && flagged < runtime.len(),
         "the grid reaches both sides of the threshold ({flagged} flagged)"
     );
+    model.kde_base()
 }

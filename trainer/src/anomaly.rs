@@ -446,31 +446,12 @@ pub fn benchmark(
     // flow learned about fine detail). Reported, not the default: without
     // labelled validation outliers there is no label-free way to choose it.
     if let ([valid], [test]) = (valid_rows.as_slice(), test_rows.as_slice()) {
-        methods.push((
-            "FFJORD latent radius −log N(z) (this model)".into(),
-            neg_all(valid.log_p_base.clone()),
-            neg_all(test.log_p_base.clone()),
-        ));
-        // The same flow with a kernel density estimate of the training rows'
-        // latent points as its base instead of N(0, I): still a density
-        // (log p = log KDE(z) + the flow's log volume change), local at the
-        // scale validation likelihood picks in latent space — so validation
-        // NLL, a label-free criterion, can compare it with the Gaussian base.
-        let [train_rows] =
-            solve_all(&to_data(&splits.train))?.try_into().map_err(|_| anyhow::anyhow!("one model"))?;
         let d = splits.dim();
-        let latent = |r: &crate::model::RowsLogProb| Tensor::from_slice(&r.z).view([-1, d]);
-        let kde_z = crate::baselines::KernelDensity::fit(&latent(&train_rows), &latent(valid))?;
-        eprintln!("latent KDE bandwidth {:.4}, chosen by validation likelihood", kde_z.bandwidth);
-        let with_kde_base = |r: &crate::model::RowsLogProb| -> Result<Vec<f64>> {
-            let base = kde_z.log_prob(&latent(r))?;
-            Ok(base.iter().zip(r.log_p.iter().zip(&r.log_p_base)).map(|(b, (lp, g))| -(b + lp - g)).collect())
+        let radius = |r: &crate::model::RowsLogProb| -> Result<Vec<f64>> {
+            let z = Tensor::from_slice(&r.z).view([-1, d]);
+            Ok(neg_all(Vec::<f64>::try_from(&crate::model::standard_normal_log_prob(&z))?))
         };
-        methods.push((
-            "FFJORD with a latent KDE base (this model)".into(),
-            with_kde_base(valid)?,
-            with_kde_base(test)?,
-        ));
+        methods.push(("FFJORD latent radius −log N(z) (this model)".into(), radius(valid)?, radius(test)?));
     }
 
     let neg = neg_all;

@@ -11,6 +11,8 @@
 use anyhow::{Result, ensure};
 use tch::{Device, Kind, Tensor};
 
+pub use crate::kde::KernelDensity;
+
 fn opts() -> (Kind, Device) {
     (Kind::Double, Device::Cpu)
 }
@@ -83,7 +85,7 @@ impl Mixture {
 }
 
 /// Squared Euclidean distances `[Q, N]` between rows of `q` and `x`, in query chunks, reduced by `f`.
-fn by_distance_chunks(q: &Tensor, x: &Tensor, mut f: impl FnMut(Tensor) -> Tensor) -> Tensor {
+pub(crate) fn by_distance_chunks(q: &Tensor, x: &Tensor, mut f: impl FnMut(Tensor) -> Tensor) -> Tensor {
     let n = q.size()[0];
     let chunk = (1 << 24) / x.size()[0].max(1);
     let chunk = chunk.clamp(1, 4096);
@@ -144,48 +146,6 @@ impl LocalOutlierFactor {
         let lrd_q = 1.0 / (reach.mean_dim(1, false, Kind::Double) + 1e-10);
         let lrd_o = self.lrd.index_select(0, &idx).reshape([m, k]).mean_dim(1, false, Kind::Double);
         Ok(Vec::<f64>::try_from(&(lrd_o / lrd_q))?)
-    }
-}
-
-/// A Gaussian kernel density estimate on the rows of `x`, bandwidth `h`:
-/// `log p(q) = logsumexp_i(−|q − x_i|²/(2h²)) − log N − D/2·log(2πh²)`.
-pub struct KernelDensity {
-    x: Tensor,
-    /// The bandwidth (same units as the rows).
-    pub bandwidth: f64,
-}
-
-impl KernelDensity {
-    /// Chooses the bandwidth from a log-spaced grid of 25 values in
-    /// `[0.02, 3]`·(the rows' mean per-column std) by mean log-likelihood on `valid`.
-    pub fn fit(x: &Tensor, valid: &Tensor) -> Result<Self> {
-        ensure!(x.size()[0] >= 2, "KDE needs at least two rows");
-        let scale = x.std_dim(0, true, false).mean(Kind::Double).double_value(&[]).max(1e-12);
-        let grid: Vec<f64> = (0..25).map(|i| scale * 0.02 * (150f64).powf(i as f64 / 24.0)).collect();
-        // One pass over the distances keeps, per validation row and bandwidth, the log-sum-exp.
-        let ll = by_distance_chunks(valid, x, |d2| {
-            let per_h: Vec<Tensor> =
-                grid.iter().map(|h| (&d2 / (-2.0 * h * h)).logsumexp([1], false)).collect();
-            Tensor::stack(&per_h, 1)
-        }); // [Q, H]
-        let mean = ll.mean_dim(0, false, Kind::Double);
-        let d = x.size()[1] as f64;
-        let n = x.size()[0] as f64;
-        let score: Vec<f64> = Vec::<f64>::try_from(&mean)?
-            .iter()
-            .zip(&grid)
-            .map(|(l, h)| l - n.ln() - d / 2.0 * (2.0 * std::f64::consts::PI * h * h).ln())
-            .collect();
-        let best = (0..grid.len()).max_by(|&a, &b| score[a].total_cmp(&score[b])).unwrap_or(0);
-        Ok(KernelDensity { x: x.shallow_clone(), bandwidth: grid[best] })
-    }
-
-    /// log p of each row of `q`.
-    pub fn log_prob(&self, q: &Tensor) -> Result<Vec<f64>> {
-        let (h, d, n) = (self.bandwidth, self.x.size()[1] as f64, self.x.size()[0] as f64);
-        let lse = by_distance_chunks(q, &self.x, |d2| (d2 / (-2.0 * h * h)).logsumexp([1], false));
-        let c = n.ln() + d / 2.0 * (2.0 * std::f64::consts::PI * h * h).ln();
-        Ok(Vec::<f64>::try_from(&(lse - c))?)
     }
 }
 

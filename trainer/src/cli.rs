@@ -166,6 +166,12 @@ pub(crate) struct ExportArgs {
     /// How the file stores the CNF matrices (f32, f16, i8; default: the run's `weights`).
     #[arg(long, value_parser = ["f32", "f16", "i8"])]
     pub(crate) weights: Option<String>,
+    /// The base density: auto, normal or kde (default: the run's `base`).
+    #[arg(long, value_enum)]
+    pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
+    /// Most latent points of the KDE base (default: the run's `kde_centres`).
+    #[arg(long)]
+    pub(crate) kde_centres: Option<usize>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub(crate) device: DeviceArg,
 }
@@ -379,6 +385,15 @@ pub(crate) struct FitArgs {
     /// Anomaly threshold at this quantile of validation scores (0 < q < 1).
     #[arg(long)]
     pub(crate) threshold_quantile: Option<f64>,
+    /// The model file's base density: auto (a Gaussian KDE over latent points
+    /// of training rows where it gives the better validation likelihood),
+    /// normal (N(0, I)) or kde.
+    #[arg(long, value_enum)]
+    pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
+    /// Most training rows whose latent points the KDE base keeps (n × D floats
+    /// in the file; scoring costs one distance per point).
+    #[arg(long)]
+    pub(crate) kde_centres: Option<usize>,
 }
 
 /// The flags of `fit` that are not [`TrainConfig`] keys (`#[serde(skip)]` above).

@@ -304,6 +304,13 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
                 );
             }
             ffjord_runtime::Stage::Affine => println!("stage {i}     affine"),
+            ffjord_runtime::Stage::KdeBase(k) => println!(
+                "stage {i}     base: Gaussian KDE on {} latent points, bandwidth {}, mixed with N(0, I) by {} ({} bytes)",
+                k.centres,
+                k.bandwidth,
+                k.normal_weight,
+                4 * k.centres as usize * model.dim()
+            ),
             ffjord_runtime::Stage::Linear => println!("stage {i}     linear (lower-triangular)"),
             ffjord_runtime::Stage::Logit { alpha } => {
                 println!("stage {i}     logit transform, alpha {alpha:e}")

@@ -155,6 +155,15 @@ pub struct TrainConfig {
     pub logit_alpha: f64,
     /// Anomaly threshold quantile of validation scores written at export.
     pub threshold_quantile: Option<f64>,
+    /// The exported model's base density (tabular models): `auto` ends the
+    /// chain in a Gaussian KDE over latent points of training rows where
+    /// that gives the better mean validation log p, `normal` keeps
+    /// `N(0, I)`, `kde` always ends in the KDE. Configs from before it
+    /// existed mean `auto`.
+    pub base: crate::kde::BaseArg,
+    /// Most training rows whose latent points the KDE base keeps (the file
+    /// holds `n × D` floats; scoring costs one distance per point).
+    pub kde_centres: usize,
 }
 
 impl Default for TrainConfig {
@@ -208,6 +217,8 @@ impl Default for TrainConfig {
             image_shape: None,
             logit_alpha: default_logit_alpha(),
             threshold_quantile: Some(0.99),
+            base: crate::kde::BaseArg::Auto,
+            kde_centres: 1024,
         }
     }
 }
@@ -269,6 +280,11 @@ impl TrainConfig {
             "steps and max_steps must be in 1..={ceiling} (the runtime's ceiling)"
         );
         anyhow::ensure!(self.blocks >= 1, "blocks must be at least 1");
+        anyhow::ensure!(
+            (2..=ffjord_runtime::format::MAX_KDE_CENTRES as usize).contains(&self.kde_centres),
+            "kde_centres must be in 2..={} (the runtime's ceiling)",
+            ffjord_runtime::format::MAX_KDE_CENTRES
+        );
         anyhow::ensure!(self.hidden.iter().all(|&h| h >= 1), "hidden widths must be at least 1");
         anyhow::ensure!(
             self.hidden.len() < ffjord_runtime::format::MAX_LAYERS,

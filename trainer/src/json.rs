@@ -70,6 +70,11 @@ pub enum JsonStage {
     /// read as `shape = [C, H, W]` (version 4).
     #[serde(rename = "conv_cnf")]
     ConvCnf { shape: [u16; 3], end_time: f32, activation: Activation, layers: Vec<JsonConvLayer> },
+    /// The base density `(1 − w)/n Σ_i N(z; c_i, h² I) + w N(z; 0, I)` in
+    /// place of `N(0, I)`: `centres[i]` is `c_i` (`D` values), `bandwidth` is
+    /// `h`, `normal_weight` is `w`. Only as the last stage (version 5).
+    #[serde(rename = "kde_base")]
+    KdeBase { bandwidth: f32, normal_weight: f32, centres: Vec<Vec<f32>> },
 }
 
 /// One 3×3 conv layer: `weight` is `[out][in][3][3]` (`in + 1` for
@@ -154,6 +159,18 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
                 Some(Stage::Squeeze(shape)) => JsonStage::Squeeze { shape: shape_array(shape) },
                 other => bail!("stage {i}: no weights expected for {other:?}"),
             }),
+            StageWeights::KdeCentres(w) => {
+                let Some(Stage::KdeBase(spec)) = h.stage(i) else {
+                    bail!("stage {i}: KDE centres for another stage")
+                };
+                let centres =
+                    w.iter().collect::<Vec<f32>>().chunks(model.dim()).map(<[f32]>::to_vec).collect();
+                stages.push(JsonStage::KdeBase {
+                    bandwidth: spec.bandwidth,
+                    normal_weight: spec.normal_weight,
+                    centres,
+                });
+            }
             StageWeights::ConvCnf(w) => {
                 let Some(Stage::ConvCnf(spec)) = h.stage(i) else {
                     bail!("stage {i}: conv weights for another stage")
@@ -313,6 +330,23 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
             }
             JsonStage::Logit { alpha } => Stage::Logit { alpha: *alpha },
             JsonStage::Squeeze { shape } => Stage::Squeeze(image_shape(*shape)),
+            JsonStage::KdeBase { bandwidth, normal_weight, centres } => {
+                for (ci, c) in centres.iter().enumerate() {
+                    ensure!(
+                        c.len() == d,
+                        "stages[{si}] kde_base: centres[{ci}] has {} values, dim is {d}",
+                        c.len()
+                    );
+                    weights.extend_from_slice(c);
+                }
+                let n = u32::try_from(centres.len())
+                    .map_err(|_| anyhow!("stages[{si}] kde_base: too many centres"))?;
+                Stage::KdeBase(ffjord_runtime::KdeSpec {
+                    centres: n,
+                    bandwidth: *bandwidth,
+                    normal_weight: *normal_weight,
+                })
+            }
             JsonStage::ConvCnf { shape, end_time, activation, layers } => {
                 let mut specs = heapless::Vec::new();
                 let mut c_in = usize::from(shape[0]);

@@ -11,6 +11,7 @@ pub mod data;
 pub mod image_runs;
 pub mod images;
 pub mod json;
+pub mod kde;
 pub mod kernel;
 pub mod model;
 pub mod modelfile;

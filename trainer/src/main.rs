@@ -62,6 +62,8 @@ fn run() -> Result<()> {
                 max_error: a.max_error,
                 format: a.format,
                 weights: a.weights.as_deref().and_then(ffjord_runtime::MatrixEncoding::from_name),
+                base: a.base,
+                kde_centres: a.kde_centres,
             };
             train::export_run(&run, &a.out, &opts, a.device.resolve()?, &command_line())
         }

@@ -38,6 +38,18 @@ pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
             .map_err(|_| anyhow::anyhow!("more than {} stages", ffjord_runtime::format::MAX_STAGES))?;
         weights.extend(w);
     }
+    if let Some(kde) = &chain.base {
+        let centres = kde.centres();
+        let spec = ffjord_runtime::KdeSpec {
+            centres: u32::try_from(centres.size()[0]).context("too many KDE centres")?,
+            bandwidth: kde.bandwidth as f32,
+            normal_weight: kde.normal_weight as f32,
+        };
+        stages
+            .push(Stage::KdeBase(spec))
+            .map_err(|_| anyhow::anyhow!("more than {} stages", ffjord_runtime::format::MAX_STAGES))?;
+        weights.extend(floats(&centres.contiguous().view(-1))?);
+    }
     let header = Header {
         dim: u16::try_from(chain.dim).context("dimension too large")?,
         standardize: true,
@@ -120,6 +132,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
     let dim = d as i64;
     let vs = nn::VarStore::new(device);
     let mut layers: Vec<Box<dyn crate::model::FlowLayer>> = Vec::new();
+    let mut base = None;
     // Every weight is read through the runtime's views of the layout.
     let t =
         |w: Weights<'_>| Tensor::from_slice(&w.iter().collect::<Vec<f32>>()).to_kind(kind).to_device(device);
@@ -177,6 +190,15 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
                 let cnf = Cnf::new(&p, Box::new(net), f64::from(spec.end_time), false);
                 layers.push(Prefix::around(spec.shape.len() as i64, dim, Box::new(cnf)));
             }
+            StageWeights::KdeCentres(w) => {
+                let spec = model.kde_base().context("KDE centres without a KDE base")?;
+                let centres = t(w).view([-1, dim]);
+                base = Some(crate::kde::KernelDensity::from_parts(
+                    centres,
+                    f64::from(spec.bandwidth),
+                    f64::from(spec.normal_weight),
+                ));
+            }
         }
     }
     let mut vs = vs;
@@ -197,7 +219,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
             }
         }
     }
-    Ok((vs, Chain { layers, dim }))
+    Ok((vs, Chain { layers, dim, base }))
 }
 
 /// `[C, H, W]` of a model file's image shape.

@@ -62,7 +62,7 @@ pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64, splits: Optio
             bn(&mut layers);
         }
     }
-    Ok(Chain { layers, dim })
+    Ok(Chain::new(layers, dim))
 }
 
 /// Seed offsets of the validation and test evaluations' Hutchinson probes (images).
@@ -161,7 +161,7 @@ fn fit_in_run_dir(
     let noise = splits.dequantizes().then(|| to_dev(&splits.noise));
 
     let mut vs = nn::VarStore::new(device);
-    let chain = build_chain(&vs, cfg, dim, Some(&splits))?;
+    let mut chain = build_chain(&vs, cfg, dim, Some(&splits))?;
     let eval_opts = eval_options(cfg, dim);
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut ema = (cfg.ema > 0.0).then(|| Ema::new(&vs, cfg.ema));
@@ -350,12 +350,13 @@ fn fit_in_run_dir(
         // a byte to its cell centre); the threshold is calibrated on the
         // validation images, for out-of-distribution scoring.
         let q = cfg.threshold_quantile;
-        let bytes = export(&chain, &splits, &valid, cfg, q, &description, command, out, Format::Model, None)?;
+        let bytes =
+            export(&mut chain, &splits, &valid, cfg, q, &description, command, out, Format::Model, None)?;
         println!("wrote {} ({} bytes)", out.display(), bytes.len());
         return Ok(());
     }
     let bytes = export(
-        &chain,
+        &mut chain,
         &splits,
         &valid,
         cfg,
@@ -366,9 +367,24 @@ fn fit_in_run_dir(
         Format::Model,
         None,
     )?;
+    // With a KDE base the exported model's test NLL is not the one above
+    // (which is the flow on N(0, I)): say what the file gives.
+    let test_nll_exported = match (&chain.base, test_nll) {
+        (Some(_), Some(_)) => {
+            tch::manual_seed(cfg.seed.wrapping_add(TEST_SEED));
+            let (nll, _, _) = tch::no_grad(|| mean_nll(&chain, &test, &eval_opts, 1000))?;
+            println!(
+                "the exported model (KDE base): test NLL {nll:.4} nats on standardized data ({:.4} nats in data units)",
+                nll + log_std
+            );
+            Some(nll)
+        }
+        _ => test_nll,
+    };
     let summary = serde_json::json!({
         "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
         "test_nll": test_nll, "test_nll_data_units": test_nll.map(|v| v + log_std), "test_nfe": test_nfe,
+        "test_nll_exported": test_nll_exported, "kde_base": chain.base.is_some(),
         "model": out, "bytes": bytes.len(),
     });
     write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -492,10 +508,11 @@ pub enum Format {
 }
 
 /// Exports `chain` (with a threshold at quantile `q` of the validation scores)
-/// to `out`, atomically. Returns the model file's bytes.
+/// to `out`, atomically; a tabular chain first gets the base `cfg.base` says
+/// ([`crate::kde::choose_base`]). Returns the model file's bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn export(
-    chain: &Chain,
+    chain: &mut Chain,
     splits: &Splits,
     valid: &Tensor,
     cfg: &TrainConfig,
@@ -507,6 +524,25 @@ pub fn export(
     max_error: Option<f64>,
 ) -> Result<Vec<u8>> {
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
+    if cfg.image_shape.is_none() && cfg.base != crate::kde::BaseArg::Normal && chain.base.is_none() {
+        let opts = SolveOptions::eval(cfg.eval_method());
+        let train = splits.train.to_kind(valid.kind()).to_device(valid.device());
+        let c = crate::kde::choose_base(chain, &train, valid, &opts, cfg.kde_centres, cfg.seed, cfg.base)?;
+        println!(
+            "base: mean validation log p {:.4} with N(0, I), {:.4} with a Gaussian KDE on {} latent points \
+             (two-fold cross-validated; bandwidth {:.4} and N(0, I) weight {} by validation likelihood; \
+             nats, standardized units) → {}",
+            c.valid_log_p_normal,
+            c.valid_log_p_kde,
+            c.kde.centres().size()[0],
+            c.kde.bandwidth,
+            c.kde.normal_weight,
+            if c.chosen { "KDE base" } else { "N(0, I)" }
+        );
+        if c.chosen {
+            chain.base = Some(c.kde);
+        }
+    }
     let threshold = match q {
         Some(q) => Some(calibrate(chain, valid, cfg, q, log_std)?),
         None => None,
@@ -567,6 +603,10 @@ pub struct ExportOptions {
     pub format: Format,
     /// How the file stores the CNF matrices (default: the run's `weights`).
     pub weights: Option<ffjord_runtime::MatrixEncoding>,
+    /// The base density (default: the run's `base`).
+    pub base: Option<crate::kde::BaseArg>,
+    /// Most latent points of a KDE base (default: the run's `kde_centres`).
+    pub kde_centres: Option<usize>,
 }
 
 /// `trainer export`: re-exports a run's best checkpoint, recalibrating the
@@ -578,18 +618,21 @@ pub fn export_run(
     device: Device,
     command: &str,
 ) -> Result<()> {
-    let ExportOptions { threshold_quantile: q, max_error, format, weights } = *opts;
+    let ExportOptions { threshold_quantile: q, max_error, format, weights, base, kde_centres } = *opts;
     let mut cfg = run.config()?;
     cfg.weights = weights.unwrap_or(cfg.weights);
+    cfg.base = base.unwrap_or(cfg.base);
+    cfg.kde_centres = kde_centres.unwrap_or(cfg.kde_centres);
+    cfg.validate()?;
     tch::manual_seed(cfg.seed);
     let (splits, description) = prepare_data(&cfg)?;
     let mut vs = nn::VarStore::new(device);
-    let chain = build_chain(&vs, &cfg, splits.dim(), None)?;
+    let mut chain = build_chain(&vs, &cfg, splits.dim(), None)?;
     let best = run.path("best.ot");
     vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
     let valid = splits.valid.to_kind(Kind::Float).to_device(device);
     let q = q.or(cfg.threshold_quantile);
-    let bytes = export(&chain, &splits, &valid, &cfg, q, &description, command, out, format, max_error)?;
+    let bytes = export(&mut chain, &splits, &valid, &cfg, q, &description, command, out, format, max_error)?;
     match format {
         Format::Model => println!("wrote {} ({} bytes)", out.display(), bytes.len()),
         Format::Json => println!("wrote {}", out.display()),

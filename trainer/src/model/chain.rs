@@ -1,14 +1,19 @@
-//! The [`Chain`]: layers from data to a standard-normal base.
+//! The [`Chain`]: layers from data to a base density — `N(0, I)`, or after
+//! training a kernel density estimate over latent points
+//! ([`crate::kde::choose_base`]).
 
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::*;
 
-/// The layers of a flow, data side first, on a standard-normal base.
+/// The layers of a flow, data side first, on a base density.
 pub struct Chain {
     pub layers: Vec<Box<dyn FlowLayer>>,
     pub dim: i64,
+    /// A kernel density estimate in latent space as the base; `None`: `N(0, I)`.
+    /// Training always uses `N(0, I)`.
+    pub base: Option<crate::kde::KernelDensity>,
 }
 
 /// Per-row results of a pass through the chain.
@@ -24,8 +29,8 @@ pub struct ChainOutput {
 pub struct RowsLogProb {
     /// log p(x) per row.
     pub log_p: Vec<f64>,
-    /// log N(z; 0, I) per row: the part of log p that the latent point alone
-    /// gives (the rest is the log volume change).
+    /// log p(z) under the chain's base per row: the part of log p that the
+    /// latent point alone gives (the rest is the log volume change).
     pub log_p_base: Vec<f64>,
     /// The latent points `z`, row-major (`rows × D`).
     pub z: Vec<f64>,
@@ -40,6 +45,19 @@ pub fn standard_normal_log_prob(z: &Tensor) -> Tensor {
 }
 
 impl Chain {
+    /// A chain on the `N(0, I)` base.
+    pub fn new(layers: Vec<Box<dyn FlowLayer>>, dim: i64) -> Chain {
+        Chain { layers, dim, base: None }
+    }
+
+    /// log p(z) of latent rows under the base.
+    pub fn base_log_prob(&self, z: &Tensor) -> Tensor {
+        match &self.base {
+            None => standard_normal_log_prob(z),
+            Some(kde) => kde.log_prob_tensor(z),
+        }
+    }
+
     /// log p(x) per row.
     pub fn log_prob(&self, x: &Tensor, opts: &SolveOptions) -> Result<ChainOutput> {
         let mut stats = PassStats::default();
@@ -50,7 +68,7 @@ impl Chain {
             z = y;
             log_det = &log_det + ld; // not in place: keeps autograd simple
         }
-        let log_p = standard_normal_log_prob(&z) + log_det;
+        let log_p = self.base_log_prob(&z) + log_det;
         Ok(ChainOutput { z, log_p, stats })
     }
 
@@ -70,7 +88,7 @@ impl Chain {
             let out = tch::no_grad(|| self.log_prob(&part, opts))?;
             rows.log_p.extend(Vec::<f64>::try_from(&out.log_p.to_kind(Kind::Double))?);
             let z = out.z.to_kind(Kind::Double);
-            rows.log_p_base.extend(Vec::<f64>::try_from(&standard_normal_log_prob(&z))?);
+            rows.log_p_base.extend(Vec::<f64>::try_from(&self.base_log_prob(&z).to_kind(Kind::Double))?);
             rows.z.extend(Vec::<f64>::try_from(&z.contiguous().view(-1))?);
             rows.nfe += u64::from(out.stats.solve.nfe);
         }
@@ -89,6 +107,7 @@ impl Chain {
         opts: &SolveOptions,
         gradient: Gradient,
     ) -> Result<(f64, PassStats)> {
+        anyhow::ensure!(self.base.is_none(), "training uses the N(0, I) base");
         match gradient {
             Gradient::Adjoint => self.backward_by_layers(x, opts),
             Gradient::Backprop if self.layers.iter().all(|l| l.reverses_steps(x, opts)) => {
@@ -150,7 +169,7 @@ impl Chain {
     /// Maps latent `z` to data and returns log p of the result.
     pub fn sample_from(&self, z: &Tensor, opts: &SolveOptions) -> Result<ChainOutput> {
         let mut stats = PassStats::default();
-        let base = standard_normal_log_prob(z);
+        let base = self.base_log_prob(z);
         let mut x = z.shallow_clone();
         let mut log_det = Tensor::zeros([z.size()[0]], (z.kind(), z.device()));
         for layer in self.layers.iter().rev() {

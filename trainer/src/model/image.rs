@@ -242,5 +242,5 @@ pub fn multiscale(p: &nn::Path<'_>, cfg: &MultiscaleConfig) -> Result<Chain> {
             shape[0] /= 2;
         }
     }
-    Ok(Chain { layers, dim })
+    Ok(Chain::new(layers, dim))
 }

@@ -29,7 +29,7 @@ fn chain(vs: &nn::VarStore, dim: i64) -> Chain {
             Box::new(Cnf::new(&p, Box::new(net), 0.5, true)) as Box<dyn FlowLayer>
         })
         .collect();
-    Chain { layers, dim }
+    Chain::new(layers, dim)
 }
 
 #[test]
@@ -70,7 +70,7 @@ fn whitening_starts_the_chain_as_the_full_covariance_gaussian() {
         linear.forward(&x, &SolveOptions::eval(Solver::Rk4 { steps: 2 }), &mut PassStats::default()).unwrap();
     let cov = y.transpose(0, 1).cov(1, None::<Tensor>, None::<Tensor>);
     assert!(f64::try_from((cov - Tensor::eye(3, opts)).abs().max()).unwrap() < 1e-10);
-    let chain = Chain { layers: vec![Box::new(linear), Box::new(cnf)], dim: 3 };
+    let chain = Chain::new(vec![Box::new(linear), Box::new(cnf)], 3);
     let eval = SolveOptions::eval(dopri5_at(1e-9, 10_000));
     let out = chain.log_prob(&x, &eval).unwrap();
     // log N(x; m, C) with the sample mean and (unbiased) covariance.
