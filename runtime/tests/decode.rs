@@ -298,3 +298,17 @@ fn without_the_feature_image_models_are_refused_with_the_reason() {
     assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 4);
     assert_eq!(Model::from_bytes(&bytes).unwrap_err(), LoadError::InvalidField(Field::ImageStage));
 }
+
+/// Without feature `kde`, a file that ends in a kernel density base (the
+/// committed cardio model) is refused with the reason, not as a malformed
+/// header.
+#[cfg(not(feature = "kde"))]
+#[test]
+fn without_the_feature_kde_base_models_are_refused_with_the_reason() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cardio/model.ffjd");
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 5);
+    let e = Model::from_bytes(&bytes).unwrap_err();
+    assert_eq!(e, LoadError::InvalidField(Field::KdeBase));
+    assert!(e.to_string().contains("feature `kde`"), "{e}");
+}
