@@ -33,6 +33,8 @@ for m in "${models[@]}"; do
     rows="$root/models/$m/golden-rows.csv"
     features=()
     [ "$enc" = f32 ] || features=(--features quantized)
+    # A file that ends in a kernel density base (format version 5) needs `kde`.
+    if "$root/target/release/trainer" inspect "$file" | grep -q "base: Gaussian KDE"; then features+=(--features kde); fi
     label="$m-$enc" mark=""
     build() {
       (cd "$here/qemu-m4f" && FFJORD_MODEL="$file" CARGO_TARGET_DIR="$out/target" "$@" \

@@ -11,7 +11,8 @@
 //! cargo run --release -p ffjord-runtime --example fuzz -- --seconds 3600 --seed 7     # a long run
 //! ```
 //!
-//! Deterministic for a given seed and input count. Adaptive solves are capped
+//! Deterministic for a given seed and input count. Every 100,000 inputs a
+//! progress line goes to stderr. Adaptive solves are capped
 //! at `--max-steps` (default 2,000) steps per call so a pass has a known cost;
 //! `--max-steps 0` keeps each model's own budget (at most the runtime's
 //! ceiling), to look for slow calls.
@@ -202,6 +203,14 @@ fn main() {
             slowest = (dt, inputs);
         }
         inputs += 1;
+        // A long run reports as it goes, so a run stopped early still counts.
+        if inputs % 100_000 == 0 {
+            eprintln!(
+                "{inputs} inputs, {loaded} loaded, {panics} panics, slowest {:.3} s, {:.0} s",
+                slowest.0.as_secs_f64(),
+                start.elapsed().as_secs_f64()
+            );
+        }
     }
     println!(
         "fuzz seed {}: {inputs} inputs, {loaded} loaded and evaluated, {panics} panics, slowest input {} ({:.3} s), {:.1} s in all",

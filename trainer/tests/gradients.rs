@@ -34,7 +34,7 @@ fn chain(vs: &nn::VarStore, dim: i64, blocks: usize, kind: LayerKind, budget: us
             Box::new(cnf) as Box<dyn FlowLayer>
         })
         .collect();
-    Chain { layers, dim }
+    Chain::new(layers, dim)
 }
 
 fn opts(trace: TraceMode, create_graph: bool) -> SolveOptions {
@@ -358,7 +358,7 @@ fn conv_field_gradients_agree_across_modes_and_with_finite_differences() {
             Box::new(Cnf::new(&p, Box::new(net), 0.5, true)) as Box<dyn FlowLayer>
         })
         .collect();
-    let c = Chain { layers, dim: 9 };
+    let c = Chain::new(layers, 9);
     vs.double();
     let x = Tensor::randn([6, 9], (Kind::Double, Device::Cpu));
     for trace in [TraceMode::Exact, TraceMode::Rademacher] {
