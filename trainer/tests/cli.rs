@@ -107,11 +107,22 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
             "32,32",
             "--batch",
             "256",
+            "--base",
+            "kde",
+            "--kde-centres",
+            "200",
         ],
         d,
     );
     ok(&["toy", "8gaussians", "--n", "200", "--seed", "3", "--out", "toy.csv"], d);
     assert_parity(d, "toy.ffjd", "toy.csv");
+    // It ends in a KDE base (format version 5), which the JSON form carries.
+    assert!(ok(&["inspect", "toy.ffjd"], d).contains("base: Gaussian KDE on 200 latent points"));
+    ok(&["export", "--run-dir", "toy.run", "--out", "toy.json", "--format", "json"], d);
+    assert!(std::fs::read_to_string(d.join("toy.json")).unwrap().contains("\"kde_base\""));
+    ok(&["import", "toy.json", "--out", "toy-imported.ffjd"], d);
+    let score = |m: &str| ok(&["score", "--model", m, "--data", "toy.csv"], d);
+    assert_eq!(score("toy.ffjd"), score("toy-imported.ffjd"));
     // The plotted density integrates to ~1 over the view (central 99% of samples, padded).
     let plotted =
         ok(&["plot", "--model", "toy.ffjd", "--out", "toy.png", "--grid", "120", "--samples", "4000"], d);
@@ -159,7 +170,7 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     // Whitened: a linear stage (format version 2) before the CNF; the runtime's
     // triangular map agrees with the trainer's, and JSON round-trips it.
     let whitened = "fit --data six.csv --out white.ffjd --iterations 20 --valid-every 10 --hidden 24,24 \
-                    --trace gaussian --batch 256 --whiten true";
+                    --trace gaussian --batch 256 --whiten true --base normal";
     ok(&whitened.split_whitespace().collect::<Vec<_>>(), d);
     assert_parity(d, "white.ffjd", "six-200.csv");
     assert!(ok(&["inspect", "white.ffjd"], d).contains("linear"));
@@ -364,6 +375,9 @@ fn search_keeps_the_candidate_with_the_best_validation_nll() {
             "5",
             "--batch",
             "128",
+            // (The KDE base's choice would take part of the 3 s budget.)
+            "--base",
+            "normal",
         ],
         d,
     );

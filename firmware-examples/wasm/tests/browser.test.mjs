@@ -166,7 +166,7 @@ test("the small build (for engines without SIMD) scores like the host's one-row 
 
 // The drawing pad (image models): a known image set on the pad scores as the
 // host scores it; a mouse stroke paints pixels and scores; samples draw.
-const image = goldens.find((g) => g.format_version >= 4);
+const image = goldens.find((g) => g.image_stages);
 test("the drawing pad scores drawn images like the host and draws samples", { skip: !image && "no image model" }, () => withPage("", async (page) => {
     await page.selectOption("#bundled", "models/mnist-8x8.ffjd");
     await page.waitForSelector("#pad-section:not([hidden])");

@@ -28,13 +28,21 @@ const same = (a, b) => Math.fround(a) === Math.fround(b);
 // Models with f16 / i8 matrices (format version 3): the small build leaves
 // that reader out and must refuse them with the reason.
 const quantized = (g) => /\.(f16|i8)\.ffjd$/.test(g.model);
-// Image models (format version 4): likewise for the image stages.
-const image = (g) => g.format_version >= 4;
+// Image models (format version 4) and models on a kernel density base
+// (version 5): likewise for the image stages and the base.
+const image = (g) => g.image_stages;
+const kde = (g) => g.kde_base;
 
 for (const g of goldens) {
   if (build === "small" && image(g)) {
     test(`${g.model}: the small build refuses image stages, naming why`, () => {
       assert.throws(() => new Detector(readFileSync(g.model)), /no feature `images`/);
+    });
+    continue;
+  }
+  if (build === "small" && kde(g)) {
+    test(`${g.model}: the small build refuses a kernel density base, naming why`, () => {
+      assert.throws(() => new Detector(readFileSync(g.model)), /no feature `kde`/);
     });
     continue;
   }

@@ -53,9 +53,11 @@ fn main() {
         samples.push(format!("    {{\"seed\": {seed}, \"x\": {}, \"log_p\": {:?}}}", list(&x), s.log_p));
     }
     println!(
-        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"format_version\": {},\n  \"threshold\": {},\n  \"packed_nfe\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
+        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"format_version\": {},\n  \"image_stages\": {},\n  \"kde_base\": {},\n  \"threshold\": {},\n  \"packed_nfe\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
         model.dim(),
         model.header().version(),
+        model.has_image_stages(),
+        model.kde_base().is_some(),
         model.threshold().map_or("null".to_string(), |t| format!("{:?}", t.score)),
         packed_stats.nfe,
         entries.join(",\n"),
