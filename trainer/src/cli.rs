@@ -192,10 +192,14 @@ pub(crate) struct ConvertArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["run_dir", "model"])))]
 pub(crate) struct SampleImagesArgs {
-    /// The run folder of an image `fit`.
+    /// The run folder of an image `fit` (samples from its best checkpoint, in tch).
     #[arg(long)]
-    pub(crate) run_dir: PathBuf,
+    pub(crate) run_dir: Option<PathBuf>,
+    /// Or an exported image model file (samples drawn by the runtime).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
     /// The PNG to write.
     #[arg(long)]
     pub(crate) out: PathBuf,
@@ -204,7 +208,8 @@ pub(crate) struct SampleImagesArgs {
     pub(crate) count: i64,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: i64,
-    /// Dopri5 tolerance of the inverse solves.
+    /// Dopri5 tolerance of the inverse solves (`--run-dir`; a model file
+    /// uses its own solver).
     #[arg(long, default_value_t = 1e-5)]
     pub(crate) tol: f64,
 }

@@ -69,6 +69,55 @@ pub fn sample_run_images(run: &RunDir, count: i64, seed: i64, tol: f64) -> Resul
     Ok(crate::images::Images { n: count as usize, height: h as usize, width: w as usize, pixels })
 }
 
+/// Seeded samples from an exported image model file, drawn by the runtime
+/// (Xoshiro128++ from `seed`, as `trainer sample` and the firmware draw):
+/// each latent point mapped back through every stage; pixels are the
+/// file's 8-bit values rounded and clamped to 0–255. The path is integrated
+/// with a one-probe Hutchinson trace: the log-density it carries along is
+/// not used, and the exact trace would cost one lane per pixel.
+pub fn sample_model_images(bytes: &[u8], count: usize, seed: u64) -> Result<crate::images::Images> {
+    use ffjord_runtime::{Flow, ImageTrace, Model, Stage};
+    use rand_xoshiro::rand_core::SeedableRng;
+    let model = Model::from_bytes(bytes)?;
+    let shape = model
+        .header()
+        .stages()
+        .find_map(|s| match s {
+            Stage::ConvCnf(spec) => Some(spec.shape),
+            Stage::Squeeze(shape) => Some(shape),
+            _ => None,
+        })
+        .context("not an image model (no convolutional or squeeze stage)")?;
+    anyhow::ensure!(
+        shape.channels == 1,
+        "sampling draws single-channel images; this model has {}",
+        shape.channels
+    );
+    anyhow::ensure!(
+        shape.len() == model.dim(),
+        "the image ({} values) is not the whole row ({})",
+        shape.len(),
+        model.dim()
+    );
+    anyhow::ensure!(count >= 1, "count must be at least 1");
+    let flow = Flow::new(&model, model.default_solver())?
+        .with_image_trace(ImageTrace::Hutchinson { probes: 1, seed: 0 })?;
+    let mut scratch = vec![0.0; flow.scratch_len()];
+    let mut rng = rand_xoshiro::Xoshiro128PlusPlus::seed_from_u64(seed);
+    let mut x = vec![0.0f32; model.dim()];
+    let mut pixels = Vec::with_capacity(count * model.dim());
+    for i in 0..count {
+        flow.sample(&mut rng, &mut x, &mut scratch).with_context(|| format!("sample {i}"))?;
+        pixels.extend(x.iter().map(|v| v.round().clamp(0.0, 255.0) as u8));
+    }
+    Ok(crate::images::Images {
+        n: count,
+        height: usize::from(shape.height),
+        width: usize::from(shape.width),
+        pixels,
+    })
+}
+
 /// Pixels above which images are evaluated with Hutchinson's estimator
 /// (the exact trace costs one VJP per pixel per evaluation).
 pub const EXACT_TRACE_MAX_DIM: i64 = 256;

@@ -68,8 +68,18 @@ fn run() -> Result<()> {
             train::export_run(&run, &a.out, &opts, a.device.resolve()?, &command_line())
         }
         Command::SampleImages(a) => {
-            let run = train::RunDir { dir: a.run_dir.clone() };
-            let grid = train::sample_run_images(&run, a.count, a.seed, a.tol)?;
+            let grid = match (&a.run_dir, &a.model) {
+                (Some(dir), _) => {
+                    train::sample_run_images(&train::RunDir { dir: dir.clone() }, a.count, a.seed, a.tol)?
+                }
+                (None, Some(path)) => {
+                    let bytes = modelfile::read_model_bytes(path)?;
+                    let count =
+                        usize::try_from(a.count).map_err(|_| anyhow::anyhow!("count must be at least 1"))?;
+                    ffjord_trainer::image_runs::sample_model_images(&bytes, count, a.seed as u64)?
+                }
+                (None, None) => bail!("sample-images needs --run-dir or --model"),
+            };
             grid.save_png(&a.out)?;
             println!(
                 "wrote {} ({} samples, {}×{} pixels each)",

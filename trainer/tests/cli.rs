@@ -883,6 +883,19 @@ fn fit_trains_the_multiscale_flow_on_images() {
     let png = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.join("s.png")).unwrap()));
     let info = png.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height, info.color_type), (28, 19, png::ColorType::Grayscale));
+    // The same from the exported file, drawn by the runtime: seeded, so the
+    // same seed writes the same PNG and another seed another one.
+    let grid = |seed: &str, out: &str| {
+        let printed =
+            ok(&["sample-images", "--model", "img.ffjd", "--out", out, "--count", "5", "--seed", seed], d);
+        assert!(printed.contains("5 samples, 8×8"), "{printed}");
+        std::fs::read(d.join(out)).unwrap()
+    };
+    let (a, b, c) = (grid("1", "m1.png"), grid("1", "m1b.png"), grid("2", "m2.png"));
+    assert!(a == b && a != c);
+    let png = png::Decoder::new(std::io::Cursor::new(a));
+    assert_eq!(png.read_info().unwrap().info().width, 28);
+    assert!(err(&["sample-images", "--out", "x.png"], d).contains("--run-dir"));
     let e = err(&[&common[..], &["--valid-data", "small.npy", "--out", "bad.ffjd"]].concat(), d);
     assert!(e.contains("validation images are [1, 4, 4], training images [1, 8, 8]"), "{e}");
 }
