@@ -176,8 +176,9 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     check_width(&args.data.source(), &table, &args.model, model.dim())?;
     let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))?;
     let mut scratch = vec![0.0f32; flow.scratch_len()];
-    // log_p = log_p_base (the standard normal at z) − delta_log_p (the log
-    // volume change along the flow, standardization included).
+    // log_p = log_p_base (the base density at z: N(0, I) or the file's KDE
+    // base) − delta_log_p (the log volume change along the flow,
+    // standardization included).
     // A background density for the likelihood-ratio score (image models).
     let background = match &args.background {
         Some(path) => {
