@@ -8,7 +8,7 @@
 
 // 64-bit words of storage an [`FfjordModel`] holds (enough on every target:
 // 64-bit hosts need the most; checked at compile time).
-#define FFJORD_MODEL_WORDS 96
+#define FFJORD_MODEL_WORDS 104
 
 // Every outcome of a call (returned as `int32_t`): 0 is success; each runtime error has its own
 // negative code, the runtime's (load errors −1…−19, solve errors −20…−39),

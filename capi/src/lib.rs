@@ -25,7 +25,7 @@ use rand_xoshiro::rand_core::SeedableRng;
 
 /// 64-bit words of storage an [`FfjordModel`] holds (enough on every target:
 /// 64-bit hosts need the most; checked at compile time).
-pub const FFJORD_MODEL_WORDS: usize = 96;
+pub const FFJORD_MODEL_WORDS: usize = 104;
 
 /// Storage for a loaded model, owned by the caller (static, stack or heap),
 /// filled by [`ffjord_model_load`]. Its contents are private.
