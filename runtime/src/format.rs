@@ -343,7 +343,13 @@ impl From<WireStage> for Stage {
             WireStage::ConvCnf(spec) => Stage::ConvCnf(spec),
             #[cfg(feature = "kde")]
             WireStage::KdeBase(spec) => Stage::KdeBase(spec),
-            // (Never decoded: `NotBuilt` fails first.)
+            // Placeholders of stages this build leaves out: never reached
+            // through the loader, which refuses them by index first
+            // (`HeaderView::decode`). A `Header` decoded directly with serde
+            // in such a build must be checked with `Header::layout`, which
+            // a placeholder read as `Affine` would pass: decode through
+            // `Model::from_bytes` instead. (Mapping them to refused stages
+            // costs the small WASM build 193 bytes it does not have.)
             #[cfg(not(feature = "kde"))]
             WireStage::KdeBase => Stage::Affine,
             #[cfg(not(any(feature = "quantized", feature = "images")))]
@@ -424,7 +430,11 @@ pub struct Metadata<'a> {
     pub command: &'a str,
 }
 
-/// Everything about a model except its weights.
+/// Everything about a model except its weights. Files are read through
+/// [`crate::Model::from_bytes`] ([`HeaderView`]); decoding a `Header` with
+/// serde directly is for builds with every feature (the trainer): in a build
+/// without `quantized`, `images` or `kde` the stages it leaves out are
+/// placeholders that such a decode does not refuse.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Header<'a> {
     /// Data dimension `D`.
