@@ -157,13 +157,14 @@ pub struct BaseChoice {
 /// better one (`Auto`) or a fixed one is chosen. `chain` must have the
 /// standard-normal base.
 ///
-/// The bandwidth is chosen on validation rows: rows the flow trained on
-/// are not a fair judge (their latent points keep detail the flow learned
-/// from them, and held-out training rows picked a bandwidth three times
-/// too small on shuttle). So that the comparison does not favour the KDE by
-/// the parameter it fitted there, its validation log p is two-fold
-/// cross-validated: each half is scored with the bandwidth the other half
-/// chose. The exported bandwidth is the one all validation rows choose.
+/// The bandwidth and the weight of `N(0, I)` are chosen on validation rows:
+/// rows the flow trained on are not a fair judge (their latent points keep
+/// detail the flow learned from them, and held-out training rows picked a
+/// bandwidth three times too small on shuttle). So that the comparison does
+/// not favour the KDE by the parameters it fitted there, its validation
+/// log p is two-fold cross-validated: each half is scored with the
+/// parameters the other half chose. The exported ones are those all
+/// validation rows choose.
 pub fn choose_base(
     chain: &Chain,
     train: &Tensor,
