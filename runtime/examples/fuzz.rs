@@ -11,9 +11,12 @@
 //! ```sh
 //! cargo run --release -p ffjord-runtime --example fuzz -- --inputs 20000 --seed 1     # scripts/test
 //! cargo run --release -p ffjord-runtime --example fuzz -- --seconds 3600 --seed 7     # a long run
+//! cargo run --release -p ffjord-runtime --example fuzz -- --inputs 10000000 --seed 7 --threads 16
 //! ```
 //!
-//! Deterministic for a given seed and input count. Every 100,000 inputs a
+//! Deterministic for a given seed, input count and thread count (`--threads
+//! N` splits the inputs over N workers on non-overlapping streams of the
+//! seed; worker 0 is the one-thread run). Every 100,000 inputs a
 //! progress line goes to stderr. Adaptive solves are capped
 //! at `--max-steps` (default 2,000) steps per call so a pass has a known cost;
 //! `--max-steps 0` keeps each model's own budget (at most the runtime's
@@ -47,10 +50,11 @@ struct Args {
     seconds: Option<f64>,
     seed: u64,
     max_steps: u32,
+    threads: u64,
 }
 
 fn args() -> Args {
-    let mut a = Args { inputs: 10_000, seconds: None, seed: 1, max_steps: 2_000 };
+    let mut a = Args { inputs: 10_000, seconds: None, seed: 1, max_steps: 2_000, threads: 1 };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let value = pair.get(1).map(String::as_str).unwrap_or("");
@@ -59,7 +63,8 @@ fn args() -> Args {
             "--seconds" => a.seconds = Some(value.parse().expect("--seconds S")),
             "--seed" => a.seed = value.parse().expect("--seed S"),
             "--max-steps" => a.max_steps = value.parse().expect("--max-steps N"),
-            other => panic!("unknown flag {other} (--inputs, --seconds, --seed, --max-steps)"),
+            "--threads" => a.threads = value.parse().expect("--threads N"),
+            other => panic!("unknown flag {other} (--inputs, --seconds, --seed, --max-steps, --threads)"),
         }
     }
     a
@@ -181,20 +186,25 @@ fn exercise(bytes: &[u8], max_steps: u32, rng: &mut Xoshiro256PlusPlus) -> bool 
     true
 }
 
-fn main() {
-    let a = args();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-    let corpus: Vec<Vec<u8>> =
-        MODELS.iter().map(|m| std::fs::read(root.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"))).collect();
-    std::panic::set_hook(Box::new(|_| {})); // panics are counted and reported below
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(a.seed);
+/// What one worker saw.
+#[derive(Default)]
+struct Totals {
+    inputs: u64,
+    loaded: u64,
+    panics: u64,
+    /// The slowest input's CPU time and its index within the worker.
+    slowest: (Duration, u64),
+}
+
+/// One worker: `inputs` inputs (or until `seconds` have passed) from the
+/// stream `rng`, reporting progress under `tag`.
+fn run(corpus: &[Vec<u8>], a: &Args, mut rng: Xoshiro256PlusPlus, inputs: u64, tag: &str) -> Totals {
     let start = Instant::now();
-    let (mut inputs, mut loaded, mut panics) = (0u64, 0u64, 0u64);
-    let mut slowest = (Duration::ZERO, 0u64);
+    let mut t = Totals::default();
     loop {
         let done = match a.seconds {
             Some(s) => start.elapsed().as_secs_f64() >= s,
-            None => inputs >= a.inputs,
+            None => t.inputs >= inputs,
         };
         if done {
             break;
@@ -202,34 +212,77 @@ fn main() {
         let mut bytes = corpus[below(&mut rng, corpus.len())].clone();
         mutate(&mut bytes, &mut rng);
         let mut eval_rng = Xoshiro256PlusPlus::seed_from_u64(rng.next_u64());
-        let t = thread_cpu_time();
+        let t0 = thread_cpu_time();
         match catch_unwind(AssertUnwindSafe(|| exercise(&bytes, a.max_steps, &mut eval_rng))) {
-            Ok(true) => loaded += 1,
+            Ok(true) => t.loaded += 1,
             Ok(false) => {}
             Err(_) => {
-                panics += 1;
-                eprintln!("panic on input {inputs} (seed {}): {} bytes", a.seed, bytes.len());
+                t.panics += 1;
+                eprintln!("{tag}panic on input {} (seed {}): {} bytes", t.inputs, a.seed, bytes.len());
             }
         }
-        let dt = thread_cpu_time().saturating_sub(t);
-        if dt > slowest.0 {
-            slowest = (dt, inputs);
+        let dt = thread_cpu_time().saturating_sub(t0);
+        if dt > t.slowest.0 {
+            t.slowest = (dt, t.inputs);
         }
-        inputs += 1;
+        t.inputs += 1;
         // A long run reports as it goes, so a run stopped early still counts.
-        if inputs % 100_000 == 0 {
+        if t.inputs % 100_000 == 0 {
             eprintln!(
-                "{inputs} inputs, {loaded} loaded, {panics} panics, slowest {:.3} s CPU, {:.0} s",
-                slowest.0.as_secs_f64(),
+                "{tag}{} inputs, {} loaded, {} panics, slowest {:.3} s CPU, {:.0} s",
+                t.inputs,
+                t.loaded,
+                t.panics,
+                t.slowest.0.as_secs_f64(),
                 start.elapsed().as_secs_f64()
             );
         }
     }
+    t
+}
+
+fn main() {
+    let a = args();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let corpus: Vec<Vec<u8>> =
+        MODELS.iter().map(|m| std::fs::read(root.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"))).collect();
+    std::panic::set_hook(Box::new(|_| {})); // panics are counted and reported below
+    let start = Instant::now();
+    // Worker k draws from the seed's stream jumped k times (2¹²⁸ apart, so
+    // the workers never overlap); worker 0 is the one-thread run.
+    let threads = a.threads.max(1);
+    let mut streams = Vec::new();
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(a.seed);
+    for _ in 0..threads {
+        streams.push(rng.clone());
+        rng.jump();
+    }
+    let all: Vec<Totals> = std::thread::scope(|scope| {
+        let workers: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(k, stream)| {
+                let (corpus, a) = (&corpus, &a);
+                let share = a.inputs / threads + u64::from((k as u64) < a.inputs % threads);
+                let tag = if threads > 1 { format!("[worker {k}] ") } else { String::new() };
+                scope.spawn(move || run(corpus, a, stream, share, &tag))
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+    });
+    let (inputs, loaded, panics) =
+        all.iter().fold((0, 0, 0), |(i, l, p), t| (i + t.inputs, l + t.loaded, p + t.panics));
+    let (k, slow) = all
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, t)| t.slowest.0)
+        .map(|(k, t)| (k, t.slowest))
+        .unwrap_or_default();
     println!(
-        "fuzz seed {}: {inputs} inputs, {loaded} loaded and evaluated, {panics} panics, slowest input {} ({:.3} s CPU), {:.1} s in all",
+        "fuzz seed {}, {threads} thread(s): {inputs} inputs, {loaded} loaded and evaluated, {panics} panics, slowest input {} of worker {k} ({:.3} s CPU), {:.1} s in all",
         a.seed,
-        slowest.1,
-        slowest.0.as_secs_f64(),
+        slow.1,
+        slow.0.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
     if panics > 0 {
