@@ -288,15 +288,23 @@ fn misaligned_bytes_load_and_evaluate_identically() {
     }
 }
 
+/// The error loading committed model `name` (under `models/`), after
+/// checking that its file declares format `version`.
+#[cfg(not(all(feature = "images", feature = "kde")))]
+fn committed_model_error(name: &str, version: u16) -> LoadError {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(name);
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), version, "{name}");
+    Model::from_bytes(&bytes).unwrap_err()
+}
+
 /// Without feature `images`, a version-4 file (the committed image model) is
 /// refused with the reason, not as a malformed header.
 #[cfg(not(feature = "images"))]
 #[test]
 fn without_the_feature_image_models_are_refused_with_the_reason() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-8x8/model.ffjd");
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 4);
-    assert_eq!(Model::from_bytes(&bytes).unwrap_err(), LoadError::InvalidField(Field::ImageStage));
+    let e = committed_model_error("mnist-8x8/model.ffjd", 4);
+    assert_eq!(e, LoadError::InvalidField(Field::ImageStage));
 }
 
 /// Without feature `kde`, a file that ends in a kernel density base (the
@@ -305,10 +313,7 @@ fn without_the_feature_image_models_are_refused_with_the_reason() {
 #[cfg(not(feature = "kde"))]
 #[test]
 fn without_the_feature_kde_base_models_are_refused_with_the_reason() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cardio/model.ffjd");
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(u16::from_le_bytes([bytes[4], bytes[5]]), 5);
-    let e = Model::from_bytes(&bytes).unwrap_err();
+    let e = committed_model_error("cardio/model.ffjd", 5);
     assert_eq!(e, LoadError::InvalidField(Field::KdeBase));
     assert!(e.to_string().contains("feature `kde`"), "{e}");
 }
