@@ -539,6 +539,15 @@ pub(crate) struct ScoreArgs {
     /// --label, its AUROC (it discounts what pixel statistics alone explain).
     #[arg(long)]
     pub(crate) background: Option<PathBuf>,
+    /// Image models: Hutchinson's estimate of the trace over this many
+    /// Rademacher probes (seeded by --probe-seed, the same for every row)
+    /// instead of the exact trace, which costs one tangent lane per pixel —
+    /// for 28×28 images hundreds of times more. 0: the exact trace.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) probes: u16,
+    /// Seed of the Hutchinson probes (with --probes).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) probe_seed: u32,
 }
 
 #[derive(clap::Args)]

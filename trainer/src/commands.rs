@@ -174,7 +174,16 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         None => (table, None),
     };
     check_width(&args.data.source(), &table, &args.model, model.dim())?;
-    let flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))?;
+    let mut flow = Flow::new(&model, runtime_solver(&model, args.solver, args.tol, args.steps))?;
+    if args.probes > 0 {
+        anyhow::ensure!(
+            model.has_image_stages(),
+            "--probes applies to image models; {} has no image stages (its log p uses the exact trace)",
+            args.model.display()
+        );
+        let trace = ffjord_runtime::ImageTrace::Hutchinson { probes: args.probes, seed: args.probe_seed };
+        flow = flow.with_image_trace(trace)?;
+    }
     let mut scratch = vec![0.0f32; flow.scratch_len()];
     // log_p = log_p_base (the base density at z: N(0, I) or the file's KDE
     // base) − delta_log_p (the log volume change along the flow,

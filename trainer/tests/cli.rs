@@ -877,6 +877,32 @@ fn fit_trains_the_multiscale_flow_on_images() {
     assert!(run.status.success(), "{log}");
     assert!(out.contains("log_p_background,ratio_score"), "{out}");
     assert!(log.contains("likelihood ratio against the per-pixel background: AUROC"), "{log}");
+    // `score --probes K`: Hutchinson's estimate instead of the exact trace.
+    // Unbiased: over 16 probe seeds the mean log p of each row is the exact
+    // one within 4 standard errors (+ 1e-2 nats for the solver's steps,
+    // which the estimate's error control can move); and it is an estimate,
+    // not the exact value again.
+    let log_p = |extra: &[&str]| -> Vec<f64> {
+        let out = ok(
+            &[&["score", "--model", "img.ffjd", "--data", "rows.csv", "--label", "anomaly"], extra].concat(),
+            d,
+        );
+        out.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect()
+    };
+    let exact = log_p(&[]);
+    let estimates: Vec<Vec<f64>> =
+        (0..16).map(|s| log_p(&["--probes", "2", "--probe-seed", &s.to_string()])).collect();
+    for (row, &e) in exact.iter().enumerate() {
+        let v: Vec<f64> = estimates.iter().map(|r| r[row]).collect();
+        let mean = v.iter().sum::<f64>() / 16.0;
+        let se = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 15.0).sqrt() / 4.0;
+        assert!((mean - e).abs() <= 4.0 * se + 1e-2, "row {row}: exact {e}, estimates {v:?}");
+    }
+    assert!(estimates.iter().any(|r| r != &exact), "--probes gave the exact values");
+    let dense = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/8gaussians/model.ffjd");
+    std::fs::write(d.join("xy.csv"), "x,y\n0.1,0.2\n").unwrap();
+    let e = err(&["score", "--model", dense.to_str().unwrap(), "--data", "xy.csv", "--probes", "2"], d);
+    assert!(e.contains("--probes applies to image models"), "{e}");
     // Samples from the best checkpoint as a PNG grid: 5 images → 3 × 2 cells of 8 + 1 pixels.
     let out = ok(&["sample-images", "--run-dir", "img.run", "--out", "s.png", "--count", "5"], d);
     assert!(out.contains("5 samples, 8×8"), "{out}");
