@@ -184,7 +184,6 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         let trace = ffjord_runtime::ImageTrace::Hutchinson { probes: args.probes, seed: args.probe_seed };
         flow = flow.with_image_trace(trace)?;
     }
-    let mut scratch = vec![0.0f32; flow.scratch_len()];
     // log_p = log_p_base (the base density at z: N(0, I) or the file's KDE
     // base) − delta_log_p (the log volume change along the flow,
     // standardization included).
@@ -209,9 +208,26 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     }
     out += if labels.is_some() { ",label\n" } else { "\n" };
     let (mut anomalies, mut scores, mut ratio_scores) = (0, Vec::with_capacity(table.rows), Vec::new());
-    for i in 0..table.rows {
-        let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
-        let s = flow.score(&x, &mut scratch).with_context(|| format!("row {}", i + 1))?;
+    // Rows are independent: score them on every core (libtorch's thread count,
+    // `OMP_NUM_THREADS`), each thread with its own scratch; a row's value does
+    // not depend on the thread, and the output keeps the rows' order.
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let results: Vec<_> = pool.install(|| {
+        use rayon::prelude::*;
+        (0..table.rows)
+            .into_par_iter()
+            .map_init(
+                || vec![0.0f32; flow.scratch_len()],
+                |scratch, i| {
+                    let x: Vec<f32> = table.row(i).iter().map(|&v| v as f32).collect();
+                    flow.score(&x, scratch)
+                },
+            )
+            .collect()
+    });
+    for (i, result) in results.into_iter().enumerate() {
+        let s = result.with_context(|| format!("row {}", i + 1))?;
         anomalies += usize::from(s.verdict == Verdict::Anomaly);
         let verdict = s.verdict.name();
         let ld = s.log_density;
