@@ -925,3 +925,32 @@ fn fit_trains_the_multiscale_flow_on_images() {
     let e = err(&[&common[..], &["--valid-data", "small.npy", "--out", "bad.ffjd"]].concat(), d);
     assert!(e.contains("validation images are [1, 4, 4], training images [1, 8, 8]"), "{e}");
 }
+
+/// `score` spreads rows over threads: with 1 and with 3 threads it writes the
+/// same bytes, in the rows' order, and those are the committed image model's
+/// golden values (the runtime's, within 1e-5 relative).
+#[test]
+fn score_on_several_threads_writes_the_same_rows_in_order() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mnist-8x8");
+    let run = |threads: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["score", "--model", "model.ffjd", "--data", "golden-rows.csv", "--label", "anomaly"])
+            .current_dir(&models)
+            .env("OMP_NUM_THREADS", threads)
+            .output()
+            .expect("trainer runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let one = run("1");
+    assert_eq!(one, run("3"));
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(models.join("golden.json")).unwrap()).unwrap();
+    let expected: Vec<f64> =
+        golden["rows"].as_array().unwrap().iter().map(|r| r["log_p"].as_f64().unwrap()).collect();
+    let got: Vec<f64> = one.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "row {i}: {g} vs golden {e}");
+    }
+}
