@@ -253,7 +253,7 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
         None => std::io::stdout().write_all(out.as_bytes())?,
     }
-    eprintln!("{} rows scored, {anomalies} anomalies", table.rows);
+    eprintln!("{} rows scored, {anomalies} above the stored threshold", table.rows);
     if let Some(labels) = &labels {
         let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
         let d = ffjord_trainer::anomaly::detection(&scores, labels, threshold);
