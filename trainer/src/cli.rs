@@ -293,6 +293,9 @@ pub(crate) struct FitArgs {
     /// Dequantize columns on a decimal grid with ties, fresh noise each batch (true/false).
     #[arg(long)]
     pub(crate) dequantize: Option<bool>,
+    /// Widen the dequantization cell of a value repeated in many rows so it is no denser than a Gaussian peak at the column's spread (true/false).
+    #[arg(long)]
+    pub(crate) spread_spikes: Option<bool>,
     /// Gaussian noise (standardized units) added to each training batch.
     #[arg(long)]
     pub(crate) input_noise: Option<f64>,

@@ -77,6 +77,15 @@ pub fn fmt_g(v: f64) -> String {
     if v != 0.0 && (v.abs() < 1e-4 || v.abs() >= 1e6) { format!("{v:e}") } else { format!("{v}") }
 }
 
+/// `v` to three significant digits (for measured widths, not exact grids).
+pub fn fmt_sig3(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    fmt_g(format!("{v:.decimals$}").parse().unwrap_or(v))
+}
+
 /// The coarsest power of ten (10⁻⁶ … 1) all of `values` are multiples of
 /// (within the rounding of decimal text to f64). Capped at 1: integers that
 /// happen to be multiples of 10 are still counted in ones.
@@ -158,6 +167,15 @@ mod tests {
         let rows = cols[0].len();
         let values = (0..rows).flat_map(|i| cols.iter().map(move |c| c[i])).collect();
         Table { columns: (0..cols.len()).map(|j| format!("c{j}")).collect(), rows, values }
+    }
+
+    #[test]
+    fn measured_widths_print_three_significant_digits() {
+        assert_eq!(fmt_sig3(1.7756538655298368), "1.78");
+        assert_eq!(fmt_sig3(18.765371090441832), "18.8");
+        assert_eq!(fmt_sig3(0.0030175121744869748), "0.00302");
+        assert_eq!(fmt_sig3(1234.6), "1235");
+        assert_eq!(fmt_sig3(0.0), "0");
     }
 
     #[test]

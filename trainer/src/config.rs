@@ -82,6 +82,13 @@ pub struct TrainConfig {
     /// counts, rates to three decimals) with fresh uniform noise of one grid
     /// step in every training batch; also gives constant columns a scale.
     pub dequantize: bool,
+    /// Cap the density of a repeated value's dequantization cell: a value
+    /// held by a share `s` of the training rows gets noise of width
+    /// `max(grid, s·σ·√(2π))` (σ the column's standard deviation), so its
+    /// cell is never denser than the peak of a Gaussian with the column's
+    /// spread — a spike of exact repeats (zeros standing for "none") is not
+    /// learned as a sharp peak.
+    pub spread_spikes: bool,
     /// Standard deviation of Gaussian noise added to every training batch, in
     /// standardized units (0: none). Smooths the learned density at that scale.
     pub input_noise: f64,
@@ -176,6 +183,7 @@ impl Default for TrainConfig {
             valid_data: None,
             test_data: None,
             dequantize: true,
+            spread_spikes: false,
             input_noise: 0.0,
             whiten: false,
             valid_rows: None,

@@ -187,6 +187,10 @@ pub struct Splits {
     /// `(U(0, 1) − ½) · noise`; validation, test and scoring use the rows as
     /// they are, i.e. the centres of the quantization cells.
     pub noise: Tensor,
+    /// Per training row and column widths `[rows, D]` (standardized units)
+    /// where they differ between rows ([`spike_widths`]); `noise` then holds
+    /// their root mean square per column.
+    pub row_noise: Option<Tensor>,
     /// The training file's column profile (empty for toy sets).
     pub profiles: Vec<crate::columns::ColumnProfile>,
     /// `[C, H, W]` for 8-bit images ([`Splits::images`]), else `None`.
@@ -194,12 +198,14 @@ pub struct Splits {
 }
 
 impl Splits {
-    /// Shuffles (seeded) and splits `table` by fractions; `widths` as in [`Splits::dequantized`].
+    /// Shuffles (seeded) and splits `table` by fractions; `widths` and
+    /// `spread` as in [`Splits::dequantized`].
     pub fn from_table(
         table: &Table,
         valid_fraction: f64,
         test_fraction: f64,
         widths: &[f64],
+        spread: bool,
     ) -> Result<Self> {
         let x = table.to_tensor();
         let n = table.rows as i64;
@@ -214,26 +220,37 @@ impl Splits {
         let train = x.narrow(0, 0, n_train);
         let valid = x.narrow(0, n_train, n_valid);
         let test = x.narrow(0, n_train + n_valid, n_test);
-        Ok(Self::dequantized(train, valid, test, widths))
+        Ok(Self::dequantized(train, valid, test, widths, spread))
     }
 
     /// Standardizes with train statistics (std floored at 1e-12), no dequantization.
     pub fn standardized(train: Tensor, valid: Tensor, test: Tensor) -> Self {
         let d = train.size()[1] as usize;
-        Self::dequantized(train, valid, test, &vec![0.0; d])
+        Self::dequantized(train, valid, test, &vec![0.0; d], false)
     }
 
     /// Standardizes with the statistics of the training rows *as the flow sees
     /// them*: a column dequantized with uniform noise of width `w` (data units)
     /// has variance `var + w²/12`, so a constant or nearly constant quantized
-    /// column keeps a finite scale.
-    pub fn dequantized(train: Tensor, valid: Tensor, test: Tensor, widths: &[f64]) -> Self {
+    /// column keeps a finite scale. With `spread`, repeated values get the
+    /// wider cells of [`spike_widths`].
+    pub fn dequantized(train: Tensor, valid: Tensor, test: Tensor, widths: &[f64], spread: bool) -> Self {
         let w = Tensor::from_slice(widths).to_kind(Kind::Double);
         let mean = train.mean_dim(0, false, Kind::Double);
         let var = if train.size()[0] > 1 { train.var_dim(0, true, false) } else { mean.zeros_like() };
-        let std = (var + w.square() / 12.0).sqrt().clamp_min(1e-12);
+        let row_widths = spread.then(|| {
+            let std = Vec::<f64>::try_from((&var + w.square() / 12.0).sqrt()).unwrap_or_default();
+            spike_widths(&train.to_kind(Kind::Double), widths, &std)
+        });
+        // Mean square of the noise width per column: what the variance gains.
+        let w2 = match &row_widths {
+            Some(r) => r.square().mean_dim(0, false, Kind::Double),
+            None => w.square(),
+        };
+        let std = (var + &w2 / 12.0).sqrt().clamp_min(1e-12);
         let f = |x: &Tensor| (x - &mean) / &std;
-        let noise = &w / &std;
+        let noise = w2.sqrt() / &std;
+        let row_noise = row_widths.map(|r| r / &std);
         Splits {
             train: f(&train),
             valid: f(&valid),
@@ -241,6 +258,7 @@ impl Splits {
             mean,
             std,
             noise,
+            row_noise,
             profiles: Vec::new(),
             image_shape: None,
         }
@@ -262,6 +280,7 @@ impl Splits {
             mean: Tensor::full([d], -0.5, opts),
             std: Tensor::full([d], 256.0, opts),
             noise: Tensor::full([d], 1.0 / 256.0, opts),
+            row_noise: None,
             profiles: Vec::new(),
             image_shape: None,
         }
@@ -275,6 +294,37 @@ impl Splits {
     pub fn dequantizes(&self) -> bool {
         self.noise.abs().max().double_value(&[]) > 0.0
     }
+}
+
+/// Dequantization widths per training row and column `[rows, D]` (data
+/// units) that cap every cell's density. A value held by a share `s` of the
+/// rows of a column with grid step `w > 0` and standard deviation `σ` gets
+/// the cell width `max(w, s·σ·√(2π))`: its uniform block of mass `s` is then
+/// at most as dense as the peak of `N(·; m, σ²)`. Ordinary lattice values
+/// (each a few percent of the rows) keep one grid step; only heavy repeats
+/// widen. Continuous columns (`w = 0`) stay 0.
+pub fn spike_widths(train: &Tensor, widths: &[f64], std: &[f64]) -> Tensor {
+    let (n, d) = (train.size()[0] as usize, widths.len());
+    let x = Vec::<f64>::try_from(train.reshape([-1])).unwrap_or_default();
+    let mut out = vec![0.0; n * d];
+    let scale = (2.0 * std::f64::consts::PI).sqrt();
+    for j in 0..d {
+        let w = widths[j];
+        if w <= 0.0 || n == 0 || x.len() != n * d {
+            continue;
+        }
+        // Values on the grid, grouped by their cell index.
+        let cells: Vec<i64> = (0..n).map(|i| (x[i * d + j] / w).round() as i64).collect();
+        let mut counts = std::collections::HashMap::<i64, usize>::new();
+        for c in &cells {
+            *counts.entry(*c).or_default() += 1;
+        }
+        for (i, c) in cells.iter().enumerate() {
+            let share = counts[c] as f64 / n as f64;
+            out[i * d + j] = w.max(share * std[j] * scale);
+        }
+    }
+    Tensor::from_slice(&out).reshape([n as i64, d as i64])
 }
 
 /// The toy 2-D data sets of spec §6.1.
@@ -370,4 +420,50 @@ pub fn toy(name: &str, n: i64) -> Result<Tensor> {
         other => bail!("unknown toy data set '{other}' (choose one of {})", TOYS.join(", ")),
     };
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A column where 80 % of the rows are 0 and the rest spread over
+    /// 1 … 20, next to a continuous column: only the zeros' cells widen, to
+    /// `0.8·σ·√(2π)`, and the standardization counts the wider noise.
+    #[test]
+    fn only_heavy_repeats_get_wider_cells() {
+        let n = 100;
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let quantized = if i < 80 { 0.0 } else { (i - 79) as f64 };
+            rows.extend([quantized, 0.37 * i as f64 + 0.001 * (i * i) as f64]);
+        }
+        let train = Tensor::from_slice(&rows).reshape([n, 2]);
+        let widths = [1.0, 0.0];
+        let var = Vec::<f64>::try_from(train.var_dim(0, true, false)).unwrap();
+        let sigma = (var[0] + 1.0 / 12.0).sqrt();
+        let w = Vec::<f64>::try_from(spike_widths(&train, &widths, &[sigma, 1.0]).reshape([-1])).unwrap();
+        let spike = 0.8 * sigma * (2.0 * std::f64::consts::PI).sqrt();
+        assert!(spike > 1.0, "the test needs a spike wider than the grid: {spike}");
+        for i in 0..n as usize {
+            let expected = if i < 80 { spike } else { 1.0 };
+            assert!((w[2 * i] - expected).abs() < 1e-12, "row {i}: {} vs {expected}", w[2 * i]);
+            assert_eq!(w[2 * i + 1], 0.0, "a continuous column stays undequantized");
+        }
+        let s = Splits::dequantized(
+            train.shallow_clone(),
+            train.shallow_clone(),
+            train.shallow_clone(),
+            &widths,
+            true,
+        );
+        let mean_square = (80.0 * spike * spike + 20.0) / 100.0;
+        let std = Vec::<f64>::try_from(&s.std).unwrap();
+        assert!((std[0] - (var[0] + mean_square / 12.0).sqrt()).abs() < 1e-9);
+        let row_noise = Vec::<f64>::try_from(s.row_noise.unwrap().reshape([-1])).unwrap();
+        assert!((row_noise[0] - spike / std[0]).abs() < 1e-12);
+        assert!((row_noise[2 * 90] - 1.0 / std[0]).abs() < 1e-12);
+        // Without `spread` every row of the column keeps one grid step.
+        let plain = Splits::dequantized(train.shallow_clone(), train.shallow_clone(), train, &widths, false);
+        assert!(plain.row_noise.is_none());
+    }
 }

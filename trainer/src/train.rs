@@ -137,16 +137,39 @@ fn fit_in_run_dir(
     for w in crate::columns::warnings(&splits.profiles) {
         eprintln!("warning: {w}");
     }
+    // The grid step per column, and with `spread_spikes` the widest cell a
+    // repeated value got (data units).
     let widths = Vec::<f64>::try_from(&(&splits.noise * &splits.std))?;
-    let dequantized: Vec<String> = (splits.profiles.iter().zip(&widths))
-        .filter(|(_, w)| **w > 0.0)
-        .map(|(p, w)| format!("{} ({})", p.name, crate::columns::fmt_g(*w)))
+    let widest = match &splits.row_noise {
+        Some(r) => Vec::<f64>::try_from(&(r * &splits.std).amax([0].as_slice(), false))?,
+        None => widths.clone(),
+    };
+    let dequantized: Vec<String> = (splits.profiles.iter().zip(&widths).zip(&widest))
+        .filter(|((_, w), _)| **w > 0.0)
+        .map(|((p, _), widest)| {
+            let step = p.dequantization().unwrap_or(*widest);
+            if *widest > step * (1.0 + 1e-9) {
+                format!(
+                    "{} ({}; repeats up to {})",
+                    p.name,
+                    crate::columns::fmt_g(step),
+                    crate::columns::fmt_sig3(*widest)
+                )
+            } else {
+                format!("{} ({})", p.name, crate::columns::fmt_g(step))
+            }
+        })
         .collect();
     if !dequantized.is_empty() {
         eprintln!(
-            "dequantizing {} of {} columns with fresh uniform noise of one grid step per batch (scored at the cell centres): {}",
+            "dequantizing {} of {} columns with fresh uniform noise of one grid step per batch{} (scored at the cell centres): {}",
             dequantized.len(),
             widths.len(),
+            if splits.row_noise.is_some() {
+                ", wider for heavily repeated values (--spread-spikes)"
+            } else {
+                ""
+            },
             dequantized.join(", ")
         );
     }
@@ -159,6 +182,7 @@ fn fit_in_run_dir(
     let to_dev = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
     let (train, valid, test) = (to_dev(&splits.train), to_dev(&splits.valid), to_dev(&splits.test));
     let noise = splits.dequantizes().then(|| to_dev(&splits.noise));
+    let row_noise = splits.row_noise.as_ref().map(to_dev);
 
     let mut vs = nn::VarStore::new(device);
     let mut chain = build_chain(&vs, cfg, dim, Some(&splits))?;
@@ -204,9 +228,10 @@ fn fit_in_run_dir(
         } else {
             let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
             let batch = train.index_select(0, &idx);
-            let batch = match &noise {
-                Some(w) => &batch + (batch.rand_like() - 0.5) * w,
-                None => batch,
+            let batch = match (&row_noise, &noise) {
+                (Some(w), _) => &batch + (batch.rand_like() - 0.5) * w.index_select(0, &idx),
+                (None, Some(w)) => &batch + (batch.rand_like() - 0.5) * w,
+                (None, None) => batch,
             };
             if cfg.input_noise > 0.0 { &batch + batch.randn_like() * cfg.input_noise } else { batch }
         };
@@ -473,9 +498,21 @@ pub fn prepare_data(cfg: &TrainConfig) -> Result<(Splits, String)> {
                             );
                         }
                     }
-                    Splits::dequantized(train.to_tensor(), valid.to_tensor(), test.to_tensor(), &widths)
+                    Splits::dequantized(
+                        train.to_tensor(),
+                        valid.to_tensor(),
+                        test.to_tensor(),
+                        &widths,
+                        cfg.spread_spikes,
+                    )
                 }
-                (None, None) => Splits::from_table(&train, cfg.valid_fraction, cfg.test_fraction, &widths)?,
+                (None, None) => Splits::from_table(
+                    &train,
+                    cfg.valid_fraction,
+                    cfg.test_fraction,
+                    &widths,
+                    cfg.spread_spikes,
+                )?,
                 (None, Some(_)) => bail!("--test-data needs --valid-data"),
             };
             (Splits { profiles, ..s }, described)
