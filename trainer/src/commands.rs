@@ -208,6 +208,9 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     }
     out += if labels.is_some() { ",label\n" } else { "\n" };
     let (mut anomalies, mut scores, mut ratio_scores) = (0, Vec::with_capacity(table.rows), Vec::new());
+    // −log_p_base: the latent radius on an N(0, I) base (trainer/README.md,
+    // "which part of the score ranks").
+    let mut base_scores = Vec::with_capacity(table.rows);
     // Rows are independent: score them on every core (libtorch's thread count,
     // `OMP_NUM_THREADS`), each thread with its own scratch; a row's value does
     // not depend on the thread, and the output keeps the rows' order.
@@ -248,6 +251,7 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
             None => out += "\n",
         }
         scores.push(f64::from(s.score));
+        base_scores.push(-f64::from(ld.log_p_base));
     }
     match &args.out {
         Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
@@ -264,6 +268,13 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
             d.average_precision,
             d.recall,
             d.false_positive_rate
+        );
+        // No stored threshold for the base term either.
+        let b = ffjord_trainer::anomaly::detection(&base_scores, labels, f64::INFINITY);
+        let base = if model.kde_base().is_some() { "the KDE base" } else { "N(0, I): the latent radius" };
+        eprintln!(
+            "−log p_base(z) alone ({base}): AUROC {:.4}, average precision {:.4}",
+            b.auroc, b.average_precision
         );
         if background.is_some() {
             // No stored threshold for the ratio: AUROC and average precision only.

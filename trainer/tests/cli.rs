@@ -877,6 +877,36 @@ fn fit_trains_the_multiscale_flow_on_images() {
     assert!(run.status.success(), "{log}");
     assert!(out.contains("log_p_background,ratio_score"), "{out}");
     assert!(log.contains("likelihood ratio against the per-pixel background: AUROC"), "{log}");
+    // The base term alone (the latent radius on this N(0, I) base): the
+    // printed AUROC is the one of the written `log_p_base` column.
+    let printed: f64 = log
+        .split("−log p_base(z) alone (N(0, I): the latent radius): AUROC ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no base-term AUROC in {log}"));
+    let rows: Vec<(f64, bool)> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (-f[5].parse::<f64>().unwrap(), f[f.len() - 1] == "1")
+        })
+        .collect();
+    let (mut wins, mut pairs) = (0.0, 0.0);
+    for (p, _) in rows.iter().filter(|r| r.1) {
+        for (n, _) in rows.iter().filter(|r| !r.1) {
+            pairs += 1.0;
+            wins += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    assert!((printed - wins / pairs).abs() < 1e-4, "printed {printed}, from the CSV {}", wins / pairs);
     // `score --probes K`: Hutchinson's estimate instead of the exact trace.
     // Unbiased: over 16 probe seeds the mean log p of each row is the exact
     // one within 4 standard errors (+ 1e-2 nats for the solver's steps,
