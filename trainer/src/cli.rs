@@ -327,6 +327,7 @@ pub(crate) struct FitArgs {
     /// Learn T = s² (true/false).
     #[arg(long)]
     pub(crate) train_end_time: Option<bool>,
+    /// How training computes the divergence [default: exact for --toy, gaussian for data files, rademacher for images]
     #[arg(long, value_enum)]
     pub(crate) trace: Option<TraceMode>,
     /// Gradients by backprop through the solver or by the continuous adjoint.

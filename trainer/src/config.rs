@@ -112,7 +112,10 @@ pub struct TrainConfig {
     pub batch_norm: bool,
     pub end_time: f64,
     pub train_end_time: bool,
-    pub trace: TraceMode,
+    /// How training computes the divergence. Unset, the reference recipe for
+    /// the data ([`TrainConfig::trace_mode`]); a run's `config.toml` records
+    /// the mode it used.
+    pub trace: Option<TraceMode>,
     /// Backprop through the solver, or the continuous adjoint.
     pub gradient: Gradient,
     /// Adjoint only: leave parameter adjoints out of the backward error norm.
@@ -197,7 +200,7 @@ impl Default for TrainConfig {
             batch_norm: false,
             end_time: 0.5,
             train_end_time: true,
-            trace: TraceMode::Exact,
+            trace: None,
             gradient: Gradient::Backprop,
             seminorm: false,
             kinetic: 0.0,
@@ -232,6 +235,21 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The divergence mode training uses: the one given, else the reference
+    /// recipes' (spec §6): the exact trace for the 2-D toy sets, Hutchinson's
+    /// estimate with Gaussian noise for data files (the tabular recipe; one
+    /// vector-Jacobian product per evaluation instead of `D`) and with
+    /// Rademacher noise for images. A toy run with the RNODE Jacobian
+    /// penalty, which reuses Hutchinson's product, gets Gaussian noise too.
+    pub fn trace_mode(&self, images: bool) -> TraceMode {
+        match self.trace {
+            Some(mode) => mode,
+            None if images => TraceMode::Rademacher,
+            None if self.toy.is_some() && self.jacobian == 0.0 => TraceMode::Exact,
+            None => TraceMode::Gaussian,
+        }
+    }
+
     /// Rejects values no training run can use, naming the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -278,7 +296,7 @@ impl TrainConfig {
             "kinetic and jacobian must be finite and ≥ 0"
         );
         anyhow::ensure!(
-            self.jacobian == 0.0 || self.trace != TraceMode::Exact,
+            self.jacobian == 0.0 || self.trace != Some(TraceMode::Exact),
             "--jacobian reuses the Hutchinson vector-Jacobian product: use --trace gaussian or rademacher"
         );
         anyhow::ensure!(self.valid_every >= 1, "valid_every must be at least 1");

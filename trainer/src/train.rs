@@ -112,7 +112,16 @@ fn fit_in_run_dir(
     let (splits, description) = prepare_data(cfg)?;
     // The image shape the model is built for comes from the data and is part
     // of the run's config (so resume and later commands rebuild the same model).
-    let cfg = &TrainConfig { image_shape: splits.image_shape.map(|s| s.to_vec()), ..cfg.clone() };
+    // So is the trace mode when the recipe's default applies.
+    if cfg.trace.is_none() {
+        let mode = cfg.trace_mode(splits.image_shape.is_some());
+        eprintln!("trace: {mode:?} (the recipe's default for this data; --trace sets another)");
+    }
+    let cfg = &TrainConfig {
+        image_shape: splits.image_shape.map(|s| s.to_vec()),
+        trace: Some(cfg.trace_mode(splits.image_shape.is_some())),
+        ..cfg.clone()
+    };
     if let Some([c, h, w]) = splits.image_shape {
         eprintln!(
             "images {c}×{h}×{w}: scaled to [0, 1) by 256, dequantized with fresh uniform noise of one byte per batch, logit α {}",
@@ -202,7 +211,7 @@ fn fit_in_run_dir(
         .context("opening metrics.jsonl")?;
     let train_opts = SolveOptions {
         method: cfg.method(),
-        trace: cfg.trace,
+        trace: cfg.trace_mode(splits.image_shape.is_some()),
         create_graph: true,
         seminorm: cfg.seminorm,
         regularization: crate::model::Regularization { kinetic: cfg.kinetic, jacobian: cfg.jacobian },

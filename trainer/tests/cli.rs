@@ -984,3 +984,25 @@ fn score_on_several_threads_writes_the_same_rows_in_order() {
         assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "row {i}: {g} vs golden {e}");
     }
 }
+
+/// Without `--trace`, training uses the reference recipe's divergence for the
+/// data — Hutchinson with Gaussian noise for a data file, the exact trace for
+/// a toy set — and the run's `config.toml` records it (so a resume and a
+/// reader see the mode used); `--trace` still decides when given.
+#[test]
+fn the_trace_mode_defaults_to_the_recipe_for_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_6d(&d.join("six.csv"), 200);
+    let trace_of = |run: &str| {
+        let config = std::fs::read_to_string(d.join(run).join("config.toml")).unwrap();
+        config.lines().find(|l| l.starts_with("trace =")).map(str::to_string).unwrap_or_default()
+    };
+    let small = ["--hidden", "8", "--iterations", "2", "--valid-every", "1", "--batch", "64"];
+    ok(&[&["fit", "--data", "six.csv", "--out", "data.ffjd"][..], &small].concat(), d);
+    assert_eq!(trace_of("data.run"), r#"trace = "gaussian""#);
+    ok(&[&["fit", "--toy", "8gaussians", "--out", "toy.ffjd"][..], &small].concat(), d);
+    assert_eq!(trace_of("toy.run"), r#"trace = "exact""#);
+    ok(&[&["fit", "--data", "six.csv", "--trace", "exact", "--out", "given.ffjd"][..], &small].concat(), d);
+    assert_eq!(trace_of("given.run"), r#"trace = "exact""#);
+}
