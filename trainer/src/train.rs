@@ -113,13 +113,13 @@ fn fit_in_run_dir(
     // The image shape the model is built for comes from the data and is part
     // of the run's config (so resume and later commands rebuild the same model).
     // So is the trace mode when the recipe's default applies.
+    let trace = cfg.trace_mode(splits.image_shape.is_some());
     if cfg.trace.is_none() {
-        let mode = cfg.trace_mode(splits.image_shape.is_some());
-        eprintln!("trace: {mode:?} (the recipe's default for this data; --trace sets another)");
+        eprintln!("trace: {trace:?} (the recipe's default for this data; --trace sets another)");
     }
     let cfg = &TrainConfig {
         image_shape: splits.image_shape.map(|s| s.to_vec()),
-        trace: Some(cfg.trace_mode(splits.image_shape.is_some())),
+        trace: Some(trace),
         ..cfg.clone()
     };
     if let Some([c, h, w]) = splits.image_shape {
@@ -211,7 +211,7 @@ fn fit_in_run_dir(
         .context("opening metrics.jsonl")?;
     let train_opts = SolveOptions {
         method: cfg.method(),
-        trace: cfg.trace_mode(splits.image_shape.is_some()),
+        trace,
         create_graph: true,
         seminorm: cfg.seminorm,
         regularization: crate::model::Regularization { kinetic: cfg.kinetic, jacobian: cfg.jacobian },
