@@ -11,6 +11,10 @@
 # FIT_ARGS="--whiten false" bench/anomaly.sh …  adds flags to every fit (an ablation);
 # SEEDS="0" limits the split seeds; MEMBERS=3 benchmarks an ensemble of three
 # flows per split (fit seeds s, s+1000, s+2000) instead of one.
+# REUSE_FITS=1 keeps the trained runs already in OUT_DIR and only re-exports
+# them with the current trainer (EXPORT_ARGS="--score density" adds export
+# flags), then benchmarks: a change to export or scoring measured on the same
+# fits in minutes.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out=${1:?usage: bench/anomaly.sh OUT_DIR [SETS...]}
@@ -48,6 +52,13 @@ for set in "${sets[@]}"; do
     models=()
     for m in $(seq 0 $(( ${MEMBERS:-1} - 1 ))); do
       suffix=$([ "$m" = 0 ] && echo "" || echo "-$m")
+      if [ "${REUSE_FITS:-0}" = 1 ] && [ -f "$d/model$suffix.run/best.ot" ]; then
+        # shellcheck disable=SC2086
+        OMP_NUM_THREADS=1 "$trainer" export --run-dir "$d/model$suffix.run" --out "$d/model$suffix.ffjd" \
+          ${EXPORT_ARGS:-} > "$d/export$suffix.log" 2>&1
+        models+=(--model "$d/model$suffix.ffjd")
+        continue
+      fi
       # shellcheck disable=SC2046,SC2086
       { time OMP_NUM_THREADS=1 "$trainer" fit --data "$d/data/train.csv" --valid-data "$d/data/valid.csv" \
         --out "$d/model$suffix.ffjd" --seed $(( seed + 1000 * m )) $(with_overrides $(recipe "$set")) ${FIT_ARGS:-} \
@@ -56,7 +67,7 @@ for set in "${sets[@]}"; do
     done
     "$trainer" benchmark --run-dir "$d/model.run" "${models[@]}" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
-    echo "$set seed $seed: $(grep "FFJORD (this model)" "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt")"
+    echo "$set seed $seed: $(grep "FFJORD (this model)" "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt" 2>/dev/null) $(grep -h '^score:' "$d"/fit.log "$d"/export.log 2>/dev/null | tail -1 | sed 's/.*→/score →/')"
   done
   echo "## $set"
   "$trainer" benchmark-summary "$out/$set"/seed*/benchmark.json | tee "$out/$set/summary.md"

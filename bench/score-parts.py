@@ -40,7 +40,7 @@ def main():
         with open(path) as f:
             rows = list(csv.DictReader(f))
         known = {"row", "log_p", "score", "verdict", "nfe", "log_p_base", "delta_log_p",
-                 "log_p_background", "ratio_score"}
+                 "log_p_normal", "log_p_background", "ratio_score"}
         label = list(rows[0])[-1] if rows else None
         if label is None or label in known:
             sys.exit(f"{path}: no label column (run trainer score with --label)")

@@ -92,7 +92,8 @@ typedef struct FfjordModel {
 typedef struct FfjordScore {
   // `log p(x)` in nats.
   float log_p;
-  // The anomaly score `−log p(x)`.
+  // The model's anomaly score (`ffjord_model_score_kind`): `−log p(x)`,
+  // or the latent radius `−log N(z)`.
   float score;
   // Against the model's threshold: an `FfjordVerdict` value.
   int32_t verdict;
@@ -125,8 +126,16 @@ size_t ffjord_model_dim(const struct FfjordModel *model);
 // `model` is null or points to an `FfjordModel`.
 size_t ffjord_model_scratch_len(const struct FfjordModel *model);
 
-// The stored anomaly threshold on `−log p` and the validation quantile it
-// was set at; `Uncalibrated` if the model has none.
+// What the model's anomaly score is: an `FfjordScoreKind` value, or a
+// negative status if `model` is not loaded.
+//
+// # Safety
+// `model` is null or points to an `FfjordModel`.
+int32_t ffjord_model_score_kind(const struct FfjordModel *model);
+
+// The stored anomaly threshold on the model's score
+// (`ffjord_model_score_kind`) and the validation quantile it was set at;
+// `Uncalibrated` if the model has none.
 //
 // # Safety
 // `model` as above; `score` and `quantile` are null or writable.

@@ -184,13 +184,25 @@ pub enum FfjordVerdict {
     Uncalibrated = 2,
 }
 
+/// What a model's anomaly score is (`ffjord_model_score_kind`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfjordScoreKind {
+    /// `−log p(x)`, the model's density (every file before format version 6).
+    NegLogDensity = 0,
+    /// `−log N(z; 0, I)` of the latent point: the volume change (and any
+    /// kernel density base) left out. Format version 6.
+    LatentRadius = 1,
+}
+
 /// One row's result.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FfjordScore {
     /// `log p(x)` in nats.
     pub log_p: f32,
-    /// The anomaly score `−log p(x)`.
+    /// The model's anomaly score (`ffjord_model_score_kind`): `−log p(x)`,
+    /// or the latent radius `−log N(z)`.
     pub score: f32,
     /// Against the model's threshold: an `FfjordVerdict` value.
     pub verdict: i32,
@@ -310,8 +322,26 @@ pub unsafe extern "C" fn ffjord_model_scratch_len(model: *const FfjordModel) -> 
     unsafe { loaded(model) }.map_or(0, |l| l.model.scratch_len(&l.solver))
 }
 
-/// The stored anomaly threshold on `−log p` and the validation quantile it
-/// was set at; `Uncalibrated` if the model has none.
+/// What the model's anomaly score is: an `FfjordScoreKind` value, or a
+/// negative status if `model` is not loaded.
+///
+/// # Safety
+/// `model` is null or points to an `FfjordModel`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ffjord_model_score_kind(model: *const FfjordModel) -> i32 {
+    // SAFETY: as documented.
+    match unsafe { loaded(model) } {
+        Ok(l) => match l.model.score_kind() {
+            ffjord_runtime::ScoreKind::LatentRadius => FfjordScoreKind::LatentRadius as i32,
+            ffjord_runtime::ScoreKind::NegLogDensity => FfjordScoreKind::NegLogDensity as i32,
+        },
+        Err(status) => status as i32,
+    }
+}
+
+/// The stored anomaly threshold on the model's score
+/// (`ffjord_model_score_kind`) and the validation quantile it was set at;
+/// `Uncalibrated` if the model has none.
 ///
 /// # Safety
 /// `model` as above; `score` and `quantile` are null or writable.

@@ -174,3 +174,52 @@ fn every_runtime_error_code_has_its_status_and_name() {
     );
     assert_eq!(name(1234), "unknown status");
 }
+
+/// A tiny model (D = 2, f(z) = −z/2 over T = 1) scored as `kind`.
+fn tiny(kind: ffjord_runtime::ScoreKind) -> Vec<u8> {
+    use ffjord_runtime::{Activation, CnfSpec, Header, LayerKind, LayerSpec, Metadata, Solver, Stage};
+    let layers = [LayerSpec { kind: LayerKind::Ignore, out_dim: 2 }].into_iter().collect();
+    let cnf =
+        CnfSpec { layers, activation: Activation::Identity, end_time: 1.0, matrices: Default::default() };
+    let header = Header {
+        dim: 2,
+        standardize: false,
+        stages: [Stage::Cnf(cnf)].into_iter().collect(),
+        solver: Solver::Rk4 { steps: 8 },
+        threshold: Some(ffjord_runtime::Threshold { score: 2.0, quantile: 0.99 }),
+        metadata: Metadata { name: "tiny", description: "", command: "" },
+        score: kind,
+    };
+    let mut bytes = vec![0u8; ffjord_runtime::format::encoded_len(&header).unwrap()];
+    ffjord_runtime::format::encode(&header, &[-0.5, 0.0, 0.0, -0.5, 0.0, 0.0], &mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn the_score_kind_is_reported_and_scored() {
+    use ffjord_runtime::ScoreKind;
+    for (kind, code) in [
+        (ScoreKind::NegLogDensity, FfjordScoreKind::NegLogDensity),
+        (ScoreKind::LatentRadius, FfjordScoreKind::LatentRadius),
+    ] {
+        let bytes = tiny(kind);
+        let mut m = empty();
+        unsafe {
+            assert_eq!(ffjord_model_load(bytes.as_ptr(), bytes.len(), &mut m), 0);
+            assert_eq!(ffjord_model_score_kind(&m), code as i32);
+            let mut scratch = vec![0f32; ffjord_model_scratch_len(&m)];
+            let x = [1.5f32, -0.5];
+            let mut out = FfjordScore { log_p: 0.0, score: 0.0, verdict: -1, nfe: 0 };
+            assert_eq!(ffjord_score(&m, x.as_ptr(), 2, scratch.as_mut_ptr(), scratch.len(), &mut out), 0);
+            let model = Model::from_bytes(&bytes).unwrap();
+            let flow = Flow::new(&model, model.default_solver()).unwrap();
+            let ld = flow.log_density(&x, &mut scratch).unwrap();
+            let expected = if kind == ScoreKind::LatentRadius { -ld.log_p_normal } else { -ld.log_p };
+            assert_eq!(out.score.to_bits(), expected.to_bits(), "{kind:?}");
+            assert_eq!(out.verdict, i32::from(expected > 2.0));
+        }
+    }
+    // An unloaded handle is refused with its status.
+    let m = empty();
+    assert_eq!(unsafe { ffjord_model_score_kind(&m) }, FfjordStatus::NotLoaded as i32);
+}

@@ -20,10 +20,13 @@ pub const MAGIC: [u8; 4] = *b"FFJD";
 /// the [`Stage::Linear`] stage, version 3 CNF stages whose matrices are
 /// stored as f16 or i8 ([`CnfSpec::matrices`]), version 4 the image stages
 /// ([`Stage::Logit`], [`Stage::Squeeze`], [`Stage::ConvCnf`]), version 5
-/// the kernel density base ([`Stage::KdeBase`]); [`encode`]
+/// the kernel density base ([`Stage::KdeBase`]), version 6 the anomaly
+/// score's kind ([`Header::score`], a field after the metadata); [`encode`]
 /// writes the oldest version that can hold a header ([`Header::version`]),
 /// so files without them keep their old version.
-pub const FORMAT_VERSION: u16 = 5;
+pub const FORMAT_VERSION: u16 = 6;
+/// The first format version whose header ends with [`Header::score`].
+pub const SCORE_KIND_VERSION: u16 = 6;
 /// The oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
@@ -410,7 +413,45 @@ fn version_of(stages: impl Iterator<Item = Stage>) -> u16 {
     stages.map(|s| s.min_version()).max().unwrap_or(MIN_FORMAT_VERSION)
 }
 
-/// An anomaly threshold on the score `−log p(x)`.
+/// What a model's anomaly score is. Every path that scores (`Flow::score`,
+/// `score_batch`, `score_packed`, the C API, the firmware, the WASM page)
+/// computes this one, and the stored [`Threshold`] is on it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScoreKind {
+    /// `−log p(x)`, the model's full density (every file before version 6).
+    #[default]
+    NegLogDensity,
+    /// `−log N(z; 0, I) = ½‖z‖² + (D/2) ln 2π` of the latent point `z` the
+    /// chain maps `x` to: where the row lands, without the volume change
+    /// along the flow and without a kernel density base. The volume change
+    /// carries what the flow learned about fine detail (for instance a
+    /// column's repeated values), which can rank outliers worse than the
+    /// radius does; the trainer keeps this kind only where it ranks
+    /// synthetic outliers of the validation rows better. Since version 6.
+    LatentRadius,
+}
+
+impl ScoreKind {
+    /// The oldest format version that can hold this kind.
+    pub fn min_version(self) -> u16 {
+        match self {
+            ScoreKind::NegLogDensity => MIN_FORMAT_VERSION,
+            ScoreKind::LatentRadius => SCORE_KIND_VERSION,
+        }
+    }
+
+    /// `"neg-log-density"` or `"latent-radius"` (as the trainer's JSON form
+    /// and outputs write it).
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreKind::NegLogDensity => "neg-log-density",
+            ScoreKind::LatentRadius => "latent-radius",
+        }
+    }
+}
+
+/// An anomaly threshold on the model's score ([`ScoreKind`]; `−log p(x)`
+/// unless the header says otherwise).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub struct Threshold {
     /// Rows scoring above this are anomalies.
@@ -451,6 +492,11 @@ pub struct Header<'a> {
     /// Provenance.
     #[serde(borrow)]
     pub metadata: Metadata<'a>,
+    /// What the anomaly score is. Not part of the derived encoding: [`encode`]
+    /// writes it after the metadata only in version 6 and later, so files
+    /// scored by `−log p` keep their bytes and their older version.
+    #[serde(skip)]
+    pub score: ScoreKind,
 }
 
 /// Where things are in the weight section, derived from a validated [`Header`].
@@ -485,9 +531,9 @@ pub struct Layout {
 
 impl Header<'_> {
     /// The format version [`encode`] writes for this header: the oldest that
-    /// has every stage in it.
+    /// has every stage in it and its score kind.
     pub fn version(&self) -> u16 {
-        version_of(self.stages.iter().cloned())
+        version_of(self.stages.iter().cloned()).max(self.score.min_version())
     }
 
     /// Checks every field and derives the weight layout.
@@ -618,6 +664,8 @@ pub struct HeaderView<'a> {
     pub threshold: Option<Threshold>,
     /// Provenance.
     pub metadata: Metadata<'a>,
+    /// What the anomaly score is ([`ScoreKind::NegLogDensity`] before version 6).
+    pub score: ScoreKind,
     /// The postcard bytes of the stage elements.
     stages_raw: &'a [u8],
     /// Byte offset of each stage in `stages_raw`.
@@ -642,9 +690,10 @@ fn take<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, &'a [u8]), LoadEr
 }
 
 impl<'a> HeaderView<'a> {
-    /// Decodes a postcard header (the same bytes [`Header`] encodes to) and
-    /// validates it; returns the view, its layout and the bytes after it.
-    pub fn decode(payload: &'a [u8]) -> Result<(Self, Layout, &'a [u8]), LoadError> {
+    /// Decodes a postcard header of format `version` (the same bytes
+    /// [`encode`] writes for a [`Header`]) and validates it; returns the
+    /// view, its layout and the bytes after it.
+    pub fn decode(payload: &'a [u8], version: u16) -> Result<(Self, Layout, &'a [u8]), LoadError> {
         let (dim, rest) = take::<u16>(payload)?;
         let (standardize, rest) = take::<bool>(rest)?;
         // A sequence is its length (a varint) followed by the elements.
@@ -666,7 +715,13 @@ impl<'a> HeaderView<'a> {
         let (solver, rest) = take::<Solver>(rest)?;
         let (threshold, rest) = take::<Option<Threshold>>(rest)?;
         let (metadata, rest) = take::<Metadata<'a>>(rest)?;
-        let view = HeaderView { dim, standardize, solver, threshold, metadata, stages_raw, stage_starts };
+        let (score, rest) = if version >= SCORE_KIND_VERSION {
+            take::<ScoreKind>(rest)?
+        } else {
+            (ScoreKind::default(), rest)
+        };
+        let view =
+            HeaderView { dim, standardize, solver, threshold, metadata, score, stages_raw, stage_starts };
         let layout = validate(dim, standardize, &solver, threshold, view.stages())?;
         Ok((view, layout, rest))
     }
@@ -676,10 +731,10 @@ impl<'a> HeaderView<'a> {
         self.stage_starts.len()
     }
 
-    /// The oldest format version that has every stage of this header (a
-    /// file must declare at least this one).
+    /// The oldest format version that has every stage of this header and
+    /// its score kind (a file must declare at least this one).
     pub fn version(&self) -> u16 {
-        version_of(self.stages())
+        version_of(self.stages()).max(self.score.min_version())
     }
 
     /// Stage `i`, decoded from the file.
@@ -841,12 +896,30 @@ fn padding(header_end: usize) -> usize {
     (4 - header_end % 4) % 4
 }
 
+/// The header's fields after the derived encoding: the score kind, from
+/// version 6 on.
+fn trailing_fields(header: &Header<'_>) -> Option<ScoreKind> {
+    (header.version() >= SCORE_KIND_VERSION).then_some(header.score)
+}
+
+/// Bytes of the encoded header (the derived fields, then [`trailing_fields`]).
+fn header_len(header: &Header<'_>) -> Result<usize, EncodeError> {
+    let trailing = match trailing_fields(header) {
+        Some(score) => postcard_size(&score)?,
+        None => 0,
+    };
+    Ok(postcard_size(header)? + trailing)
+}
+
+fn postcard_size<T: Serialize>(value: &T) -> Result<usize, EncodeError> {
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
+        .map_err(|_| EncodeError::Serialize)
+}
+
 /// Size in bytes of the file [`encode`] writes for `header`.
 pub fn encoded_len(header: &Header<'_>) -> Result<usize, EncodeError> {
     let layout = header.layout().map_err(EncodeError::Invalid)?;
-    let header_len = postcard::serialize_with_flavor(header, postcard::ser_flavors::Size::default())
-        .map_err(|_| EncodeError::Serialize)?;
-    let header_end = PREAMBLE_LEN + header_len;
+    let header_end = PREAMBLE_LEN + header_len(header)?;
     Ok(header_end + padding(header_end) + 4 * layout.word_count + CRC_LEN)
 }
 
@@ -869,7 +942,11 @@ pub fn encode(header: &Header<'_>, weights: &[f32], out: &mut [u8]) -> Result<us
     let (magic, version) = preamble.split_at_mut(4);
     magic.copy_from_slice(&MAGIC);
     version.copy_from_slice(&header.version().to_le_bytes());
-    let header_len = postcard::to_slice(header, rest).map_err(|_| EncodeError::Serialize)?.len();
+    let mut header_len = postcard::to_slice(header, rest).map_err(|_| EncodeError::Serialize)?.len();
+    if let Some(score) = trailing_fields(header) {
+        let tail = rest.get_mut(header_len..).ok_or(EncodeError::Serialize)?;
+        header_len += postcard::to_slice(&score, tail).map_err(|_| EncodeError::Serialize)?.len();
+    }
     let (_, rest) = rest.split_at_mut(header_len);
     let pad = padding(PREAMBLE_LEN + header_len);
     let (pad_bytes, rest) = rest.split_at_mut(pad);

@@ -34,7 +34,7 @@ pub use error::{Error, Field, LoadError, SolveError};
 pub use flow::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, Sample, Score, Verdict};
 pub use format::{
     Activation, CnfSpec, ConvCnfSpec, Header, HeaderView, ImageShape, KdeSpec, LayerKind, LayerSpec,
-    Metadata, Stage, Threshold,
+    Metadata, ScoreKind, Stage, Threshold,
 };
 pub use image::ImageTrace;
 pub use model::{Model, StageWeights};

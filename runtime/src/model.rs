@@ -98,7 +98,7 @@ impl<'a> Model<'a> {
         // decodes says how long the file must be, so a file cut short is
         // reported as truncated. One decode keeps the stack of a load small.
         let after_preamble = bytes.get(PREAMBLE_LEN..).ok_or(truncated(len, PREAMBLE_LEN + CRC_LEN))?;
-        let decoded = HeaderView::decode(after_preamble);
+        let decoded = HeaderView::decode(after_preamble, version);
         let stored = u32::from_le_bytes(*trailer);
         let computed = crc32(body);
         if stored != computed {
@@ -114,7 +114,7 @@ impl<'a> Model<'a> {
             return Err(LoadError::ChecksumMismatch { stored, computed });
         }
         let (header, layout, after) = decoded?;
-        if layout.min_version > version {
+        if layout.min_version.max(header.score.min_version()) > version {
             return Err(LoadError::InvalidField(crate::error::Field::StageVersion));
         }
         // The header must end before the CRC trailer.
@@ -386,6 +386,27 @@ impl<'a> Model<'a> {
     /// one; otherwise the base is `N(0, I)`.
     pub fn kde_base(&self) -> Option<crate::format::KdeSpec> {
         self.layout.kde_base
+    }
+
+    /// What the model's anomaly score is (`−log p` unless the file says otherwise).
+    pub fn score_kind(&self) -> crate::ScoreKind {
+        self.header.score
+    }
+
+    /// `log p(z)` of a latent point under the base density and `log N(z; 0, I)`
+    /// (one value twice when the base is `N(0, I)`).
+    pub(crate) fn latent_log_probs(&self, z: &[f32]) -> (f32, f32) {
+        let base = self.base_log_prob(z);
+        (base, if self.kde_base().is_some() { crate::math::standard_normal_log_prob(z) } else { base })
+    }
+
+    /// The model's anomaly score ([`Model::score_kind`]) of a row that the
+    /// chain maps to `z` with the summed log-determinant `log_det`.
+    pub(crate) fn score_of(&self, z: &[f32], log_det: f32) -> f32 {
+        match self.score_kind() {
+            crate::ScoreKind::NegLogDensity => -(self.base_log_prob(z) + log_det),
+            crate::ScoreKind::LatentRadius => -crate::math::standard_normal_log_prob(z),
+        }
     }
 
     /// `log p(z)` of a latent point under the model's base density: `N(0, I)`

@@ -36,6 +36,7 @@ fn exported_multiscale_model_matches_the_trainer_and_the_runtime_matches_float64
         std: &std,
         solver,
         threshold: None,
+        score: ffjord_runtime::ScoreKind::NegLogDensity,
         name: "multiscale-test",
         description: "8×8 random multiscale flow",
         command: "cargo test",

@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
             std: &zeros.ones_like(),
             solver: dopri5_at(1e-5, 10_000),
             threshold: None,
+            score: ffjord_runtime::ScoreKind::NegLogDensity,
             name: "bench-init",
             description: "initial weights of the train_step benchmark",
             command: "cargo bench -p ffjord-trainer --bench train_step",

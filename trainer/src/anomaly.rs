@@ -406,15 +406,14 @@ pub fn benchmark(
     );
 
     // Each model file is loaded once; −log p of each row (data units).
+    let mut kinds = Vec::new();
     let chains = model_paths
         .iter()
         .map(|path| {
             let bytes = crate::modelfile::read_model_bytes(path)?;
-            crate::modelfile::chain_from_model(
-                &ffjord_runtime::Model::from_bytes(&bytes)?,
-                Kind::Double,
-                Device::Cpu,
-            )
+            let model = ffjord_runtime::Model::from_bytes(&bytes)?;
+            kinds.push(model.score_kind());
+            crate::modelfile::chain_from_model(&model, Kind::Double, Device::Cpu)
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = crate::model::SolveOptions::eval(cfg.eval_method());
@@ -435,23 +434,31 @@ pub fn benchmark(
             .collect()
     };
     let (valid_rows, test_rows) = (solve_all(&to_data(&splits.valid))?, solve_all(&test_x)?);
-    let name = match model_paths.len() {
-        1 => "FFJORD (this model)".to_string(),
-        k => format!("FFJORD (ensemble of {k})"),
-    };
     let mut methods: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
-    methods.push((name, ensemble_scores(&valid_rows), ensemble_scores(&test_rows)));
-    // The same flow scored by its latent point alone, −log N(z) = ‖z‖²/2 +
-    // const: the known alternative that ignores the volume term (what the
-    // flow learned about fine detail). Reported, not the default: without
-    // labelled validation outliers there is no label-free way to choose it.
-    if let ([valid], [test]) = (valid_rows.as_slice(), test_rows.as_slice()) {
+    let density = (ensemble_scores(&valid_rows), ensemble_scores(&test_rows));
+    // The file's own score first ("this model"), then both kinds of the same
+    // flow under fixed names (so split seeds whose files chose different
+    // kinds line up in `benchmark-summary`): −log p, and the latent radius
+    // −log N(z) = ‖z‖²/2 + const, which leaves out the volume term (what the
+    // flow learned about fine detail) and any kernel density base.
+    if let ([valid], [test], [kind]) = (valid_rows.as_slice(), test_rows.as_slice(), kinds.as_slice()) {
         let d = splits.dim();
         let radius = |r: &crate::model::RowsLogProb| -> Result<Vec<f64>> {
             let z = Tensor::from_slice(&r.z).view([-1, d]);
             Ok(neg_all(Vec::<f64>::try_from(&crate::model::standard_normal_log_prob(&z))?))
         };
-        methods.push(("FFJORD latent radius −log N(z) (this model)".into(), radius(valid)?, radius(test)?));
+        let radius = (radius(valid)?, radius(test)?);
+        let this = if *kind == ffjord_runtime::ScoreKind::LatentRadius { &radius } else { &density };
+        methods.push(("FFJORD (this model)".into(), this.0.clone(), this.1.clone()));
+        methods.push(("FFJORD −log p (same model)".into(), density.0.clone(), density.1.clone()));
+        methods.push(("FFJORD latent radius −log N(z) (same model)".into(), radius.0, radius.1));
+    } else {
+        ensure!(
+            kinds.iter().all(|k| *k == ffjord_runtime::ScoreKind::NegLogDensity),
+            "an ensemble is scored by −log p: every member must be scored so (export with --score density)"
+        );
+        let k = model_paths.len();
+        methods.push((format!("FFJORD (ensemble of {k})"), density.0.clone(), density.1.clone()));
     }
 
     let neg = neg_all;
@@ -488,15 +495,16 @@ pub fn benchmark(
     // mean −log p, all in standardized units (the flow scores in data units).
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let nll: Vec<String> = methods
-        .iter()
-        .filter(|(name, ..)| {
-            !["Isolation", "Local", "FFJORD latent radius"].iter().any(|p| name.starts_with(p))
-        })
-        .map(|(name, valid, _)| {
-            let shift = if name.starts_with("FFJORD") { log_std } else { 0.0 };
-            format!("{} {:.3}", name.split(" (").next().unwrap_or(name), mean(valid) - shift)
-        })
+    let flow_nll = format!("FFJORD {:.3}", mean(&density.0) - log_std);
+    let nll: Vec<String> = std::iter::once(flow_nll)
+        .chain(
+            methods
+                .iter()
+                .filter(|(name, ..)| !["Isolation", "Local", "FFJORD"].iter().any(|p| name.starts_with(p)))
+                .map(|(name, valid, _)| {
+                    format!("{} {:.3}", name.split(" (").next().unwrap_or(name), mean(valid))
+                }),
+        )
         .collect();
     eprintln!("validation NLL (nats, standardized units): {}", nll.join(", "));
 

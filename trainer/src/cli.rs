@@ -169,6 +169,9 @@ pub(crate) struct ExportArgs {
     /// The base density: auto, normal or kde (default: the run's `base`).
     #[arg(long, value_enum)]
     pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
+    /// The anomaly score: auto, density (−log p) or radius (−log N(z)) (default: the run's `score`).
+    #[arg(long, value_enum)]
+    pub(crate) score: Option<ffjord_trainer::score_kind::ScoreArg>,
     /// Most latent points of the KDE base (default: the run's `kde_centres`).
     #[arg(long)]
     pub(crate) kde_centres: Option<usize>,
@@ -399,6 +402,12 @@ pub(crate) struct FitArgs {
     /// normal (N(0, I)) or kde.
     #[arg(long, value_enum)]
     pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
+    /// The model file's anomaly score (and what its threshold is on): auto
+    /// (the latent radius −log N(z) where it ranks synthetic outliers of the
+    /// validation rows better than −log p; tabular data), density (−log p)
+    /// or radius.
+    #[arg(long, value_enum)]
+    pub(crate) score: Option<ffjord_trainer::score_kind::ScoreArg>,
     /// Most training rows whose latent points the KDE base keeps (n × D floats
     /// in the file; scoring costs one distance per point).
     #[arg(long)]

@@ -186,7 +186,8 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
     }
     // log_p = log_p_base (the base density at z: N(0, I) or the file's KDE
     // base) − delta_log_p (the log volume change along the flow,
-    // standardization included).
+    // standardization included); log_p_normal = log N(z; 0, I), whose
+    // negation is the latent-radius score.
     // A background density for the likelihood-ratio score (image models).
     let background = match &args.background {
         Some(path) => {
@@ -202,15 +203,20 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut out = String::from("row,log_p,score,verdict,nfe,log_p_base,delta_log_p");
+    let mut out = String::from("row,log_p,score,verdict,nfe,log_p_base,delta_log_p,log_p_normal");
     if background.is_some() {
         out += ",log_p_background,ratio_score";
     }
     out += if labels.is_some() { ",label\n" } else { "\n" };
     let (mut anomalies, mut scores, mut ratio_scores) = (0, Vec::with_capacity(table.rows), Vec::new());
-    // −log_p_base: the latent radius on an N(0, I) base (trainer/README.md,
+    // The score kind the file does not use, for comparison (trainer/README.md,
     // "which part of the score ranks").
-    let mut base_scores = Vec::with_capacity(table.rows);
+    let kind = model.score_kind();
+    let other = match kind {
+        ffjord_runtime::ScoreKind::NegLogDensity => ffjord_runtime::ScoreKind::LatentRadius,
+        _ => ffjord_runtime::ScoreKind::NegLogDensity,
+    };
+    let mut other_scores = Vec::with_capacity(table.rows);
     // Rows are independent: score them on every core (libtorch's thread count,
     // `OMP_NUM_THREADS`), each thread with its own scratch; a row's value does
     // not depend on the thread, and the output keeps the rows' order.
@@ -235,8 +241,8 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         let verdict = s.verdict.name();
         let ld = s.log_density;
         out += &format!(
-            "{i},{},{},{verdict},{},{},{}",
-            ld.log_p, s.score, ld.stats.nfe, ld.log_p_base, ld.delta_log_p
+            "{i},{},{},{verdict},{},{},{},{}",
+            ld.log_p, s.score, ld.stats.nfe, ld.log_p_base, ld.delta_log_p, ld.log_p_normal
         );
         if let Some(bg) = &background {
             let lb = bg.log_prob(table.row(i)).with_context(|| {
@@ -251,7 +257,7 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
             None => out += "\n",
         }
         scores.push(f64::from(s.score));
-        base_scores.push(-f64::from(ld.log_p_base));
+        other_scores.push(f64::from(ld.score(other)));
     }
     match &args.out {
         Some(p) => modelfile::write_atomic(p, out.as_bytes())?,
@@ -262,19 +268,21 @@ pub(crate) fn score(args: &ScoreArgs) -> Result<()> {
         let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
         let d = ffjord_trainer::anomaly::detection(&scores, labels, threshold);
         eprintln!(
-            "against '{}': AUROC {:.4}, average precision {:.4}; at the stored threshold recall {:.4}, false-positive rate {:.4}",
+            "score ({}) against '{}': AUROC {:.4}, average precision {:.4}; at the stored threshold recall {:.4}, false-positive rate {:.4}",
+            kind.name(),
             args.label.as_deref().unwrap_or_default(),
             d.auroc,
             d.average_precision,
             d.recall,
             d.false_positive_rate
         );
-        // No stored threshold for the base term either.
-        let b = ffjord_trainer::anomaly::detection(&base_scores, labels, f64::INFINITY);
-        let base = if model.kde_base().is_some() { "the KDE base" } else { "N(0, I): the latent radius" };
+        // No stored threshold for the other kind.
+        let o = ffjord_trainer::anomaly::detection(&other_scores, labels, f64::INFINITY);
         eprintln!(
-            "−log p_base(z) alone ({base}): AUROC {:.4}, average precision {:.4}",
-            b.auroc, b.average_precision
+            "{} (not this model's score): AUROC {:.4}, average precision {:.4}",
+            other.name(),
+            o.auroc,
+            o.average_precision
         );
         if background.is_some() {
             // No stored threshold for the ratio: AUROC and average precision only.
@@ -325,6 +333,8 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
     println!("name        {}", h.metadata.name);
     println!("data        {}", h.metadata.description);
     println!("command     {}", h.metadata.command);
+    // (A loaded file is at least the 6-byte preamble long.)
+    println!("format      version {}", u16::from_le_bytes([bytes[4], bytes[5]]));
     println!("dimension   {}", model.dim());
     println!("parameters  {} ({} bytes of weights)", model.weight_count(), model.weight_bytes());
     for (i, s) in h.stages().enumerate() {
@@ -384,6 +394,12 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
     match model.threshold() {
         Some(t) => println!("threshold   score > {} (quantile {})", t.score, t.quantile),
         None => println!("threshold   none"),
+    }
+    match model.score_kind() {
+        ffjord_runtime::ScoreKind::LatentRadius => {
+            println!("score       latent-radius (−log N(z) of the latent point; the volume change left out)")
+        }
+        kind => println!("score       {} (−log p)", kind.name()),
     }
     println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());
     println!("scratch     {} floats with the default solver", model.scratch_len(&model.default_solver()));

@@ -171,6 +171,13 @@ pub struct TrainConfig {
     /// `N(0, I)`, `kde` always ends in the KDE. Configs from before it
     /// existed mean `auto`.
     pub base: crate::kde::BaseArg,
+    /// The exported model's anomaly score: `auto` stores the latent radius
+    /// `−log N(z)` where it ranks synthetic outliers of the validation rows
+    /// better than `−log p` (tabular data; `crate::score_kind`), `density`
+    /// always `−log p`, `radius` always the radius. The threshold is
+    /// calibrated on the chosen score. Configs from before it existed mean
+    /// `auto`.
+    pub score: crate::score_kind::ScoreArg,
     /// Most training rows whose latent points the KDE base keeps (the file
     /// holds `n × D` floats; scoring costs one distance per point).
     pub kde_centres: usize,
@@ -229,6 +236,7 @@ impl Default for TrainConfig {
             logit_alpha: default_logit_alpha(),
             threshold_quantile: Some(0.99),
             base: crate::kde::BaseArg::Auto,
+            score: crate::score_kind::ScoreArg::Auto,
             kde_centres: 1024,
         }
     }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
 use ffjord_runtime::{
     Activation, CnfSpec, ConvCnfSpec, Header, ImageShape, LayerKind, LayerParts, LayerSpec, MatrixEncoding,
-    Metadata, Model, Solver, Stage, StageParts, StageWeights, Threshold,
+    Metadata, Model, ScoreKind, Solver, Stage, StageParts, StageWeights, Threshold,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,14 @@ pub struct JsonModel {
     pub solver: Solver,
     pub threshold: Option<Threshold>,
     pub metadata: JsonMetadata,
+    /// What the anomaly score (and the threshold) is; absent means
+    /// `NegLogDensity` (−log p), as in every file before version 6.
+    #[serde(default, skip_serializing_if = "is_neg_log_density")]
+    pub score: ScoreKind,
+}
+
+fn is_neg_log_density(kind: &ScoreKind) -> bool {
+    *kind == ScoreKind::NegLogDensity
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -230,6 +238,7 @@ pub fn to_json(model: &Model<'_>) -> Result<JsonModel> {
         stages,
         solver: h.solver,
         threshold: h.threshold,
+        score: h.score,
         metadata: JsonMetadata {
             name: m.name.into(),
             description: m.description.into(),
@@ -409,6 +418,7 @@ pub fn from_json(j: &JsonModel) -> Result<Vec<u8>> {
         solver: j.solver,
         threshold: j.threshold,
         metadata: Metadata { name: &m.name, description: &m.description, command: &m.command },
+        score: j.score,
     };
     let mut out = vec![0u8; encoded_len(&header)?];
     encode(&header, &weights, &mut out)?;

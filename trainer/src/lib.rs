@@ -21,6 +21,7 @@ pub mod optim;
 pub mod plot;
 pub mod power;
 pub mod run;
+pub mod score_kind;
 pub mod search;
 pub mod shards;
 pub mod train;

@@ -63,6 +63,7 @@ fn run() -> Result<()> {
                 format: a.format,
                 weights: a.weights.as_deref().and_then(ffjord_runtime::MatrixEncoding::from_name),
                 base: a.base,
+                score: a.score,
                 kde_centres: a.kde_centres,
             };
             train::export_run(&run, &a.out, &opts, a.device.resolve()?, &command_line())

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use ffjord_runtime::format::{Weights, encode, encoded_len, lower_triangle_row};
-use ffjord_runtime::{Header, Metadata, Model, Stage, StageParts, StageWeights, Threshold};
+use ffjord_runtime::{Header, Metadata, Model, ScoreKind, Stage, StageParts, StageWeights, Threshold};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::model::{Affine, Chain, Cnf, Linear, OdeNet, Prefix, floats};
@@ -17,6 +17,8 @@ pub struct ExportInfo<'a> {
     pub std: &'a Tensor,
     pub solver: Solver,
     pub threshold: Option<Threshold>,
+    /// What the threshold (and every score of the file) is on.
+    pub score: ScoreKind,
     pub name: &'a str,
     pub description: &'a str,
     pub command: &'a str,
@@ -57,6 +59,7 @@ pub fn export_bytes(chain: &Chain, info: &ExportInfo<'_>) -> Result<Vec<u8>> {
         solver: info.solver,
         threshold: info.threshold,
         metadata: Metadata { name: info.name, description: info.description, command: info.command },
+        score: info.score,
     };
     let mut out = vec![0u8; encoded_len(&header)?];
     encode(&header, &weights, &mut out)?;
@@ -90,7 +93,7 @@ pub fn with_matrices(
     let mut scratch = vec![0.0f32; flow.scratch_len()];
     let mut scores = Vec::with_capacity(rows.len());
     for row in rows {
-        scores.push(-f64::from(flow.log_density(row, &mut scratch)?.log_p));
+        scores.push(f64::from(flow.score(row, &mut scratch)?.score));
     }
     let score = crate::anomaly::quantile(&scores, f64::from(threshold.quantile));
     anyhow::ensure!(score.is_finite(), "no finite validation scores to calibrate the threshold on");

@@ -596,8 +596,15 @@ pub fn export(
             chain.base = Some(c.kde);
         }
     }
+    let data_file = cfg.image_shape.is_none() && cfg.toy.is_none();
+    let opts = SolveOptions::eval(cfg.eval_method());
+    let score =
+        crate::score_kind::choose(chain, &splits.train, valid, &opts, cfg.seed, cfg.score, data_file)?;
+    if data_file {
+        println!("{}", score.describe());
+    }
     let threshold = match q {
-        Some(q) => Some(calibrate(chain, valid, cfg, q, log_std)?),
+        Some(q) => Some(calibrate(chain, valid, cfg, q, log_std, score.kind)?),
         None => None,
     };
     let name = model_name(out);
@@ -606,6 +613,7 @@ pub fn export(
         std: &splits.std,
         solver: cfg.export_method(),
         threshold,
+        score: score.kind,
         name: &name,
         description,
         command,
@@ -658,6 +666,8 @@ pub struct ExportOptions {
     pub weights: Option<ffjord_runtime::MatrixEncoding>,
     /// The base density (default: the run's `base`).
     pub base: Option<crate::kde::BaseArg>,
+    /// The anomaly score (default: the run's `score`).
+    pub score: Option<crate::score_kind::ScoreArg>,
     /// Most latent points of a KDE base (default: the run's `kde_centres`).
     pub kde_centres: Option<usize>,
 }
@@ -671,10 +681,11 @@ pub fn export_run(
     device: Device,
     command: &str,
 ) -> Result<()> {
-    let ExportOptions { threshold_quantile: q, max_error, format, weights, base, kde_centres } = *opts;
+    let ExportOptions { threshold_quantile: q, max_error, format, weights, base, score, kde_centres } = *opts;
     let mut cfg = run.config()?;
     cfg.weights = weights.unwrap_or(cfg.weights);
     cfg.base = base.unwrap_or(cfg.base);
+    cfg.score = score.unwrap_or(cfg.score);
     cfg.kde_centres = kde_centres.unwrap_or(cfg.kde_centres);
     cfg.validate()?;
     tch::manual_seed(cfg.seed);
@@ -699,7 +710,9 @@ fn say(bar: &indicatif::ProgressBar, msg: String) {
     if std::io::stderr().is_terminal() { bar.println(msg) } else { eprintln!("{msg}") }
 }
 
-/// Threshold on the anomaly score −log p (data units) at quantile `q` of validation rows.
+/// Threshold on the anomaly score of `kind` at quantile `q` of validation
+/// rows: −log p in data units, or the latent radius −log N(z) (which does not
+/// depend on the data's units).
 ///
 /// The rows are evaluated as validation evaluates them: with the exact trace,
 /// except for images above [`EXACT_TRACE_MAX_DIM`](crate::image_runs::EXACT_TRACE_MAX_DIM)
@@ -713,6 +726,7 @@ fn calibrate(
     cfg: &TrainConfig,
     q: f64,
     log_std: f64,
+    kind: ffjord_runtime::ScoreKind,
 ) -> Result<ffjord_runtime::Threshold> {
     if !(q > 0.0 && q < 1.0) {
         bail!("--threshold-quantile must be in (0, 1), got {q}");
@@ -720,7 +734,13 @@ fn calibrate(
     let opts = crate::image_runs::eval_options(cfg, valid.size()[1]);
     tch::manual_seed(cfg.seed.wrapping_add(VALID_SEED));
     let out = tch::no_grad(|| chain.log_prob(valid, &opts))?;
-    let scores = (-out.log_p.to_kind(Kind::Double) + log_std).to_device(Device::Cpu);
+    let scores = match kind {
+        ffjord_runtime::ScoreKind::NegLogDensity => -out.log_p.to_kind(Kind::Double) + log_std,
+        ffjord_runtime::ScoreKind::LatentRadius => {
+            -crate::model::standard_normal_log_prob(&out.z.to_kind(Kind::Double))
+        }
+    }
+    .to_device(Device::Cpu);
     let score = crate::anomaly::quantile(&Vec::<f64>::try_from(&scores)?, q);
     if !score.is_finite() {
         bail!("no finite validation scores to calibrate the threshold on");

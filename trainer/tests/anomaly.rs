@@ -136,8 +136,9 @@ fn a_labelled_csv_is_prepared_trained_scored_and_benchmarked() {
             d,
         );
         for method in [
-            "FFJORD (this",
-            "FFJORD latent radius",
+            "FFJORD (this model)",
+            "FFJORD −log p (same model)",
+            "FFJORD latent radius −log N(z) (same model)",
             "Gaussian (full",
             "mixture",
             "Isolation forest",
@@ -150,7 +151,7 @@ fn a_labelled_csv_is_prepared_trained_scored_and_benchmarked() {
     }
     let (summary, _) = ok(&["benchmark-summary", &summaries[0], &summaries[1]], d);
     assert!(summary.starts_with("| method (2 runs) | AUROC |"), "{summary}");
-    assert_eq!(summary.lines().count(), 2 + 7, "{summary}");
+    assert_eq!(summary.lines().count(), 2 + 8, "{summary}");
     // The shifted outliers are easy: every method ranks them well on average.
     for line in summary.lines().skip(2) {
         let auroc: f64 = line.split('|').nth(2).unwrap().trim().split(' ').next().unwrap().parse().unwrap();
@@ -197,4 +198,78 @@ fn prepare_and_fit_reject_what_they_cannot_use() {
     let e = fails(&["fit", "--toy", "moons", "--valid-rows", "0", "--out", "m.ffjd"]);
     assert!(e.contains("valid_rows must be at least 1"), "{e}");
     assert!(!d.join("m.run").exists(), "a rejected fit leaves no run folder");
+}
+
+/// `fit --score radius` stores the latent radius (format version 6) with its
+/// threshold calibrated on it; `export --score` switches a run's file to
+/// −log p (an older version, the threshold recalibrated) or lets the
+/// synthetic check choose, printing what it measured.
+#[test]
+fn the_score_kind_is_stored_calibrated_and_switchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_labelled(&d.join("raw.csv"));
+    let prepare =
+        ["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"];
+    ok(&prepare, d);
+    let fit = [
+        "fit",
+        "--data",
+        "s/train.csv",
+        "--valid-data",
+        "s/valid.csv",
+        "--out",
+        "radius.ffjd",
+        "--iterations",
+        "30",
+        "--valid-every",
+        "15",
+        "--hidden",
+        "16,16",
+        "--batch",
+        "128",
+        "--score",
+        "radius",
+    ];
+    let (fitted, _) = ok(&fit, d);
+    assert!(fitted.contains("score: latent-radius"), "{fitted}");
+    // Scores of the file's rows: (score, log p, log N(z)) per row, and the verdicts.
+    let scored = |model: &str, data: &str| -> (Vec<(f64, f64, f64)>, usize) {
+        let (out, _) = ok(&["score", "--model", model, "--data", data], d);
+        let mut lines = out.lines();
+        assert_eq!(lines.next().unwrap(), "row,log_p,score,verdict,nfe,log_p_base,delta_log_p,log_p_normal");
+        let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+        let flagged = rows.iter().filter(|f| f[3] == "anomaly").count();
+        let v = |f: &Vec<&str>, k: usize| f[k].parse::<f64>().unwrap();
+        (rows.iter().map(|f| (v(f, 2), v(f, 1), v(f, 7))).collect(), flagged)
+    };
+    let (inspected, _) = ok(&["inspect", "radius.ffjd"], d);
+    assert!(inspected.contains("format      version 6"), "{inspected}");
+    assert!(inspected.contains("score       latent-radius"), "{inspected}");
+    let (rows, flagged) = scored("radius.ffjd", "s/valid.csv");
+    assert!(rows.iter().all(|&(s, _, normal)| s == -normal), "{rows:?}");
+    // Calibrated at the 0.99 quantile of these 30 validation rows on this
+    // score: none above it (one allowed for f32 against float64 rounding).
+    assert!(flagged <= 1, "{flagged} of 30 validation rows above the threshold");
+
+    let export = |kind: &str, out: &str| {
+        ok(&["export", "--run-dir", "radius.run", "--out", out, "--score", kind], d).0
+    };
+    export("density", "density.ffjd");
+    let (inspected, _) = ok(&["inspect", "density.ffjd"], d);
+    assert!(inspected.contains("score       neg-log-density"), "{inspected}");
+    assert!(!inspected.contains("format      version 6"), "{inspected}");
+    let (rows, flagged) = scored("density.ffjd", "s/valid.csv");
+    assert!(rows.iter().all(|&(s, log_p, _)| s == -log_p), "{rows:?}");
+    assert!(flagged <= 1, "{flagged} of 30 validation rows above the threshold");
+    // `auto` measures both on synthetic outliers of the validation rows.
+    let printed = export("auto", "auto.ffjd");
+    assert!(
+        printed
+            .contains("score: AUROC on 30 validation rows against 120 synthetic outliers (up to 2 columns"),
+        "{printed}"
+    );
+    let chosen = if printed.contains("→ latent-radius") { "latent-radius" } else { "neg-log-density" };
+    let (inspected, _) = ok(&["inspect", "auto.ffjd"], d);
+    assert!(inspected.contains(&format!("score       {chosen}")), "{inspected}");
 }

@@ -341,13 +341,21 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     let with_label =
         ok(&["score", "--model", "six.ffjd", "--data", "six-labelled.csv", "--label", "outlier"], d);
     let mut lines = with_label.lines();
-    assert_eq!(lines.next().unwrap(), "row,log_p,score,verdict,nfe,log_p_base,delta_log_p,label");
+    assert_eq!(
+        lines.next().unwrap(),
+        "row,log_p,score,verdict,nfe,log_p_base,delta_log_p,log_p_normal,label"
+    );
+    // The score is the file's kind on every row: −log p or −log N(z).
+    let inspected = ok(&["inspect", "six.ffjd"], d);
+    let radius = inspected.contains("score       latent-radius");
+    assert!(radius || inspected.contains("score       neg-log-density"), "{inspected}");
     for (i, (line, plain)) in lines.zip(scored.lines().skip(1)).enumerate() {
         let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f[..7].join(","), plain, "row {i}: the label column changed the features");
+        assert_eq!(f[..8].join(","), plain, "row {i}: the label column changed the features");
         let v = |k: usize| f[k].parse::<f64>().unwrap();
         assert!((v(1) - (v(5) - v(6))).abs() <= 1e-4 * (1.0 + v(1).abs()), "{line}");
-        assert_eq!(f[7], if i + 1 > 150 { "1" } else { "0" });
+        assert_eq!(v(2), if radius { -v(7) } else { -v(1) }, "{line}");
+        assert_eq!(f[8], if i + 1 > 150 { "1" } else { "0" });
     }
     assert!(
         err(&["score", "--model", "six.ffjd", "--data", "six-200.csv", "--label", "nope"], d)
@@ -877,10 +885,11 @@ fn fit_trains_the_multiscale_flow_on_images() {
     assert!(run.status.success(), "{log}");
     assert!(out.contains("log_p_background,ratio_score"), "{out}");
     assert!(log.contains("likelihood ratio against the per-pixel background: AUROC"), "{log}");
-    // The base term alone (the latent radius on this N(0, I) base): the
-    // printed AUROC is the one of the written `log_p_base` column.
+    // The other score kind (the latent radius of an image model scored by
+    // −log p): the printed AUROC is the one of the written `log_p_normal` column.
+    assert!(log.contains("score (neg-log-density) against 'anomaly': AUROC"), "{log}");
     let printed: f64 = log
-        .split("−log p_base(z) alone (N(0, I): the latent radius): AUROC ")
+        .split("latent-radius (not this model's score): AUROC ")
         .nth(1)
         .and_then(|rest| rest.split(',').next())
         .and_then(|v| v.parse().ok())
@@ -890,7 +899,7 @@ fn fit_trains_the_multiscale_flow_on_images() {
         .skip(1)
         .map(|l| {
             let f: Vec<&str> = l.split(',').collect();
-            (-f[5].parse::<f64>().unwrap(), f[f.len() - 1] == "1")
+            (-f[7].parse::<f64>().unwrap(), f[f.len() - 1] == "1")
         })
         .collect();
     let (mut wins, mut pairs) = (0.0, 0.0);

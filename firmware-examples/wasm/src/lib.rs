@@ -3,7 +3,7 @@
 //! `ffjord-runtime`; every runtime error becomes a JavaScript exception with
 //! the runtime's message.
 
-use ffjord_runtime::{Dopri5, Flow, Model, Solver, Stats, Verdict};
+use ffjord_runtime::{Dopri5, Flow, LogDensity, Model, Solver, Stats, Verdict};
 use rand_xoshiro::Xoshiro128PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 use wasm_bindgen::prelude::*;
@@ -44,6 +44,16 @@ pub struct Detector {
 impl Detector {
     fn model(&self) -> &Model<'_> {
         self.model.borrow_dependent()
+    }
+
+    /// One row through the flow. Not inlined: `log_density`, `score` and
+    /// `is_anomaly` share it (one copy of the solve in the module, which the
+    /// small build's size budget needs).
+    #[inline(never)]
+    fn evaluate(&mut self, x: &[f32]) -> Result<LogDensity, JsError> {
+        let ld = self.with_flow(|flow, scratch| flow.log_density(x, scratch).map_err(js))?;
+        self.stats = ld.stats;
+        Ok(ld)
     }
 
     fn with_flow<T>(
@@ -88,7 +98,13 @@ impl Detector {
         self.model().metadata().description.to_string()
     }
 
-    /// The anomaly threshold on −log p, if the model is calibrated.
+    /// What the model's anomaly score is: `"neg-log-density"` (−log p) or
+    /// `"latent-radius"` (−log N(z), format version 6).
+    pub fn score_kind(&self) -> String {
+        self.model().score_kind().name().to_string()
+    }
+
+    /// The anomaly threshold on the model's score, if the model is calibrated.
     pub fn threshold(&self) -> Option<f32> {
         self.model().threshold().map(|t| t.score)
     }
@@ -134,23 +150,19 @@ impl Detector {
     }
 
     /// `log p(x)` of one row.
-    // Not inlined: `score` and `is_anomaly` call it too (one copy of the
-    // solve in the module, which the small build's size budget needs).
-    #[inline(never)]
     pub fn log_density(&mut self, x: &[f32]) -> Result<f32, JsError> {
-        let ld = self.with_flow(|flow, scratch| flow.log_density(x, scratch).map_err(js))?;
-        self.stats = ld.stats;
-        Ok(ld.log_p)
+        Ok(self.evaluate(x)?.log_p)
     }
 
-    /// Anomaly score `−log p(x)` of one row.
+    /// The model's anomaly score of one row ([`Detector::score_kind`]).
     pub fn score(&mut self, x: &[f32]) -> Result<f32, JsError> {
-        Ok(-self.log_density(x)?)
+        let ld = self.evaluate(x)?;
+        Ok(ld.score(self.model().score_kind()))
     }
 
     /// Whether one row is an anomaly under the stored threshold (error if uncalibrated).
     pub fn is_anomaly(&mut self, x: &[f32]) -> Result<bool, JsError> {
-        let score = -self.log_density(x)?;
+        let score = self.score(x)?;
         match Verdict::against(score, self.model().threshold()) {
             Verdict::Anomaly => Ok(true),
             Verdict::Normal => Ok(false),
@@ -184,11 +196,26 @@ impl Detector {
         Ok(out)
     }
 
-    /// `−log p` of each row of `xs`.
+    /// The model's anomaly score of each row of `xs` (bit for bit
+    /// [`Detector::score`] of each row).
     pub fn score_batch(&mut self, xs: &[f32]) -> Result<Vec<f32>, JsError> {
-        let mut v = self.log_density_batch(xs)?;
-        v.iter_mut().for_each(|s| *s = -*s);
-        Ok(v)
+        let d = self.dim();
+        let mut out = vec![0.0; xs.len() / d.max(1)];
+        let stats = self.with_flow(|flow, scratch| flow.score_batch(xs, &mut out, scratch).map_err(js))?;
+        self.stats = stats;
+        Ok(out)
+    }
+
+    /// The model's anomaly score of each row of `xs` by the packed path (as
+    /// [`Detector::log_density_packed`] integrates).
+    #[cfg(feature = "packed")]
+    pub fn score_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
+        let d = self.dim();
+        let mut out = vec![0.0; xs.len() / d.max(1)];
+        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
+        self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
+        self.stats = flow.score_packed(xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
+        Ok(out)
     }
 
     /// `n` samples from a seed chosen by JavaScript (Xoshiro128++, the same

@@ -5,7 +5,9 @@
 // the model again).
 
 const $ = (id) => document.getElementById(id);
-let model = null; // { bytes, label, dim, name, description, threshold, quantile }
+let model = null; // { bytes, label, dim, name, description, threshold, quantile, scoreKind }
+// How the page names a model's anomaly score (`Detector.score_kind()`).
+const SCORE_NAMES = { "neg-log-density": "−log p", "latent-radius": "the latent radius −log N(z)" };
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -77,7 +79,7 @@ async function loadModel(bytes, label) {
   model = { bytes, label, ...info };
   const t = model.threshold;
   $("info").textContent = `${label}: "${model.name}", ${model.dim} dimensions, ` +
-    (t === undefined ? "no anomaly threshold" : `anomaly when −log p > ${t.toFixed(3)} (quantile ${Number(model.quantile.toFixed(4))})`) +
+    (t === undefined ? "no anomaly threshold" : `anomaly when ${SCORE_NAMES[model.scoreKind] ?? model.scoreKind} > ${t.toFixed(3)} (quantile ${Number(model.quantile.toFixed(4))})`) +
     `. Data: ${model.description}`;
   $("build").textContent = model.build === "small"
     ? "Runtime: small build (no WebAssembly SIMD; one row at a time)."
@@ -138,10 +140,10 @@ const pad = {
     if (!this.shape) return;
     const { h, w } = this.shape;
     try {
-      const { logp, nfe } = await runtime.request("point", { x: Float32Array.from(this.pixels) });
+      const { logp, score, nfe } = await runtime.request("point", { x: Float32Array.from(this.pixels) });
       const bpd = -logp / (h * w * Math.LN2);
       const t = model.threshold;
-      const verdict = t === undefined ? "no threshold" : -logp > t ? "ANOMALY (unlike the training images)" : "normal";
+      const verdict = t === undefined ? "no threshold" : score > t ? "ANOMALY (unlike the training images)" : "normal";
       $("pad-result").textContent = `log p = ${logp.toFixed(4)}, ${bpd.toFixed(4)} bits/dim, ${verdict} (${nfe} evaluations)`;
     } catch (e) {
       $("pad-result").textContent = e.message;
@@ -231,11 +233,11 @@ async function scoreRows() {
   let anomalies = 0;
   let nfe = 0;
   const t0 = performance.now();
-  const onProgress = ({ start, logp, nfe: total }) => {
+  const onProgress = ({ start, logp, scores, nfe: total }) => {
     nfe = total;
     logp.forEach((lp, k) => {
       const i = start + k;
-      const score = -lp;
+      const score = scores[k];
       const anomaly = threshold !== undefined && score > threshold;
       if (anomaly) anomalies++;
       const tr = table.insertRow();

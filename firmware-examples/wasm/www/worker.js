@@ -5,7 +5,7 @@
 //
 // Protocol: the page posts { id, type, ... }; each request gets one reply
 // { id, ok: true, ... } or { id, ok: false, message }, and "score" requests
-// also post { id, progress: { done, logp, nfe } } after every chunk.
+// also post { id, progress: { start, logp, scores, nfe } } after every chunk.
 //
 // The page names the build in this script's URL (?build=simd|small): the SIMD
 // module with the packed path, or the small one every engine runs (one row at
@@ -26,6 +26,20 @@ function logDensities(rows) {
   return detector.log_density_packed ? detector.log_density_packed(rows, PACKED_ROWS) : detector.log_density_batch(rows);
 }
 
+/**
+ * The model's anomaly scores of `rows` and their log p. A model scored by
+ * −log p needs one solve (log p is the negated score, exactly); one scored by
+ * the latent radius needs a second for log p.
+ */
+function scoresAndLogDensities(rows) {
+  const scores = detector.score_packed ? detector.score_packed(rows, PACKED_ROWS) : detector.score_batch(rows);
+  let nfe = detector.last_nfe();
+  if (detector.score_kind() === "neg-log-density") return { scores, logp: scores.map((s) => -s), nfe };
+  const logp = logDensities(rows);
+  nfe += detector.last_nfe();
+  return { scores, logp, nfe };
+}
+
 function applySolver(solver) {
   if (solver === "default") detector.use_default_solver();
   else if (solver.startsWith("rk4-")) detector.use_rk4(Number(solver.slice(4)));
@@ -43,6 +57,7 @@ const handlers = {
       build, packed: Boolean(detector.log_density_packed),
       dim: detector.dim(), name: detector.name(), description: detector.description(),
       threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
+      scoreKind: detector.score_kind(),
       // [C, H, W] of an image model (a Uint16Array from the module), as an array.
       image: detector.image_shape ? Array.from(detector.image_shape() ?? []) : [],
     };
@@ -55,9 +70,9 @@ const handlers = {
     let nfe = 0;
     for (let start = 0; start * dim < rows.length; start += CHUNK) {
       const part = rows.subarray(start * dim, (start + CHUNK) * dim);
-      const logp = logDensities(part);
-      nfe += detector.last_nfe();
-      postMessage({ id, progress: { start, logp, nfe } });
+      const { scores, logp, nfe: used } = scoresAndLogDensities(part);
+      nfe += used;
+      postMessage({ id, progress: { start, logp, scores, nfe } });
     }
     return { nfe };
   },
@@ -80,8 +95,14 @@ const handlers = {
     }
     return { view: { x0, x1, y0, y1 }, logp, xs, ys };
   },
+  // One row by the one-row path (the host's values bit for bit).
   point({ x }) {
-    return { logp: detector.log_density(x), nfe: detector.last_nfe() };
+    const score = detector.score(x);
+    let nfe = detector.last_nfe();
+    if (detector.score_kind() === "neg-log-density") return { logp: -score, score, nfe };
+    const logp = detector.log_density(x);
+    nfe += detector.last_nfe();
+    return { logp, score, nfe };
   },
   samples({ seed, n }) {
     return { xs: detector.sample(BigInt(seed), n) };

@@ -22,6 +22,10 @@ pub struct LogDensity {
     /// `Δ` with `log_p = log_p_base − delta_log_p` (spec §1): the negated sum
     /// of every stage's log|det|.
     pub delta_log_p: f32,
+    /// `log N(z; 0, I)` of the latent point: equal to `log_p_base` unless the
+    /// model has a kernel density base. Its negation is the latent-radius
+    /// score ([`crate::ScoreKind::LatentRadius`]).
+    pub log_p_normal: f32,
     /// Solver work, summed over CNF stages.
     pub stats: Stats,
 }
@@ -38,8 +42,9 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The rule every path applies: anomaly when `score` (`−log p`) is above
-    /// the threshold's score, uncalibrated without a threshold.
+    /// The rule every path applies: anomaly when `score` (the model's
+    /// [`crate::ScoreKind`]) is above the threshold's score, uncalibrated
+    /// without a threshold.
     pub fn against(score: f32, threshold: Option<crate::Threshold>) -> Verdict {
         match threshold {
             None => Verdict::Uncalibrated,
@@ -58,15 +63,26 @@ impl Verdict {
     }
 }
 
-/// An anomaly score: `−log p(x)`, with the verdict.
+/// An anomaly score of the model's [`crate::ScoreKind`] (`−log p(x)` unless
+/// the file says otherwise), with the verdict.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Score {
-    /// `−log p(x)`; larger is more anomalous.
+    /// The score; larger is more anomalous.
     pub score: f32,
     /// The verdict against [`Model::threshold`].
     pub verdict: Verdict,
     /// The underlying log-density.
     pub log_density: LogDensity,
+}
+
+impl LogDensity {
+    /// The anomaly score of `kind` this row has.
+    pub fn score(&self, kind: crate::ScoreKind) -> f32 {
+        match kind {
+            crate::ScoreKind::NegLogDensity => -self.log_p,
+            crate::ScoreKind::LatentRadius => -self.log_p_normal,
+        }
+    }
 }
 
 /// A drawn sample's log-density, carried along the sampling path.
@@ -239,14 +255,15 @@ impl<'m, 'a> Flow<'m, 'a> {
             }
             out.copy_from_slice(z);
         }
-        let log_p_base = model.base_log_prob(z);
-        Ok(LogDensity { log_p: log_p_base + log_det, log_p_base, delta_log_p: -log_det, stats })
+        let (log_p_base, log_p_normal) = model.latent_log_probs(z);
+        Ok(LogDensity { log_p: log_p_base + log_det, log_p_base, delta_log_p: -log_det, log_p_normal, stats })
     }
 
-    /// Anomaly score `−log p(x)` and the verdict against the model's threshold.
+    /// The model's anomaly score ([`Model::score_kind`]: `−log p(x)`, or the
+    /// latent radius `−log N(z)`) and the verdict against its threshold.
     pub fn score(&self, x: &[f32], scratch: &mut [f32]) -> Result<Score, SolveError> {
         let log_density = self.log_density(x, scratch)?;
-        let score = -log_density.log_p;
+        let score = log_density.score(self.model.score_kind());
         let verdict = Verdict::against(score, self.model.threshold());
         Ok(Score { score, verdict, log_density })
     }

@@ -22,14 +22,16 @@ impl<'m, 'a> Flow<'m, 'a> {
         self.batch(xs, log_p, scratch, |ld| ld.log_p)
     }
 
-    /// Anomaly scores `−log p` of each row of `xs` into `scores`.
+    /// The model's anomaly score ([`Model::score_kind`]) of each row of `xs`
+    /// into `scores`.
     pub fn score_batch(
         &self,
         xs: &[f32],
         scores: &mut [f32],
         scratch: &mut [f32],
     ) -> Result<Stats, BatchError> {
-        self.batch(xs, scores, scratch, |ld| -ld.log_p)
+        let kind = self.model.score_kind();
+        self.batch(xs, scores, scratch, |ld| ld.score(kind))
     }
 
     fn batch(
@@ -87,8 +89,33 @@ impl<'m, 'a> Flow<'m, 'a> {
         rows_per_block: usize,
         scratch: &mut [f32],
     ) -> Result<Stats, BatchError> {
+        self.packed(xs, log_p, rows_per_block, scratch, RowValue::LogP)
+    }
+
+    /// The model's anomaly score ([`Model::score_kind`]) of each row of `xs`
+    /// into `scores`, integrated as [`Flow::log_density_packed`] integrates
+    /// (the same steps, the same scratch; values agree with
+    /// [`Flow::score_batch`] to rounding).
+    pub fn score_packed(
+        &self,
+        xs: &[f32],
+        scores: &mut [f32],
+        rows_per_block: usize,
+        scratch: &mut [f32],
+    ) -> Result<Stats, BatchError> {
+        self.packed(xs, scores, rows_per_block, scratch, RowValue::Score)
+    }
+
+    fn packed(
+        &self,
+        xs: &[f32],
+        out: &mut [f32],
+        rows_per_block: usize,
+        scratch: &mut [f32],
+        value: RowValue,
+    ) -> Result<Stats, BatchError> {
         let d = self.model.dim();
-        check_batch(d, xs, log_p)?;
+        check_batch(d, xs, out)?;
         let rows_per_block = rows_per_block.min(MAX_PACKED_ROWS);
         let needed = self.packed_scratch_len(rows_per_block);
         if rows_per_block == 0 || scratch.len() < needed {
@@ -107,19 +134,24 @@ impl<'m, 'a> Flow<'m, 'a> {
         // Image models (format version 4) have no packed kernel: one row at
         // a time, the same values as `log_density_batch`.
         if self.model.has_image_stages() {
-            return self.batch(xs, log_p, scratch, |ld| ld.log_p);
+            let kind = self.model.score_kind();
+            return self.batch(xs, out, scratch, |ld| match value {
+                RowValue::LogP => ld.log_p,
+                RowValue::Score => ld.score(kind),
+            });
         }
         // One CNF stage and Dopri5: stream every row through the slots.
         let cnf_stages = self.model.stages().filter(|(_, s)| matches!(s, Stage::Cnf(_))).count();
         if let (Solver::Dopri5(dopri), 1) = (self.solver, cnf_stages) {
-            return self.packed_stream(dopri, xs, log_p, rows_per_block, scratch);
+            return self.packed_stream(dopri, xs, out, rows_per_block, scratch, value);
         }
         let mut stats = Stats::default();
-        let blocks = xs.chunks(rows_per_block.saturating_mul(d)).zip(log_p.chunks_mut(rows_per_block));
-        for (b, (x_block, out)) in blocks.enumerate() {
+        let blocks = xs.chunks(rows_per_block.saturating_mul(d)).zip(out.chunks_mut(rows_per_block));
+        for (b, (x_block, out_block)) in blocks.enumerate() {
             let first = b * rows_per_block;
-            let s =
-                self.packed_block(x_block, out, scratch).map_err(|error| BatchError { row: first, error })?;
+            let s = self
+                .packed_block(x_block, out_block, scratch, value)
+                .map_err(|error| BatchError { row: first, error })?;
             stats = stats.merge(s);
         }
         Ok(stats)
@@ -131,9 +163,10 @@ impl<'m, 'a> Flow<'m, 'a> {
         &self,
         dopri: crate::solver::Dopri5,
         xs: &[f32],
-        log_p: &mut [f32],
+        out: &mut [f32],
         slots: usize,
         scratch: &mut [f32],
+        value: RowValue,
     ) -> Result<Stats, BatchError> {
         let model = self.model;
         let at_start = |error| BatchError { row: 0, error };
@@ -142,9 +175,9 @@ impl<'m, 'a> Flow<'m, 'a> {
             .find_map(|(i, s)| if let Stage::Cnf(spec) = s { Some((i, spec)) } else { None })
             .ok_or(at_start(SolveError::Internal))?;
         let block = model.cnf_block(cnf).ok_or(at_start(SolveError::Internal))?;
-        let slots = slots.min(log_p.len()).max(1);
+        let slots = slots.min(out.len()).max(1);
         let packed = crate::packed::PackedBlock::new(&block, slots);
-        let mut stream = ChainStream { model, cnf, xs, out: log_p, next: 0, stats: Stats::default() };
+        let mut stream = ChainStream { model, cnf, xs, out, value, next: 0, stats: Stats::default() };
         dopri
             .integrate_stream(&packed, 0.0, spec.end_time, &mut stream, scratch)
             .map_err(|(row, error)| BatchError { row, error })?;
@@ -152,8 +185,14 @@ impl<'m, 'a> Flow<'m, 'a> {
     }
 
     /// One block of [`Flow::log_density_packed`]: `out` first accumulates each
-    /// row's log-determinant, then receives its log p.
-    fn packed_block(&self, xs: &[f32], out: &mut [f32], scratch: &mut [f32]) -> Result<Stats, SolveError> {
+    /// row's log-determinant, then receives its `value`.
+    fn packed_block(
+        &self,
+        xs: &[f32],
+        out: &mut [f32],
+        scratch: &mut [f32],
+        value: RowValue,
+    ) -> Result<Stats, SolveError> {
         let model = self.model;
         let d = model.dim();
         let rows = out.len();
@@ -217,11 +256,30 @@ impl<'m, 'a> Flow<'m, 'a> {
                 Stage::KdeBase(_) => {}
             }
         }
-        for (state, lp) in y.chunks_exact(d + 1).zip(out.iter_mut()) {
+        for (state, o) in y.chunks_exact(d + 1).zip(out.iter_mut()) {
             let (z, _) = state.split_at(d);
-            *lp += model.base_log_prob(z);
+            *o = value.finish(model, z, *o);
         }
         Ok(stats)
+    }
+}
+
+/// What a packed call writes per row.
+#[derive(Clone, Copy, Debug)]
+enum RowValue {
+    /// `log p(x)`.
+    LogP,
+    /// The model's anomaly score ([`Model::score_kind`]).
+    Score,
+}
+
+impl RowValue {
+    /// The value of a row the chain maps to `z` with summed log-determinant `log_det`.
+    fn finish(self, model: &Model<'_>, z: &[f32], log_det: f32) -> f32 {
+        match self {
+            RowValue::LogP => model.base_log_prob(z) + log_det,
+            RowValue::Score => model.score_of(z, log_det),
+        }
     }
 }
 
@@ -257,6 +315,7 @@ struct ChainStream<'m, 'a, 'x> {
     cnf: usize,
     xs: &'x [f32],
     out: &'x mut [f32],
+    value: RowValue,
     next: usize,
     stats: Stats,
 }
@@ -297,7 +356,7 @@ impl RowStream for ChainStream<'_, '_, '_> {
             log_det += model.apply_map(i, &stage, z, Direction::Forward).unwrap_or(0.0);
         }
         if let Some(o) = self.out.get_mut(row) {
-            *o += model.base_log_prob(z) + log_det;
+            *o = self.value.finish(model, z, *o + log_det);
         }
         self.stats = self.stats.merge(stats);
     }
