@@ -44,6 +44,7 @@ build wasm-small pkg-small "" --no-default-features --features compact
 mkdir -p www/models
 cp "$root/models/8gaussians-mcu/model.ffjd" www/models/8gaussians-mcu.ffjd
 cp "$root/models/shuttle/model.ffjd" www/models/shuttle.ffjd
+cp "$root/models/cardio/model.ffjd" www/models/cardio.ffjd
 [ ! -f "$root/models/mnist-8x8/model.ffjd" ] || cp "$root/models/mnist-8x8/model.ffjd" www/models/mnist-8x8.ffjd
 for out in pkg pkg-small; do
   size=$(stat -c %s "www/$out/ffjord_wasm_bg.wasm")

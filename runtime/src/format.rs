@@ -420,7 +420,7 @@ fn version_of(stages: impl Iterator<Item = Stage>) -> u16 {
 pub enum ScoreKind {
     /// `−log p(x)`, the model's full density (every file before version 6).
     #[default]
-    NegLogDensity,
+    NegLogDensity = 0,
     /// `−log N(z; 0, I) = ½‖z‖² + (D/2) ln 2π` of the latent point `z` the
     /// chain maps `x` to: where the row lands, without the volume change
     /// along the flow and without a kernel density base. The volume change
@@ -428,7 +428,7 @@ pub enum ScoreKind {
     /// column's repeated values), which can rank outliers worse than the
     /// radius does; the trainer keeps this kind only where it ranks
     /// synthetic outliers of the validation rows better. Since version 6.
-    LatentRadius,
+    LatentRadius = 1,
 }
 
 impl ScoreKind {
@@ -440,8 +440,19 @@ impl ScoreKind {
         }
     }
 
-    /// `"neg-log-density"` or `"latent-radius"` (as the trainer's JSON form
-    /// and outputs write it).
+    /// Decodes the kind's postcard bytes (its variant index, one byte) by
+    /// hand: serde's generated decoder costs the small WASM build about a
+    /// kilobyte. Returns the kind and the bytes after it.
+    fn take(bytes: &[u8]) -> Result<(ScoreKind, &[u8]), LoadError> {
+        match bytes.split_first() {
+            Some((0, rest)) => Ok((ScoreKind::NegLogDensity, rest)),
+            Some((1, rest)) => Ok((ScoreKind::LatentRadius, rest)),
+            _ => Err(LoadError::MalformedHeader),
+        }
+    }
+
+    /// `"neg-log-density"` or `"latent-radius"` (as the trainer's
+    /// outputs write it).
     pub fn name(self) -> &'static str {
         match self {
             ScoreKind::NegLogDensity => "neg-log-density",
@@ -715,11 +726,8 @@ impl<'a> HeaderView<'a> {
         let (solver, rest) = take::<Solver>(rest)?;
         let (threshold, rest) = take::<Option<Threshold>>(rest)?;
         let (metadata, rest) = take::<Metadata<'a>>(rest)?;
-        let (score, rest) = if version >= SCORE_KIND_VERSION {
-            take::<ScoreKind>(rest)?
-        } else {
-            (ScoreKind::default(), rest)
-        };
+        let (score, rest) =
+            if version >= SCORE_KIND_VERSION { ScoreKind::take(rest)? } else { (ScoreKind::default(), rest) };
         let view =
             HeaderView { dim, standardize, solver, threshold, metadata, score, stages_raw, stage_starts };
         let layout = validate(dim, standardize, &solver, threshold, view.stages())?;

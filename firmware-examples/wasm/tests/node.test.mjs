@@ -64,6 +64,10 @@ for (const g of goldens) {
     }
     const batch = det.log_density_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
     batch.forEach((lp, i) => assert.ok(same(lp, g.rows[i].log_p)));
+    // The file's kind of score (−log p, or the latent radius of format
+    // version 6), one row at a time and as a batch.
+    assert.equal(["neg-log-density", "latent-radius"][det.score_kind()], g.score_kind);
+    for (const row of g.rows) assert.ok(same(det.score(new Float32Array(row.x)), row.score));
     const scores = det.score_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
     scores.forEach((s, i) => assert.ok(same(s, g.rows[i].score)));
     det.free();
@@ -73,6 +77,7 @@ for (const g of goldens) {
     const det = new Detector(readFileSync(g.model));
     if (build === "small") {
       assert.equal(det.log_density_packed, undefined, "the small build leaves the packed path out");
+      assert.equal(det.score_packed, undefined);
       det.free();
       return;
     }
@@ -84,6 +89,8 @@ for (const g of goldens) {
       const lp = det.log_density_packed(xs, block);
       lp.forEach((v, i) => assert.ok(close(v, g.rows[i].log_p_packed), `block ${block} row ${i}: ${v} vs host ${g.rows[i].log_p_packed}`));
       if (block === 32) assert.equal(det.last_nfe(), g.packed_nfe);
+      const scores = det.score_packed(xs, block);
+      scores.forEach((v, i) => assert.ok(close(v, g.rows[i].score_packed), `block ${block} row ${i}: score ${v} vs host ${g.rows[i].score_packed}`));
     }
     assert.throws(() => det.log_density_packed(xs, 0), /row 0/);
     assert.throws(() => det.log_density_packed(new Float32Array(g.dim + 1), 32), /row 1/);

@@ -20,6 +20,9 @@ let detector = null;
 const PACKED_ROWS = 32;
 // Rows per progress message.
 const CHUNK = 64;
+// `Detector.score_kind()`: a number (cheaper in the small module than a name).
+const NEG_LOG_DENSITY = 0;
+const SCORE_KINDS = ["neg-log-density", "latent-radius"];
 
 /** log p of row-major `rows`: the packed path where the build has it. */
 function logDensities(rows) {
@@ -34,7 +37,7 @@ function logDensities(rows) {
 function scoresAndLogDensities(rows) {
   const scores = detector.score_packed ? detector.score_packed(rows, PACKED_ROWS) : detector.score_batch(rows);
   let nfe = detector.last_nfe();
-  if (detector.score_kind() === "neg-log-density") return { scores, logp: scores.map((s) => -s), nfe };
+  if (detector.score_kind() === NEG_LOG_DENSITY) return { scores, logp: scores.map((s) => -s), nfe };
   const logp = logDensities(rows);
   nfe += detector.last_nfe();
   return { scores, logp, nfe };
@@ -57,7 +60,7 @@ const handlers = {
       build, packed: Boolean(detector.log_density_packed),
       dim: detector.dim(), name: detector.name(), description: detector.description(),
       threshold: t, quantile: t === undefined ? undefined : detector.threshold_quantile(),
-      scoreKind: detector.score_kind(),
+      scoreKind: SCORE_KINDS[detector.score_kind()] ?? "unknown",
       // [C, H, W] of an image model (a Uint16Array from the module), as an array.
       image: detector.image_shape ? Array.from(detector.image_shape() ?? []) : [],
     };
@@ -99,7 +102,7 @@ const handlers = {
   point({ x }) {
     const score = detector.score(x);
     let nfe = detector.last_nfe();
-    if (detector.score_kind() === "neg-log-density") return { logp: -score, score, nfe };
+    if (detector.score_kind() === NEG_LOG_DENSITY) return { logp: -score, score, nfe };
     const logp = detector.log_density(x);
     nfe += detector.last_nfe();
     return { logp, score, nfe };

@@ -3,7 +3,7 @@
 //! rows through the packed kernel, or rows streamed through the lockstep
 //! Dopri5's slots).
 
-use super::{BatchError, Flow, LogDensity, MAX_PACKED_ROWS, reset_ell};
+use super::{BatchError, Flow, MAX_PACKED_ROWS, reset_ell};
 use crate::error::SolveError;
 use crate::format::Stage;
 use crate::math::copy;
@@ -19,7 +19,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         log_p: &mut [f32],
         scratch: &mut [f32],
     ) -> Result<Stats, BatchError> {
-        self.batch(xs, log_p, scratch, |ld| ld.log_p)
+        self.batch(xs, log_p, scratch, RowValue::LogP)
     }
 
     /// The model's anomaly score ([`Model::score_kind`]) of each row of `xs`
@@ -30,8 +30,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         scores: &mut [f32],
         scratch: &mut [f32],
     ) -> Result<Stats, BatchError> {
-        let kind = self.model.score_kind();
-        self.batch(xs, scores, scratch, |ld| ld.score(kind))
+        self.batch(xs, scores, scratch, RowValue::Score)
     }
 
     fn batch(
@@ -39,14 +38,20 @@ impl<'m, 'a> Flow<'m, 'a> {
         xs: &[f32],
         out: &mut [f32],
         scratch: &mut [f32],
-        value: impl Fn(&LogDensity) -> f32,
+        value: RowValue,
     ) -> Result<Stats, BatchError> {
+        // (One copy of the row loop for every value: not generic, so the
+        // small WASM build carries the solve once.)
         let d = self.model.dim();
         check_batch(d, xs, out)?;
+        let kind = self.model.score_kind();
         let mut stats = Stats::default();
         for (row, (x, o)) in xs.chunks_exact(d).zip(out.iter_mut()).enumerate() {
             let ld = self.log_density(x, scratch).map_err(|error| BatchError { row, error })?;
-            *o = value(&ld);
+            *o = match value {
+                RowValue::LogP => ld.log_p,
+                RowValue::Score => ld.score(kind),
+            };
             stats = stats.merge(ld.stats);
         }
         Ok(stats)
@@ -134,11 +139,7 @@ impl<'m, 'a> Flow<'m, 'a> {
         // Image models (format version 4) have no packed kernel: one row at
         // a time, the same values as `log_density_batch`.
         if self.model.has_image_stages() {
-            let kind = self.model.score_kind();
-            return self.batch(xs, out, scratch, |ld| match value {
-                RowValue::LogP => ld.log_p,
-                RowValue::Score => ld.score(kind),
-            });
+            return self.batch(xs, out, scratch, value);
         }
         // One CNF stage and Dopri5: stream every row through the slots.
         let cnf_stages = self.model.stages().filter(|(_, s)| matches!(s, Stage::Cnf(_))).count();

@@ -1,7 +1,8 @@
 //! Prints a model's golden values as JSON, computed by the host runtime with
 //! the model's default solver: the rows (from a labelled CSV, or the 2-D demo
-//! rows), log p, score, verdict and NFE per row — one row at a time, and by
-//! the packed path (32 rows at a time, what the page uses) — and seeded samples.
+//! rows), log p, the model's score, verdict and NFE per row — one row at a
+//! time, and by the packed path (32 rows at a time, what the page uses) — and
+//! seeded samples.
 //! Usage: golden-json MODEL [ROWS.csv]
 
 use ffjord_runtime::{Flow, Model, Verdict};
@@ -32,13 +33,15 @@ fn main() {
     let mut packed_scratch = vec![0.0; flow.packed_scratch_len(PACKED_ROWS)];
     let packed_stats =
         flow.log_density_packed(&xs, &mut packed, PACKED_ROWS, &mut packed_scratch).expect("host packed");
+    let mut packed_scores = vec![0.0f32; rows.len()];
+    flow.score_packed(&xs, &mut packed_scores, PACKED_ROWS, &mut packed_scratch).expect("host packed scores");
     let mut entries = Vec::new();
-    for ((x, anomalous), &lp_packed) in rows.iter().zip(&packed) {
+    for (((x, anomalous), &lp_packed), &score_packed) in rows.iter().zip(&packed).zip(&packed_scores) {
         let s = flow.score(x, &mut scratch).expect("host score");
         let verdict = s.verdict.name();
-        let verdict_packed = Verdict::against(-lp_packed, model.threshold()).name();
+        let verdict_packed = Verdict::against(score_packed, model.threshold()).name();
         entries.push(format!(
-            "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}, \"log_p_packed\": {lp_packed:?}, \"verdict_packed\": \"{verdict_packed}\"}}",
+            "    {{\"x\": {}, \"labelled_anomaly\": {anomalous}, \"log_p\": {:?}, \"score\": {:?}, \"verdict\": \"{verdict}\", \"nfe\": {}, \"log_p_packed\": {lp_packed:?}, \"score_packed\": {score_packed:?}, \"verdict_packed\": \"{verdict_packed}\"}}",
             list(x),
             s.log_density.log_p,
             s.score,
@@ -53,9 +56,10 @@ fn main() {
         samples.push(format!("    {{\"seed\": {seed}, \"x\": {}, \"log_p\": {:?}}}", list(&x), s.log_p));
     }
     println!(
-        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"format_version\": {},\n  \"image_stages\": {},\n  \"kde_base\": {},\n  \"threshold\": {},\n  \"packed_nfe\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
+        "{{\n  \"model\": {model_path:?},\n  \"dim\": {},\n  \"format_version\": {},\n  \"score_kind\": \"{}\",\n  \"image_stages\": {},\n  \"kde_base\": {},\n  \"threshold\": {},\n  \"packed_nfe\": {},\n  \"rows\": [\n{}\n  ],\n  \"samples\": [\n{}\n  ]\n}}",
         model.dim(),
         model.header().version(),
+        model.score_kind().name(),
         model.has_image_stages(),
         model.kde_base().is_some(),
         model.threshold().map_or("null".to_string(), |t| format!("{:?}", t.score)),
