@@ -308,12 +308,12 @@ fn without_the_feature_image_models_are_refused_with_the_reason() {
 }
 
 /// Without feature `kde`, a file that ends in a kernel density base (the
-/// committed cardio model) is refused with the reason, not as a malformed
-/// header.
+/// committed cardio model, format version 6: it is also scored by the latent
+/// radius) is refused with the reason, not as a malformed header.
 #[cfg(not(feature = "kde"))]
 #[test]
 fn without_the_feature_kde_base_models_are_refused_with_the_reason() {
-    let e = committed_model_error("cardio/model.ffjd", 5);
+    let e = committed_model_error("cardio/model.ffjd", 6);
     assert_eq!(e, LoadError::InvalidField(Field::KdeBase));
     assert!(e.to_string().contains("feature `kde`"), "{e}");
 }
