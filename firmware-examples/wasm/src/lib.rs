@@ -29,6 +29,11 @@ self_cell::self_cell!(
     }
 );
 
+/// [`Flow::log_density_packed`] or [`Flow::score_packed`].
+#[cfg(feature = "packed")]
+type PackedCall =
+    fn(&Flow<'_, '_>, &[f32], &mut [f32], usize, &mut [f32]) -> Result<Stats, ffjord_runtime::BatchError>;
+
 /// A loaded model with a chosen solver and its working memory.
 #[wasm_bindgen]
 pub struct Detector {
@@ -56,6 +61,18 @@ impl Detector {
         let ld = flow.log_density(x, &mut self.scratch)?;
         self.stats = ld.stats;
         Ok(ld)
+    }
+
+    /// One value per row of `xs` by a packed call of the runtime (`log p`
+    /// or the model's score), with this detector's packed scratch.
+    #[cfg(feature = "packed")]
+    fn packed(&mut self, xs: &[f32], rows_per_block: usize, call: PackedCall) -> Result<Vec<f32>, JsError> {
+        let d = self.dim();
+        let mut out = vec![0.0; xs.len() / d.max(1)];
+        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
+        self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
+        self.stats = call(&flow, xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
+        Ok(out)
     }
 
     fn with_flow<T>(
@@ -190,13 +207,7 @@ impl Detector {
     /// tanh, another summation order). `last_nfe()` is then the total.
     #[cfg(feature = "packed")]
     pub fn log_density_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
-        let d = self.dim();
-        let mut out = vec![0.0; xs.len() / d.max(1)];
-        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
-        self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
-        self.stats =
-            flow.log_density_packed(xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
-        Ok(out)
+        self.packed(xs, rows_per_block, |f, xs, out, n, s| f.log_density_packed(xs, out, n, s))
     }
 
     /// The model's anomaly score of each row of `xs` (bit for bit
@@ -213,12 +224,7 @@ impl Detector {
     /// [`Detector::log_density_packed`] integrates).
     #[cfg(feature = "packed")]
     pub fn score_packed(&mut self, xs: &[f32], rows_per_block: usize) -> Result<Vec<f32>, JsError> {
-        let d = self.dim();
-        let mut out = vec![0.0; xs.len() / d.max(1)];
-        let flow = Flow::new(self.model.borrow_dependent(), self.solver).map_err(js)?;
-        self.packed_scratch.resize(flow.packed_scratch_len(rows_per_block), 0.0);
-        self.stats = flow.score_packed(xs, &mut out, rows_per_block, &mut self.packed_scratch).map_err(js)?;
-        Ok(out)
+        self.packed(xs, rows_per_block, |f, xs, out, n, s| f.score_packed(xs, out, n, s))
     }
 
     /// `n` samples from a seed chosen by JavaScript (Xoshiro128++, the same
