@@ -443,10 +443,7 @@ pub fn benchmark(
     // flow learned about fine detail) and any kernel density base.
     if let ([valid], [test], [kind]) = (valid_rows.as_slice(), test_rows.as_slice(), kinds.as_slice()) {
         let d = splits.dim();
-        let radius = |r: &crate::model::RowsLogProb| -> Result<Vec<f64>> {
-            let z = Tensor::from_slice(&r.z).view([-1, d]);
-            Ok(neg_all(Vec::<f64>::try_from(&crate::model::standard_normal_log_prob(&z))?))
-        };
+        let radius = |r| crate::score_kind::latent_radius(r, d);
         let radius = (radius(valid)?, radius(test)?);
         let this = if *kind == ffjord_runtime::ScoreKind::LatentRadius { &radius } else { &density };
         methods.push(("FFJORD (this model)".into(), this.0.clone(), this.1.clone()));

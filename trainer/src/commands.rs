@@ -71,7 +71,7 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
     let opts = model::SolveOptions::eval(method);
     // In chunks: one batch of 144k rows took 4 GB.
     let rows = chain.log_prob_rows(&x, &opts, EVAL_CHUNK_ROWS)?;
-    let (log_p, nfe) = (rows.log_p, rows.nfe);
+    let (log_p, nfe) = (&rows.log_p, rows.nfe);
     let nll = -log_p.iter().sum::<f64>() / log_p.len() as f64;
     let d = model.dim() as f64;
     println!(
@@ -83,13 +83,15 @@ pub(crate) fn eval(args: &EvalArgs) -> Result<()> {
         write_table(p, &["log_p".into()], log_p.iter().map(|&v| vec![v]))?;
     }
     if let Some(labels) = labels {
-        let scores: Vec<f64> = log_p.iter().map(|v| -v).collect();
+        // The file's kind of score, which its threshold is on.
+        let kind = model.score_kind();
+        let scores = ffjord_trainer::score_kind::row_scores(kind, &rows, chain.dim)?;
         let threshold = model.threshold().map_or(f64::INFINITY, |t| f64::from(t.score));
         // f32's shortest form ("0.99"), not its f64 widening (0.9900000095367432).
         let q = model.threshold().map_or("none".to_string(), |t| t.quantile.to_string());
         let m = ffjord_trainer::anomaly::detection(&scores, &labels, threshold);
         let pos = labels.iter().filter(|&&a| a).count();
-        println!("anomalies {pos} of {}", labels.len());
+        println!("anomalies {pos} of {}; score: {}", labels.len(), kind.name());
         println!(
             "| AUROC | average precision | precision | recall | false-positive rate | threshold (quantile) |"
         );

@@ -25,7 +25,7 @@ use anyhow::Result;
 use ffjord_runtime::ScoreKind;
 use tch::{Kind, Tensor};
 
-use crate::model::{Chain, SolveOptions, standard_normal_log_prob};
+use crate::model::{Chain, RowsLogProb, SolveOptions, standard_normal_log_prob};
 
 /// The score a model file gets (`fit --score`, `export --score`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -103,6 +103,22 @@ pub fn synthetic_outliers(valid: &Tensor, train: &Tensor, replaced: usize, seed:
     x.scatter(1, &columns, &values)
 }
 
+/// The latent radius `−log N(z; 0, I)` of every row of a pass through a
+/// chain of dimension `dim`.
+pub fn latent_radius(rows: &RowsLogProb, dim: i64) -> Result<Vec<f64>> {
+    let z = Tensor::from_slice(&rows.z).view([-1, dim]);
+    Ok(Vec::<f64>::try_from(&-standard_normal_log_prob(&z))?)
+}
+
+/// The anomaly score of `kind` of every row of a pass through a chain of
+/// dimension `dim` (what a model file of that kind scores, up to rounding).
+pub fn row_scores(kind: ScoreKind, rows: &RowsLogProb, dim: i64) -> Result<Vec<f64>> {
+    match kind {
+        ScoreKind::NegLogDensity => Ok(rows.log_p.iter().map(|v| -v).collect()),
+        ScoreKind::LatentRadius => latent_radius(rows, dim),
+    }
+}
+
 /// AUROC of outliers' scores against normal rows' (ties count half).
 fn auroc(normal: &[f64], outliers: &[f64]) -> f64 {
     let scores: Vec<f64> = normal.iter().chain(outliers).copied().collect();
@@ -139,8 +155,7 @@ pub fn choose(
         synthetic_outliers(&valid, &train.to_kind(valid.kind()).to_device(valid.device()), replaced, seed);
     let parts = |x: &Tensor| -> Result<(Vec<f64>, Vec<f64>)> {
         let rows = chain.log_prob_rows(x, opts, 2000)?;
-        let z = Tensor::from_slice(&rows.z).view([-1, chain.dim]);
-        let radius = Vec::<f64>::try_from(&-standard_normal_log_prob(&z))?;
+        let radius = latent_radius(&rows, chain.dim)?;
         // −log p with N(0, I) in place of the chain's base: radius + Δ.
         let density = rows.log_p.iter().zip(&rows.log_p_base).zip(&radius);
         Ok((density.map(|((lp, base), r)| r - (lp - base)).collect(), radius))

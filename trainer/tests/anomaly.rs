@@ -252,6 +252,22 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
     // score: none above it (one allowed for f32 against float64 rounding).
     assert!(flagged <= 1, "{flagged} of 30 validation rows above the threshold");
 
+    // `eval --labels` ranks by the file's kind too: its AUROC (float64
+    // through tch) is the runtime's (`score --label`, f32) to rounding.
+    let (evaluated, _) =
+        ok(&["eval", "--model", "radius.ffjd", "--data", "s/test.csv", "--labels", "anomaly"], d);
+    assert!(evaluated.contains("; score: latent-radius"), "{evaluated}");
+    let eval_auroc: f64 =
+        evaluated.lines().last().unwrap().split('|').nth(1).unwrap().trim().parse().unwrap();
+    let (_, log) = ok(&["score", "--model", "radius.ffjd", "--data", "s/test.csv", "--label", "anomaly"], d);
+    let runtime_auroc: f64 = log
+        .split("score (latent-radius) against 'anomaly': AUROC ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!((eval_auroc - runtime_auroc).abs() <= 0.002, "eval {eval_auroc}, score {runtime_auroc}");
+
     let export = |kind: &str, out: &str| {
         ok(&["export", "--run-dir", "radius.run", "--out", out, "--score", kind], d).0
     };
