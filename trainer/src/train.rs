@@ -600,7 +600,7 @@ pub fn export(
     let opts = SolveOptions::eval(cfg.eval_method());
     let score =
         crate::score_kind::choose(chain, &splits.train, valid, &opts, cfg.seed, cfg.score, data_file)?;
-    if data_file {
+    if data_file || cfg.score != crate::score_kind::ScoreArg::Auto {
         println!("{}", score.describe());
     }
     let threshold = match q {
