@@ -6,7 +6,7 @@
 use std::path::Path;
 mod common;
 
-use common::trainer;
+use common::{number_after, trainer};
 
 fn ok(args: &[&str], dir: &Path) -> (String, String) {
     let out = trainer(args, dir);
@@ -260,12 +260,7 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
     let eval_auroc: f64 =
         evaluated.lines().last().unwrap().split('|').nth(1).unwrap().trim().parse().unwrap();
     let (_, log) = ok(&["score", "--model", "radius.ffjd", "--data", "s/test.csv", "--label", "anomaly"], d);
-    let runtime_auroc: f64 = log
-        .split("score (latent-radius) against 'anomaly': AUROC ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{log}"));
+    let runtime_auroc = number_after(&log, "score (latent-radius) against 'anomaly': AUROC ");
     assert!((eval_auroc - runtime_auroc).abs() <= 0.002, "eval {eval_auroc}, score {runtime_auroc}");
 
     let export = |kind: &str, out: &str| {

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::trainer;
+use common::{number_after, trainer};
 
 use ffjord_runtime::{Dopri5, Flow, Model, Solver};
 
@@ -292,13 +292,13 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     );
     let chosen = printed.lines().find(|l| l.starts_with("chosen: ")).expect("chosen line");
     let test_part = &chosen[chosen.find("test on").expect("test part")..];
-    let number_after = |key: &str| -> f64 {
+    let value_after = |key: &str| -> f64 {
         let rest =
             &test_part[test_part.find(key).unwrap_or_else(|| panic!("{key} in {chosen}")) + key.len()..];
         rest.split([',', ' ']).find(|t| !t.is_empty()).unwrap().parse().unwrap()
     };
-    assert!(number_after("max error ") <= 0.05, "{chosen}");
-    let chosen_nfe = number_after("mean NFE ");
+    assert!(value_after("max error ") <= 0.05, "{chosen}");
+    let chosen_nfe = value_after("mean NFE ");
     for row in printed.lines().filter(|l| l.starts_with("| RK4") || l.starts_with("| Dopri5")) {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let (err, nfe): (f64, f64) = (cells[2].parse().unwrap(), cells[4].parse().unwrap());
@@ -888,12 +888,7 @@ fn fit_trains_the_multiscale_flow_on_images() {
     // The other score kind (the latent radius of an image model scored by
     // −log p): the printed AUROC is the one of the written `log_p_normal` column.
     assert!(log.contains("score (neg-log-density) against 'anomaly': AUROC"), "{log}");
-    let printed: f64 = log
-        .split("latent-radius (not this model's score): AUROC ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no base-term AUROC in {log}"));
+    let printed = number_after(&log, "latent-radius (not this model's score): AUROC ");
     let rows: Vec<(f64, bool)> = out
         .lines()
         .skip(1)
