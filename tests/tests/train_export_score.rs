@@ -8,12 +8,12 @@
 use ffjord_e2e::{float64_log_p, runtime_tolerance};
 use ffjord_runtime::{Flow, Model, Verdict};
 use ffjord_trainer::config::TrainConfig;
-use ffjord_trainer::kde::BaseArg;
+use ffjord_trainer::kde::{BaseArg, TrainBaseArg};
 use ffjord_trainer::train::{RunDir, fit};
 
 #[test]
 fn a_trained_model_scores_the_same_in_the_runtime_and_the_trainer() {
-    let model = train_and_check(BaseArg::Normal);
+    let model = train_and_check(BaseArg::Normal, TrainBaseArg::Normal);
     assert!(model.is_none());
 }
 
@@ -21,13 +21,22 @@ fn a_trained_model_scores_the_same_in_the_runtime_and_the_trainer() {
 /// model file ends in a `KdeBase` stage that every path scores alike.
 #[test]
 fn a_model_on_a_kde_base_scores_the_same_in_the_runtime_and_the_trainer() {
-    let kde = train_and_check(BaseArg::Kde).expect("a KDE base");
+    let kde = train_and_check(BaseArg::Kde, TrainBaseArg::Normal).expect("a KDE base");
     assert!(kde.centres >= 2 && kde.bandwidth > 0.0, "{kde:?}");
 }
 
-/// Fits 8gaussians with `base`, checks runtime against float64, packed
-/// against per-row and the threshold rule; returns the file's KDE base.
-fn train_and_check(base: BaseArg) -> Option<ffjord_runtime::KdeSpec> {
+/// Trained on a kernel base (`fit --train-base kde`): the file keeps that
+/// base, with all of its centres, and every path scores it alike.
+#[test]
+fn a_model_trained_on_a_kernel_base_scores_the_same_in_the_runtime_and_the_trainer() {
+    let kde = train_and_check(BaseArg::Normal, TrainBaseArg::Kde).expect("the trained kernel base");
+    assert!(kde.centres == 300 && kde.bandwidth > 0.0 && kde.normal_weight > 0.0, "{kde:?}");
+}
+
+/// Fits 8gaussians on `train_base` with `base`, checks runtime against
+/// float64, packed against per-row and the threshold rule; returns the
+/// file's KDE base.
+fn train_and_check(base: BaseArg, train_base: TrainBaseArg) -> Option<ffjord_runtime::KdeSpec> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         toy: Some("8gaussians".into()),
@@ -36,6 +45,7 @@ fn train_and_check(base: BaseArg) -> Option<ffjord_runtime::KdeSpec> {
         valid_every: 20,
         batch: 128,
         base,
+        train_base,
         kde_centres: 300,
         ..TrainConfig::default()
     };

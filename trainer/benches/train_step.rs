@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         let x = data::toy("8gaussians", 512)?.to_kind(Kind::Float);
         let (t0, c0) = (Instant::now(), cpu_seconds());
         opt.zero_grad();
-        let (_, stats) = chain.loss_and_gradients(&x, &opts, gradient)?;
+        let (_, stats) = chain.loss_and_gradients(&x, &opts, gradient, None)?;
         opt.step();
         if it >= 2 {
             // The first two iterations warm up allocators and caches.

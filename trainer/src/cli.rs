@@ -402,6 +402,13 @@ pub(crate) struct FitArgs {
     /// normal (N(0, I)) or kde.
     #[arg(long, value_enum)]
     pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
+    /// The base the flow is trained on: normal (N(0, I); --base then decides
+    /// the file's), kde (a Gaussian KDE on up to --kde-centres training rows,
+    /// its bandwidth and N(0, I) weight trained with the flow; the file keeps
+    /// it) or auto (with --data: both, the file with the better validation NLL
+    /// kept, twice the training time; toy sets and images: normal) [default: auto].
+    #[arg(long, value_enum)]
+    pub(crate) train_base: Option<ffjord_trainer::kde::TrainBaseArg>,
     /// The model file's anomaly score (and what its threshold is on): auto
     /// (the latent radius −log N(z) where it ranks synthetic outliers of the
     /// validation rows better than −log p; tabular data), density (−log p)

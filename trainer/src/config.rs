@@ -171,6 +171,15 @@ pub struct TrainConfig {
     /// `N(0, I)`, `kde` always ends in the KDE. Configs from before it
     /// existed mean `auto`.
     pub base: crate::kde::BaseArg,
+    /// The base the flow is trained on: `normal` (`N(0, I)`, then `base`
+    /// decides the file's), `kde`, a Gaussian KDE on up to `kde_centres`
+    /// training rows whose bandwidth and normal weight are trained with the
+    /// flow ([`crate::kde::TrainedKernelBase`]; the file keeps it), or `auto`:
+    /// on a data file `fit` trains both and keeps the model file with the
+    /// better validation NLL ([`crate::search::compare_bases`]); elsewhere,
+    /// and in a config from before this key existed, `normal`.
+    #[serde(default)]
+    pub train_base: crate::kde::TrainBaseArg,
     /// The exported model's anomaly score: `auto` stores the latent radius
     /// `−log N(z)` where it ranks synthetic outliers of the validation rows
     /// better than `−log p` (tabular data; `crate::score_kind`), `density`
@@ -238,6 +247,7 @@ impl Default for TrainConfig {
             base: crate::kde::BaseArg::Auto,
             score: crate::score_kind::ScoreArg::Auto,
             kde_centres: 1024,
+            train_base: crate::kde::TrainBaseArg::Auto,
         }
     }
 }
@@ -320,6 +330,7 @@ impl TrainConfig {
             ffjord_runtime::format::MAX_KDE_CENTRES
         );
         anyhow::ensure!(self.hidden.iter().all(|&h| h >= 1), "hidden widths must be at least 1");
+
         anyhow::ensure!(
             self.hidden.len() < ffjord_runtime::format::MAX_LAYERS,
             "at most {} hidden layers",

@@ -127,6 +127,128 @@ impl KernelDensity {
     }
 }
 
+/// The base a flow is trained on (`fit --train-base`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainBaseArg {
+    /// Both, the model file with the better validation NLL kept (data
+    /// files; toy sets and images: `Normal`).
+    #[default]
+    Auto,
+    /// `N(0, I)`, the paper's base; a KDE base may still be fitted after
+    /// training (`--base`).
+    Normal,
+    /// A Gaussian KDE on training rows, trained with the flow
+    /// ([`TrainedKernelBase`]).
+    Kde,
+}
+
+/// A kernel density base trained together with the flow:
+/// `p(z) = (1 − w) · (1/n) Σ_j N(z; c_j, h² I) + w · N(z; 0, I)`.
+///
+/// The centres `c_j` are the latent points of `n` training rows under the
+/// chain as initialized (where the flow is the identity, or the whitening),
+/// fixed from then on; the bandwidth `h` and the weight `w` are parameters
+/// learned with the flow by maximum likelihood. A flow on `N(0, I)` must
+/// carry every cluster of the data to one Gaussian and leaves bridges of
+/// mass between them; on this base it starts as the kernel estimate (local,
+/// one kernel per centre row) and learns what the kernels miss. A training
+/// row that is itself a centre leaves its own kernel out of its likelihood
+/// (leave-one-out), else the flow could learn to pin rows onto their kernels.
+pub struct TrainedKernelBase {
+    centres: Tensor,
+    log_bandwidth: Tensor,
+    normal_logit: Tensor,
+}
+
+impl TrainedKernelBase {
+    /// The base's variables under `p`: `n` centres (not trained) in `d`
+    /// dimensions, the log bandwidth and the logit of the normal weight.
+    pub fn new(p: &tch::nn::Path<'_>, n: i64, d: i64) -> Self {
+        TrainedKernelBase {
+            centres: p.zeros_no_train("centres", &[n, d]),
+            log_bandwidth: p.zeros("log_bandwidth", &[]),
+            normal_logit: p.zeros("normal_logit", &[]),
+        }
+    }
+
+    /// The trained parameters: the log bandwidth and the normal weight's logit.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        vec![self.log_bandwidth.shallow_clone(), self.normal_logit.shallow_clone()]
+    }
+
+    /// Number of centres.
+    pub fn centre_count(&self) -> i64 {
+        self.centres.size()[0]
+    }
+
+    /// Sets the centres, the bandwidth and the normal weight (in `(0, 1)`).
+    pub fn initialise(&self, centres: &Tensor, bandwidth: f64, normal_weight: f64) -> Result<()> {
+        ensure!(
+            centres.size() == self.centres.size(),
+            "centres of shape {:?}, expected {:?}",
+            centres.size(),
+            self.centres.size()
+        );
+        ensure!(
+            bandwidth > 0.0 && normal_weight > 0.0 && normal_weight < 1.0,
+            "bandwidth {bandwidth} or normal weight {normal_weight} out of range"
+        );
+        tch::no_grad(|| {
+            let mut c = self.centres.shallow_clone();
+            c.copy_(&centres.to_kind(c.kind()).to_device(c.device()));
+            let _ = self.log_bandwidth.shallow_clone().fill_(bandwidth.ln());
+            let _ = self.normal_logit.shallow_clone().fill_((normal_weight / (1.0 - normal_weight)).ln());
+        });
+        Ok(())
+    }
+
+    /// The bandwidth `h`.
+    pub fn bandwidth(&self) -> f64 {
+        self.log_bandwidth.double_value(&[]).exp()
+    }
+
+    /// The weight `w` of `N(0, I)`.
+    pub fn normal_weight(&self) -> f64 {
+        1.0 / (1.0 + (-self.normal_logit.double_value(&[])).exp())
+    }
+
+    /// log p(z) per row, differentiable in `z`, `h` and `w`. `centre_of`
+    /// gives, per row, the index of the centre that row is (−1: none); that
+    /// kernel is left out and the mean taken over the others.
+    pub fn log_prob(&self, z: &Tensor, centre_of: Option<&Tensor>) -> Tensor {
+        let (n, d) = (self.centre_count(), self.centres.size()[1]);
+        let c = self.centres.to_kind(z.kind());
+        let d2 = (z.square().sum_dim_intlist(1, true, z.kind())
+            + c.square().sum_dim_intlist(1, false, z.kind()).unsqueeze(0)
+            - z.matmul(&c.transpose(0, 1)) * 2.0)
+            .clamp_min(0.0);
+        let log_h = self.log_bandwidth.to_kind(z.kind());
+        let mut exponents = &d2 * (&log_h * -2.0).exp() * -0.5;
+        let mut count = Tensor::full([z.size()[0]], n as f64, (z.kind(), z.device()));
+        if let Some(idx) = centre_of {
+            let own = idx.unsqueeze(1).eq_tensor(&Tensor::arange(n, (Kind::Int64, z.device())).unsqueeze(0));
+            exponents = exponents.masked_fill(&own, f64::NEG_INFINITY);
+            count -= own.any_dim(1, false).to_kind(z.kind());
+        }
+        let log_kde = exponents.logsumexp([1], false)
+            - count.log()
+            - (&log_h * d as f64 + d as f64 / 2.0 * (2.0 * std::f64::consts::PI).ln());
+        let logit = self.normal_logit.to_kind(z.kind());
+        let log_w = -(-&logit).exp().log1p(); // log sigmoid
+        let log_1mw = -logit.exp().log1p(); // log (1 − sigmoid)
+        (log_kde + log_1mw).logaddexp(&(crate::model::standard_normal_log_prob(z) + log_w))
+    }
+
+    /// The base as it stands, for evaluation and export (the model file's
+    /// `KdeBase` stage).
+    pub fn snapshot(&self) -> KernelDensity {
+        KernelDensity::from_parts(self.centres.detach().copy(), self.bandwidth(), self.normal_weight())
+    }
+}
+
 /// Which base a model file gets (`fit --base`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -255,5 +377,76 @@ mod tests {
         let cell = (4.0 / 800.0f64).powi(2);
         let integral = kernels.log_prob_tensor(&grid).exp().sum(Kind::Double).double_value(&[]) * cell;
         assert!((integral - 1.0).abs() < 2e-3, "∫ p = {integral}");
+    }
+
+    fn trained_base(centres: &Tensor, h: f64, w: f64) -> (tch::nn::VarStore, TrainedKernelBase) {
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        vs.set_kind(Kind::Double);
+        let size = centres.size();
+        let base = TrainedKernelBase::new(&vs.root(), size[0], size[1]);
+        base.initialise(centres, h, w).unwrap();
+        (vs, base)
+    }
+
+    /// Without leave-one-out the trained base is the stored estimate (the
+    /// model file's `KdeBase`, as `KernelDensity` computes it in float64).
+    #[test]
+    fn the_trained_base_is_the_estimate_it_exports() {
+        tch::manual_seed(5);
+        let opts = (Kind::Double, Device::Cpu);
+        let (_vs, base) = trained_base(&Tensor::randn([50, 3], opts), 0.4, 0.1);
+        assert!((base.bandwidth() - 0.4).abs() < 1e-12 && (base.normal_weight() - 0.1).abs() < 1e-12);
+        let q = Tensor::randn([20, 3], opts) * 2.0;
+        let trained = Vec::<f64>::try_from(&base.log_prob(&q, None)).unwrap();
+        let exported = base.snapshot().log_prob(&q).unwrap();
+        for (a, b) in trained.iter().zip(&exported) {
+            assert!((a - b).abs() < 1e-8, "{a} vs {b}"); // the same sums in another order
+        }
+    }
+
+    /// A row that is centre j scores as the estimate on the other centres
+    /// (the mean over n − 1 kernels), and no other row is affected.
+    #[test]
+    fn a_centre_row_leaves_its_own_kernel_out() {
+        tch::manual_seed(6);
+        let opts = (Kind::Double, Device::Cpu);
+        let centres = Tensor::randn([6, 2], opts);
+        let (_vs, base) = trained_base(&centres, 0.3, 0.05);
+        let rows = Tensor::cat(&[centres.narrow(0, 2, 1), Tensor::randn([1, 2], opts)], 0);
+        let centre_of = Tensor::from_slice(&[2i64, -1]);
+        let loo = Vec::<f64>::try_from(&base.log_prob(&rows, Some(&centre_of))).unwrap();
+        let others = Tensor::cat(&[centres.narrow(0, 0, 2), centres.narrow(0, 3, 3)], 0);
+        let expected =
+            KernelDensity::from_parts(others, 0.3, 0.05).log_prob(&rows.narrow(0, 0, 1)).unwrap()[0];
+        assert!((loo[0] - expected).abs() < 1e-8, "{} vs {expected}", loo[0]);
+        let full = base.snapshot().log_prob(&rows.narrow(0, 1, 1)).unwrap()[0];
+        // 1e-8: both expand |q − c|² = q² + c² − 2q·c, in another order.
+        assert!((loo[1] - full).abs() < 1e-8, "{} vs {full}", loo[1]);
+    }
+
+    /// The bandwidth and weight gradients are those of the log-likelihood
+    /// (central differences, float64).
+    #[test]
+    fn the_base_parameters_get_the_likelihood_gradient() {
+        tch::manual_seed(7);
+        let opts = (Kind::Double, Device::Cpu);
+        let centres = Tensor::randn([30, 2], opts);
+        let q = Tensor::randn([10, 2], opts);
+        let value = |h: f64, w: f64| {
+            let (_vs, b) = trained_base(&centres, h, w);
+            b.log_prob(&q, None).sum(Kind::Double).double_value(&[])
+        };
+        let (h, w) = (0.5, 0.2);
+        let (_vs, base) = trained_base(&centres, h, w);
+        base.log_prob(&q, None).sum(Kind::Double).backward();
+        let grads: Vec<f64> = base.parameters().iter().map(|p| p.grad().double_value(&[])).collect();
+        // d/d log h and d/d logit w by central differences.
+        let e: f64 = 1e-5;
+        let d_log_h = (value(h * e.exp(), w) - value(h * (-e).exp(), w)) / (2.0 * e);
+        let logit = (w / (1.0 - w)).ln();
+        let sig = |l: f64| 1.0 / (1.0 + (-l).exp());
+        let d_logit = (value(h, sig(logit + e)) - value(h, sig(logit - e))) / (2.0 * e);
+        assert!((grads[0] - d_log_h).abs() < 1e-6 * d_log_h.abs().max(1.0), "{} vs {d_log_h}", grads[0]);
+        assert!((grads[1] - d_logit).abs() < 1e-6 * d_logit.abs().max(1.0), "{} vs {d_logit}", grads[1]);
     }
 }

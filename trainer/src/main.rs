@@ -41,6 +41,17 @@ fn run() -> Result<()> {
             let run = train::RunDir { dir: run_dir };
             match args.search {
                 Some(minutes) => train::search(&cfg, minutes, &args.out, &run, device, &command_line()),
+                None if args.resume && cfg.train_base == ffjord_trainer::kde::TrainBaseArg::Auto => {
+                    // A run chose its base when it started: continue on that one.
+                    let cfg = ffjord_trainer::config::TrainConfig {
+                        train_base: train::run_train_base(&run)?,
+                        ..cfg
+                    };
+                    train::fit(&cfg, &args.out, &run, true, device, &command_line())
+                }
+                None if train::compares_bases(&cfg) => {
+                    train::compare_bases(&cfg, &args.out, &run, device, &command_line())
+                }
                 None => train::fit(&cfg, &args.out, &run, args.resume, device, &command_line()),
             }
         }

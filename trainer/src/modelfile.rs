@@ -222,7 +222,7 @@ pub fn chain_from_model(model: &Model<'_>, kind: Kind, device: Device) -> Result
             }
         }
     }
-    Ok((vs, Chain { layers, dim, base }))
+    Ok((vs, Chain { layers, dim, base, trained_base: None }))
 }
 
 /// `[C, H, W]` of a model file's image shape.

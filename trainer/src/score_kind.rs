@@ -145,7 +145,11 @@ pub fn choose(
     match arg {
         ScoreArg::Density => return fixed(ScoreKind::NegLogDensity),
         ScoreArg::Radius => return fixed(ScoreKind::LatentRadius),
-        ScoreArg::Auto if !data_file || replaced == 0 || valid.size()[0] == 0 => {
+        // On a trained kernel base the latent points are not meant to be
+        // N(0, I): their radius is no score.
+        ScoreArg::Auto
+            if !data_file || replaced == 0 || valid.size()[0] == 0 || chain.trained_base.is_some() =>
+        {
             return fixed(ScoreKind::NegLogDensity);
         }
         ScoreArg::Auto => {}

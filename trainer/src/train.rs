@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::config::TrainConfig;
 use crate::data::{self, Splits};
 pub use crate::image_runs::{EXACT_TRACE_MAX_DIM, bits_per_dim, eval_options, sample_run_images};
+use crate::kde::TrainedKernelBase;
 use crate::model::{Chain, Cnf, FlowLayer, Linear, MovingBatchNorm, OdeNet, SolveOptions};
 use crate::modelfile::{ExportInfo, export_bytes, write_atomic};
 use crate::optim::{Adam, Ema, scheduled_lr};
@@ -19,7 +20,7 @@ use crate::run::{
     RUN_FILES, RunState, crash_point, load_last, save_checkpoint, save_last, truncate_metrics,
     with_eval_weights,
 };
-pub use crate::search::search;
+pub use crate::search::{compare_bases, compares_bases, search};
 
 /// Ridge added to the whitening covariance (standardized units): keeps the
 /// Cholesky factor finite for collinear or constant columns, as the Gaussian
@@ -54,15 +55,88 @@ pub fn build_chain(vs: &nn::VarStore, cfg: &TrainConfig, dim: i64, splits: Optio
         let p = vs.root() / "chain" / layers.len();
         let mut net =
             OdeNet::new(&(&p / "odefunc"), dim, &cfg.hidden, cfg.layer.into(), cfg.activation.into());
-        if cfg.kinetic != 0.0 || cfg.jacobian != 0.0 || cfg.whiten {
-            net.zero_last_layer(); // RNODE's initialisation; with whitening, start as the Gaussian
+        let kernel_base = cfg.train_base == crate::kde::TrainBaseArg::Kde;
+        if cfg.kinetic != 0.0 || cfg.jacobian != 0.0 || cfg.whiten || kernel_base {
+            // RNODE's initialisation; with whitening start as the Gaussian, on
+            // a trained kernel base as the kernel estimate.
+            net.zero_last_layer();
         }
         layers.push(Box::new(Cnf::new(&p, Box::new(net), cfg.end_time, cfg.train_end_time)));
         if cfg.batch_norm {
             bn(&mut layers);
         }
     }
-    Ok(Chain::new(layers, dim))
+    let mut chain = Chain::new(layers, dim);
+    if cfg.train_base == crate::kde::TrainBaseArg::Kde {
+        // Its centres are set by `init_kernel_base` (a fresh run) or a checkpoint.
+        chain.trained_base = Some(TrainedKernelBase::new(&(vs.root() / "base"), cfg.kde_centres as i64, dim));
+    }
+    Ok(chain)
+}
+
+/// The base a run in `run` trained on, from its config (`normal` for runs
+/// from before `train_base` existed, or none yet): what `fit --resume` with
+/// `--train-base auto` continues.
+pub fn run_train_base(run: &RunDir) -> Result<crate::kde::TrainBaseArg> {
+    let path = run.path("config.toml");
+    let base = match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            toml::from_str::<TrainConfig>(&s)
+                .with_context(|| format!("{}: invalid config", path.display()))?
+                .train_base
+        }
+        Err(_) => crate::kde::TrainBaseArg::Normal,
+    };
+    Ok(match base {
+        crate::kde::TrainBaseArg::Auto => crate::kde::TrainBaseArg::Normal,
+        b => b,
+    })
+}
+
+/// Seed offset of the choice of a trained kernel base's centre rows.
+const CENTRE_SEED: i64 = 0x6b64_6501;
+
+/// Which training rows are a trained kernel base's centres: per training
+/// row the centre it is, or −1 (seeded; the same at every resume).
+fn centre_rows(n_train: i64, centres: i64, seed: i64, device: Device) -> (Tensor, Tensor) {
+    tch::manual_seed(seed.wrapping_add(CENTRE_SEED));
+    let pick = Tensor::randperm(n_train, (Kind::Int64, Device::Cpu)).narrow(0, 0, centres);
+    let centre_of = Tensor::full([n_train], -1, (Kind::Int64, Device::Cpu));
+    let _ = centre_of.shallow_clone().index_put_(
+        &[Some(&pick)],
+        &Tensor::arange(centres, (Kind::Int64, Device::Cpu)),
+        false,
+    );
+    (pick.to_device(device), centre_of.to_device(device))
+}
+
+/// Starts a trained kernel base as the kernel estimate the validation rows
+/// prefer: its centres are the latent points of the `pick`ed training rows
+/// under the chain as initialized, its bandwidth and normal weight those of
+/// the grids with the best validation likelihood (the weight at least 0.01:
+/// it is learned on a logit scale).
+fn init_kernel_base(
+    chain: &Chain,
+    train: &Tensor,
+    valid: &Tensor,
+    pick: &Tensor,
+    opts: &SolveOptions,
+) -> Result<()> {
+    let Some(base) = &chain.trained_base else { return Ok(()) };
+    let d = chain.dim;
+    let latent = |x: &Tensor| -> Result<Tensor> {
+        Ok(Tensor::from_slice(&chain.log_prob_rows(x, opts, 2000)?.z).view([-1, d]))
+    };
+    let centres = latent(&train.index_select(0, pick))?;
+    let kde = crate::kde::KernelDensity::fit_mixed(&centres, &latent(valid)?, &[0.01, 0.03, 0.1, 0.3])?;
+    base.initialise(&centres, kde.bandwidth, kde.normal_weight)?;
+    eprintln!(
+        "kernel base: {} centres, starting at bandwidth {:.4} and N(0, I) weight {} (validation likelihood); both trained with the flow",
+        base.centre_count(),
+        kde.bandwidth,
+        kde.normal_weight
+    );
+    Ok(())
 }
 
 /// Seed offsets of the validation and test evaluations' Hutchinson probes (images).
@@ -117,9 +191,20 @@ fn fit_in_run_dir(
     if cfg.trace.is_none() {
         eprintln!("trace: {trace:?} (the recipe's default for this data; --trace sets another)");
     }
+    let kernel_base = cfg.train_base == crate::kde::TrainBaseArg::Kde;
+    if kernel_base && splits.image_shape.is_some() {
+        bail!("--train-base kde is for tabular data, not images");
+    }
     let cfg = &TrainConfig {
         image_shape: splits.image_shape.map(|s| s.to_vec()),
         trace: Some(trace),
+        // A trained kernel base has one centre per training row up to the cap
+        // (the checkpoint's shape).
+        kde_centres: if kernel_base {
+            cfg.kde_centres.min(splits.train.size()[0].max(2) as usize)
+        } else {
+            cfg.kde_centres
+        },
         ..cfg.clone()
     };
     if let Some([c, h, w]) = splits.image_shape {
@@ -196,6 +281,17 @@ fn fit_in_run_dir(
     let mut vs = nn::VarStore::new(device);
     let mut chain = build_chain(&vs, cfg, dim, Some(&splits))?;
     let eval_opts = eval_options(cfg, dim);
+    let n_train = train.size()[0];
+    let centre_of = match &chain.trained_base {
+        Some(base) => {
+            let (pick, centre_of) = centre_rows(n_train, base.centre_count(), cfg.seed, device);
+            if !resume {
+                init_kernel_base(&chain, &train, &valid, &pick, &eval_opts)?;
+            }
+            Some(centre_of)
+        }
+        None => None,
+    };
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut ema = (cfg.ema > 0.0).then(|| Ema::new(&vs, cfg.ema));
     let mut state = RunState::default();
@@ -225,18 +321,19 @@ fn fit_in_run_dir(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(state.iteration);
-    let n_train = train.size()[0];
     let t_start = Instant::now();
     let start_iteration = state.iteration;
     while state.iteration < iterations {
         // Each iteration's randomness (batch, Hutchinson noise) comes from its own
         // seed, so a resumed run continues exactly as an uninterrupted one.
         tch::manual_seed(cfg.seed.wrapping_add(1_000_003_i64.wrapping_mul(state.iteration as i64 + 1)));
+        let mut batch_centres = None;
         let batch = if let Some(name) = &cfg.toy {
             to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
         } else {
             let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
             let batch = train.index_select(0, &idx);
+            batch_centres = centre_of.as_ref().map(|c| c.index_select(0, &idx));
             let batch = match (&row_noise, &noise) {
                 (Some(w), _) => &batch + (batch.rand_like() - 0.5) * w.index_select(0, &idx),
                 (None, Some(w)) => &batch + (batch.rand_like() - 0.5) * w,
@@ -246,7 +343,8 @@ fn fit_in_run_dir(
         };
         let t0 = Instant::now();
         opt.zero_grad();
-        let (loss_value, stats) = chain.loss_and_gradients(&batch, &train_opts, cfg.gradient)?;
+        let (loss_value, stats) =
+            chain.loss_and_gradients(&batch, &train_opts, cfg.gradient, batch_centres.as_ref())?;
         if !loss_value.is_finite() {
             let last = run.path("last.ot");
             let kept = if last.exists() {
@@ -392,11 +490,12 @@ fn fit_in_run_dir(
         // validation images, for out-of-distribution scoring.
         let q = cfg.threshold_quantile;
         let bytes =
-            export(&mut chain, &splits, &valid, cfg, q, &description, command, out, Format::Model, None)?;
+            export(&mut chain, &splits, &valid, cfg, q, &description, command, out, Format::Model, None)?
+                .bytes;
         println!("wrote {} ({} bytes)", out.display(), bytes.len());
         return Ok(());
     }
-    let bytes = export(
+    let exported = export(
         &mut chain,
         &splits,
         &valid,
@@ -408,10 +507,10 @@ fn fit_in_run_dir(
         Format::Model,
         None,
     )?;
-    // With a KDE base the exported model's test NLL is not the one above
-    // (which is the flow on N(0, I)): say what the file gives.
+    // With a KDE base fitted after training the exported model's test NLL is
+    // not the one above (which is the flow on N(0, I)): say what the file gives.
     let test_nll_exported = match (&chain.base, test_nll) {
-        (Some(_), Some(_)) => {
+        (Some(_), Some(_)) if chain.trained_base.is_none() => {
             tch::manual_seed(cfg.seed.wrapping_add(TEST_SEED));
             let (nll, _, _) = tch::no_grad(|| mean_nll(&chain, &test, &eval_opts, 1000))?;
             println!(
@@ -426,10 +525,14 @@ fn fit_in_run_dir(
         "best_iteration": state.best_iteration, "best_valid_nll": state.best_valid,
         "test_nll": test_nll, "test_nll_data_units": test_nll.map(|v| v + log_std), "test_nfe": test_nfe,
         "test_nll_exported": test_nll_exported, "kde_base": chain.base.is_some(),
-        "model": out, "bytes": bytes.len(),
+        "trained_base": chain.trained_base.is_some(),
+        // The file's validation NLL, what `--train-base auto` compares: with
+        // a KDE base fitted after training, cross-validated.
+        "valid_nll_exported": exported.kde_valid_log_p.map_or(state.best_valid, |lp| Some(-lp)),
+        "model": out, "bytes": exported.bytes.len(),
     });
     write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    println!("wrote {} ({} bytes)", out.display(), exported.bytes.len());
     Ok(())
 }
 
@@ -562,7 +665,7 @@ pub enum Format {
 
 /// Exports `chain` (with a threshold at quantile `q` of the validation scores)
 /// to `out`, atomically; a tabular chain first gets the base `cfg.base` says
-/// ([`crate::kde::choose_base`]). Returns the model file's bytes.
+/// ([`crate::kde::choose_base`]).
 #[allow(clippy::too_many_arguments)]
 pub fn export(
     chain: &mut Chain,
@@ -575,9 +678,19 @@ pub fn export(
     out: &Path,
     format: Format,
     max_error: Option<f64>,
-) -> Result<Vec<u8>> {
+) -> Result<Exported> {
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
-    if cfg.image_shape.is_none() && cfg.base != crate::kde::BaseArg::Normal && chain.base.is_none() {
+    let mut kde_valid_log_p = None;
+    if let Some(trained) = &chain.trained_base {
+        let kde = trained.snapshot();
+        println!(
+            "base: the Gaussian KDE trained with the flow on {} centres, bandwidth {:.4}, N(0, I) weight {:.4}",
+            trained.centre_count(),
+            kde.bandwidth,
+            kde.normal_weight
+        );
+        chain.base = Some(kde);
+    } else if cfg.image_shape.is_none() && cfg.base != crate::kde::BaseArg::Normal && chain.base.is_none() {
         let opts = SolveOptions::eval(cfg.eval_method());
         let train = splits.train.to_kind(valid.kind()).to_device(valid.device());
         let c = crate::kde::choose_base(chain, &train, valid, &opts, cfg.kde_centres, cfg.seed, cfg.base)?;
@@ -593,6 +706,7 @@ pub fn export(
             if c.chosen { "KDE base" } else { "N(0, I)" }
         );
         if c.chosen {
+            kde_valid_log_p = Some(c.valid_log_p_kde);
             chain.base = Some(c.kde);
         }
     }
@@ -651,7 +765,16 @@ pub fn export(
             write_atomic(out, json.as_bytes())?;
         }
     }
-    Ok(bytes)
+    Ok(Exported { bytes, kde_valid_log_p })
+}
+
+/// What [`export`] wrote.
+pub struct Exported {
+    /// The model file's bytes.
+    pub bytes: Vec<u8>,
+    /// Where a KDE base was fitted after training and chosen: its mean
+    /// validation log p, two-fold cross-validated (nats, standardized units).
+    pub kde_valid_log_p: Option<f64>,
 }
 
 /// What `trainer export` may change about a run's export.
@@ -696,7 +819,8 @@ pub fn export_run(
     vs.load(&best).with_context(|| format!("loading {}", best.display()))?;
     let valid = splits.valid.to_kind(Kind::Float).to_device(device);
     let q = q.or(cfg.threshold_quantile);
-    let bytes = export(&mut chain, &splits, &valid, &cfg, q, &description, command, out, format, max_error)?;
+    let bytes =
+        export(&mut chain, &splits, &valid, &cfg, q, &description, command, out, format, max_error)?.bytes;
     match format {
         Format::Model => println!("wrote {} ({} bytes)", out.display(), bytes.len()),
         Format::Json => println!("wrote {}", out.display()),

@@ -230,6 +230,9 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
         "128",
         "--score",
         "radius",
+        // The radius is the score of a flow on N(0, I).
+        "--train-base",
+        "normal",
     ];
     let (fitted, _) = ok(&fit, d);
     assert!(fitted.contains("score: latent-radius"), "{fitted}");
@@ -283,4 +286,110 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
     let chosen = if printed.contains("→ latent-radius") { "latent-radius" } else { "neg-log-density" };
     let (inspected, _) = ok(&["inspect", "auto.ffjd"], d);
     assert!(inspected.contains(&format!("score       {chosen}")), "{inspected}");
+}
+
+/// `fit --train-base kde` on a labelled CSV: the flow trains on a kernel
+/// base over training rows (leave-one-out), learns its bandwidth, keeps it
+/// in the file, scores by −log p under `--score auto`, and resumes exactly
+/// (the centres travel in the checkpoint).
+#[test]
+fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_labelled(&d.join("raw.csv"));
+    ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
+    let fit = |out: &str, iterations: &str, resume: bool| {
+        let mut a = vec![
+            "fit",
+            "--data",
+            "s/train.csv",
+            "--valid-data",
+            "s/valid.csv",
+            "--out",
+            out,
+            "--iterations",
+            iterations,
+            "--valid-every",
+            "10",
+            "--hidden",
+            "16,16",
+            "--batch",
+            "64",
+            "--train-base",
+            "kde",
+            "--kde-centres",
+            "100",
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        ok(&a, d)
+    };
+    let (printed, warned) = fit("whole.ffjd", "40", false);
+    let start = number_after(&warned, "kernel base: 100 centres, starting at bandwidth ");
+    let trained =
+        number_after(&printed, "base: the Gaussian KDE trained with the flow on 100 centres, bandwidth ");
+    assert!(
+        start > 0.0 && (trained / start - 1.0).abs() > 1e-3,
+        "bandwidth {start} → {trained}: not trained"
+    );
+    assert!(printed.contains("score: neg-log-density"), "{printed}");
+    let (inspected, _) = ok(&["inspect", "whole.ffjd"], d);
+    assert!(inspected.contains("base: Gaussian KDE on 100 latent points"), "{inspected}");
+    fit("split.ffjd", "20", false);
+    let (_, resumed) = fit("split.ffjd", "40", true);
+    assert!(!resumed.contains("kernel base:"), "a resumed run keeps its base: {resumed}");
+    let score = |m: &str| ok(&["score", "--model", m, "--data", "s/test.csv", "--label", "anomaly"], d).0;
+    assert_eq!(score("whole.ffjd"), score("split.ffjd"), "centres, bandwidth and weight all carry over");
+}
+
+/// `fit` on a data file trains on both bases by default (`--train-base
+/// auto`), keeps the model file with the better validation NLL, makes the
+/// run folder that candidate's (its config names the base), and a
+/// `--resume` continues on that base.
+#[test]
+fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_labelled(&d.join("raw.csv"));
+    ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
+    let fit = |iterations: &str, resume: bool| {
+        let mut a = vec![
+            "fit",
+            "--data",
+            "s/train.csv",
+            "--valid-data",
+            "s/valid.csv",
+            "--out",
+            "m.ffjd",
+            "--iterations",
+            iterations,
+            "--valid-every",
+            "10",
+            "--hidden",
+            "16,16",
+            "--batch",
+            "64",
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        ok(&a, d)
+    };
+    let (printed, _) = fit("20", false);
+    let nll = |label: &str| number_after(&printed, &format!("| {label} | "));
+    let (normal, kernel) = (nll("N(0, I)"), nll("kernel base"));
+    let (chosen, base) = if kernel < normal { ("kernel base", "kde") } else { ("N(0, I)", "normal") };
+    assert!(
+        printed.contains(&format!("chosen: train base {chosen} (validation NLL {:.4})", normal.min(kernel))),
+        "{printed}"
+    );
+    let config = std::fs::read_to_string(d.join("m.run/config.toml")).unwrap();
+    assert!(config.contains(&format!("train_base = \"{base}\"")), "{config}");
+    // Both candidates' files exist; the chosen one is m.ffjd byte for byte.
+    let chosen_file = d.join(format!("m.run/bases/{}/m.ffjd", usize::from(base == "kde")));
+    assert_eq!(std::fs::read(chosen_file).unwrap(), std::fs::read(d.join("m.ffjd")).unwrap());
+    let (resumed, warned) = fit("30", true);
+    assert!(warned.contains("resumed at iteration 20"), "{warned}");
+    assert!(!resumed.contains("chosen:"), "a resumed run trains its own base only: {resumed}");
 }

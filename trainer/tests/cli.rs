@@ -170,7 +170,7 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     // Whitened: a linear stage (format version 2) before the CNF; the runtime's
     // triangular map agrees with the trainer's, and JSON round-trips it.
     let whitened = "fit --data six.csv --out white.ffjd --iterations 20 --valid-every 10 --hidden 24,24 \
-                    --trace gaussian --batch 256 --whiten true --base normal";
+                    --trace gaussian --batch 256 --whiten true --base normal --train-base normal";
     ok(&whitened.split_whitespace().collect::<Vec<_>>(), d);
     assert_parity(d, "white.ffjd", "six-200.csv");
     assert!(ok(&["inspect", "white.ffjd"], d).contains("linear"));

@@ -134,7 +134,7 @@ fn reversed_steps_equal_autograd_backprop() {
         let graph = grads(&vs);
         zero_grads(&vs);
         tch::manual_seed(100); // the same Hutchinson noise
-        let (loss, stats) = c.loss_and_gradients(&x, &o, Gradient::Backprop).unwrap();
+        let (loss, stats) = c.loss_and_gradients(&x, &o, Gradient::Backprop, None).unwrap();
         let reversed = grads(&vs);
         let case = format!("{dim}-D {blocks} blocks {kind:?} {trace:?} {:?} budget {budget}", o.method);
         assert!((loss_graph.double_value(&[]) - loss).abs() < 1e-12, "{case}: loss");
@@ -159,7 +159,7 @@ fn assert_adjoint_matches_backprop(vs: &nn::VarStore, c: &Chain, x: &Tensor, tra
     let bp = grads(vs);
     zero_grads(vs);
     tch::manual_seed(100); // the same Hutchinson noise
-    let (loss_adj, stats) = c.backward_by_layers(x, &opts(trace, true)).unwrap();
+    let (loss_adj, stats) = c.backward_by_layers(x, &opts(trace, true), None).unwrap();
     let adj = grads(vs);
     assert!((loss_bp.double_value(&[]) - loss_adj).abs() < 1e-9, "{case}: loss");
     assert!(stats.backward.nfe > 0, "{case}");
@@ -195,7 +195,7 @@ fn adjoint_matches_backprop_with_rnode_regularization() {
     let bp = grads(&vs);
     zero_grads(&vs);
     tch::manual_seed(200);
-    let (loss_adj, _) = c.backward_by_layers(&x, &o).unwrap();
+    let (loss_adj, _) = c.backward_by_layers(&x, &o, None).unwrap();
     let adj = grads(&vs);
     assert!(
         (loss_bp.double_value(&[]) - loss_adj).abs() < 1e-7,
@@ -260,7 +260,7 @@ fn gradients_agree_with_batch_norm_between_blocks() {
             }
         });
         zero_grads(&vs);
-        let (_, stats) = c.loss_and_gradients(&x, &opts(TraceMode::Exact, true), gradient).unwrap();
+        let (_, stats) = c.loss_and_gradients(&x, &opts(TraceMode::Exact, true), gradient, None).unwrap();
         let other = grads(&vs);
         assert!(stats.backward.nfe > 0, "{gradient:?} ran a backward pass");
         assert_eq!(running(&vs).len(), after.len());

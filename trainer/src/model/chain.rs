@@ -11,9 +11,12 @@ use super::*;
 pub struct Chain {
     pub layers: Vec<Box<dyn FlowLayer>>,
     pub dim: i64,
-    /// A kernel density estimate in latent space as the base; `None`: `N(0, I)`.
-    /// Training always uses `N(0, I)`.
+    /// A kernel density estimate in latent space as the base, fitted after
+    /// training; `None`: `N(0, I)` (or the trained base, if any).
     pub base: Option<crate::kde::KernelDensity>,
+    /// A kernel density base trained with the flow (`fit --train-base kde`);
+    /// `None`: training uses `N(0, I)`.
+    pub trained_base: Option<crate::kde::TrainedKernelBase>,
 }
 
 /// Per-row results of a pass through the chain.
@@ -47,19 +50,39 @@ pub fn standard_normal_log_prob(z: &Tensor) -> Tensor {
 impl Chain {
     /// A chain on the `N(0, I)` base.
     pub fn new(layers: Vec<Box<dyn FlowLayer>>, dim: i64) -> Chain {
-        Chain { layers, dim, base: None }
+        Chain { layers, dim, base: None, trained_base: None }
     }
 
     /// log p(z) of latent rows under the base.
     pub fn base_log_prob(&self, z: &Tensor) -> Tensor {
-        match &self.base {
+        match (&self.base, &self.trained_base) {
+            (Some(kde), _) => kde.log_prob_tensor(z),
+            (None, Some(trained)) => trained.log_prob(z, None),
+            (None, None) => standard_normal_log_prob(z),
+        }
+    }
+
+    /// log p(z) under the base training uses: the trained kernel base with
+    /// the rows' own kernels left out (`centre_of`), else `N(0, I)`.
+    fn training_base_log_prob(&self, z: &Tensor, centre_of: Option<&Tensor>) -> Tensor {
+        match &self.trained_base {
+            Some(trained) => trained.log_prob(z, centre_of),
             None => standard_normal_log_prob(z),
-            Some(kde) => kde.log_prob_tensor(z),
         }
     }
 
     /// log p(x) per row.
     pub fn log_prob(&self, x: &Tensor, opts: &SolveOptions) -> Result<ChainOutput> {
+        self.log_prob_on(x, opts, |z| self.base_log_prob(z))
+    }
+
+    /// log p(x) per row with `base` as the base's log density.
+    fn log_prob_on(
+        &self,
+        x: &Tensor,
+        opts: &SolveOptions,
+        base: impl Fn(&Tensor) -> Tensor,
+    ) -> Result<ChainOutput> {
         let mut stats = PassStats::default();
         let mut z = x.shallow_clone();
         let mut log_det = Tensor::zeros([x.size()[0]], (x.kind(), x.device()));
@@ -68,7 +91,7 @@ impl Chain {
             z = y;
             log_det = &log_det + ld; // not in place: keeps autograd simple
         }
-        let log_p = self.base_log_prob(&z) + log_det;
+        let log_p = base(&z) + log_det;
         Ok(ChainOutput { z, log_p, stats })
     }
 
@@ -100,21 +123,24 @@ impl Chain {
     /// adjoint, or backprop through the solver — by reversing the recorded
     /// steps with the fields' hand-written VJPs where every layer can, else by
     /// autograd over the whole pass. A non-finite loss is returned without
-    /// gradients.
+    /// gradients. With a trained kernel base, `centre_of` gives per row the
+    /// centre it is (−1: none), whose kernel its likelihood leaves out.
     pub fn loss_and_gradients(
         &self,
         x: &Tensor,
         opts: &SolveOptions,
         gradient: Gradient,
+        centre_of: Option<&Tensor>,
     ) -> Result<(f64, PassStats)> {
-        anyhow::ensure!(self.base.is_none(), "training uses the N(0, I) base");
+        anyhow::ensure!(self.base.is_none(), "training uses N(0, I) or the trained kernel base");
         match gradient {
-            Gradient::Adjoint => self.backward_by_layers(x, opts),
+            Gradient::Adjoint => self.backward_by_layers(x, opts, centre_of),
             Gradient::Backprop if self.layers.iter().all(|l| l.reverses_steps(x, opts)) => {
-                self.backward_by_layers(x, &SolveOptions { record_steps: true, ..*opts })
+                self.backward_by_layers(x, &SolveOptions { record_steps: true, ..*opts }, centre_of)
             }
             Gradient::Backprop => {
-                let out = self.log_prob(x, &SolveOptions { create_graph: true, ..*opts })?;
+                let opts = SolveOptions { create_graph: true, ..*opts };
+                let out = self.log_prob_on(x, &opts, |z| self.training_base_log_prob(z, centre_of))?;
                 let nll = -out.log_p.mean(out.log_p.kind());
                 let loss = match &out.stats.regularization {
                     Some(r) => &nll + r.to_kind(nll.kind()),
@@ -132,8 +158,14 @@ impl Chain {
     /// Computes the NLL loss `−mean log p(x)` and accumulates its parameter
     /// gradients layer by layer through [`FlowLayer::backward`] (the adjoint for
     /// CNF blocks, or the reversed steps with `record_steps`), without keeping
-    /// a graph of the forward solves.
-    pub fn backward_by_layers(&self, x: &Tensor, opts: &SolveOptions) -> Result<(f64, PassStats)> {
+    /// a graph of the forward solves. `centre_of` as in
+    /// [`Chain::loss_and_gradients`].
+    pub fn backward_by_layers(
+        &self,
+        x: &Tensor,
+        opts: &SolveOptions,
+        centre_of: Option<&Tensor>,
+    ) -> Result<(f64, PassStats)> {
         let fwd_opts = SolveOptions { create_graph: false, ..*opts };
         let mut stats = PassStats::default();
         let mut inputs = Vec::new();
@@ -147,11 +179,24 @@ impl Chain {
         }
         let z_leaf = z.set_requires_grad(true);
         let (loss, grads) = tch::with_grad(|| -> Result<(f64, Vec<Tensor>)> {
-            let total = log_dets.iter().fold(standard_normal_log_prob(&z_leaf), |a, ld| a + ld);
+            let base = self.training_base_log_prob(&z_leaf, centre_of);
+            let total = log_dets.iter().fold(base, |a, ld| a + ld);
             let loss = -total.mean(z_leaf.kind());
             let mut leaves = vec![z_leaf.shallow_clone()];
             leaves.extend(log_dets.iter().map(Tensor::shallow_clone));
-            let grads = Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
+            let base_params = self.trained_base.as_ref().map_or(Vec::new(), |b| b.parameters());
+            leaves.extend(base_params.iter().map(Tensor::shallow_clone));
+            let mut grads = Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
+            // The trained base's parameters take theirs into `.grad` now (the
+            // layers do so in their backward passes below).
+            let base_grads = grads.split_off(1 + log_dets.len());
+            if !base_params.is_empty() {
+                let surrogate = base_params
+                    .iter()
+                    .zip(&base_grads)
+                    .fold(Tensor::from(0.0), |a, (p, g)| a + (p * g).sum(p.kind()));
+                surrogate.f_backward()?;
+            }
             Ok((loss.double_value(&[]), grads))
         })?;
         let loss = loss + stats.regularization.as_ref().map_or(0.0, |r| r.double_value(&[]));

@@ -13,12 +13,12 @@ pub fn trainer(args: &[&str], dir: &Path) -> Output {
         .expect("trainer runs")
 }
 
-/// The number printed right after `label` in `text`, up to the next comma
-/// (as `score --label` prints "…: AUROC 0.9512, average precision …").
+/// The number printed right after `label` in `text`, up to the next comma or
+/// space (as `score --label` prints "…: AUROC 0.9512, average precision …").
 pub fn number_after(text: &str, label: &str) -> f64 {
     text.split(label)
         .nth(1)
-        .and_then(|rest| rest.split(',').next())
+        .and_then(|rest| rest.trim_start().split([',', ' ', '\n']).next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
 }
