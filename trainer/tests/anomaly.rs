@@ -299,31 +299,7 @@ fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
     write_labelled(&d.join("raw.csv"));
     ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
     let fit = |out: &str, iterations: &str, resume: bool| {
-        let mut a = vec![
-            "fit",
-            "--data",
-            "s/train.csv",
-            "--valid-data",
-            "s/valid.csv",
-            "--out",
-            out,
-            "--iterations",
-            iterations,
-            "--valid-every",
-            "10",
-            "--hidden",
-            "16,16",
-            "--batch",
-            "64",
-            "--train-base",
-            "kde",
-            "--kde-centres",
-            "100",
-        ];
-        if resume {
-            a.push("--resume");
-        }
-        ok(&a, d)
+        small_fit(d, out, iterations, resume, &["--train-base", "kde", "--kde-centres", "100"])
     };
     let (printed, warned) = fit("whole.ffjd", "40", false);
     let start = number_after(&warned, "kernel base: 100 centres, starting at bandwidth ");
@@ -353,29 +329,7 @@ fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
     let d = dir.path();
     write_labelled(&d.join("raw.csv"));
     ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
-    let fit = |iterations: &str, resume: bool| {
-        let mut a = vec![
-            "fit",
-            "--data",
-            "s/train.csv",
-            "--valid-data",
-            "s/valid.csv",
-            "--out",
-            "m.ffjd",
-            "--iterations",
-            iterations,
-            "--valid-every",
-            "10",
-            "--hidden",
-            "16,16",
-            "--batch",
-            "64",
-        ];
-        if resume {
-            a.push("--resume");
-        }
-        ok(&a, d)
-    };
+    let fit = |iterations: &str, resume: bool| small_fit(d, "m.ffjd", iterations, resume, &[]);
     let (printed, _) = fit("20", false);
     let nll = |label: &str| number_after(&printed, &format!("| {label} | "));
     let (normal, kernel) = (nll("N(0, I)"), nll("kernel base"));
@@ -392,4 +346,31 @@ fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
     let (resumed, warned) = fit("30", true);
     assert!(warned.contains("resumed at iteration 20"), "{warned}");
     assert!(!resumed.contains("chosen:"), "a resumed run trains its own base only: {resumed}");
+}
+
+/// `fit` on the prepared split `s/` in `d`: a 2×16 net, batches of 64,
+/// validation every 10 iterations, `--resume` if asked, then `extra`.
+fn small_fit(d: &Path, out: &str, iterations: &str, resume: bool, extra: &[&str]) -> (String, String) {
+    let mut a = vec![
+        "fit",
+        "--data",
+        "s/train.csv",
+        "--valid-data",
+        "s/valid.csv",
+        "--out",
+        out,
+        "--iterations",
+        iterations,
+        "--valid-every",
+        "10",
+        "--hidden",
+        "16,16",
+        "--batch",
+        "64",
+    ];
+    if resume {
+        a.push("--resume");
+    }
+    a.extend_from_slice(extra);
+    ok(&a, d)
 }
