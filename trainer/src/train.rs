@@ -195,13 +195,16 @@ fn fit_in_run_dir(
     if kernel_base && splits.image_shape.is_some() {
         bail!("--train-base kde is for tabular data, not images");
     }
+    if kernel_base && splits.train.size()[0] < 2 {
+        bail!("--train-base kde needs at least two training rows (its kernels sit on them)");
+    }
     let cfg = &TrainConfig {
         image_shape: splits.image_shape.map(|s| s.to_vec()),
         trace: Some(trace),
         // A trained kernel base has one centre per training row up to the cap
         // (the checkpoint's shape).
         kde_centres: if kernel_base {
-            cfg.kde_centres.min(splits.train.size()[0].max(2) as usize)
+            cfg.kde_centres.min(splits.train.size()[0] as usize)
         } else {
             cfg.kde_centres
         },
