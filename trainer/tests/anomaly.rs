@@ -206,35 +206,11 @@ fn prepare_and_fit_reject_what_they_cannot_use() {
 /// synthetic check choose, printing what it measured.
 #[test]
 fn the_score_kind_is_stored_calibrated_and_switchable() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = prepared_split();
     let d = dir.path();
-    write_labelled(&d.join("raw.csv"));
-    let prepare =
-        ["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"];
-    ok(&prepare, d);
-    let fit = [
-        "fit",
-        "--data",
-        "s/train.csv",
-        "--valid-data",
-        "s/valid.csv",
-        "--out",
-        "radius.ffjd",
-        "--iterations",
-        "30",
-        "--valid-every",
-        "15",
-        "--hidden",
-        "16,16",
-        "--batch",
-        "128",
-        "--score",
-        "radius",
-        // The radius is the score of a flow on N(0, I).
-        "--train-base",
-        "normal",
-    ];
-    let (fitted, _) = ok(&fit, d);
+    // The radius is the score of a flow on N(0, I).
+    let (fitted, _) =
+        small_fit(d, "radius.ffjd", "30", false, &["--score", "radius", "--train-base", "normal"]);
     assert!(fitted.contains("score: latent-radius"), "{fitted}");
     // Scores of the file's rows: (score, log p, log N(z)) per row, and the verdicts.
     let scored = |model: &str, data: &str| -> (Vec<(f64, f64, f64)>, usize) {
@@ -294,10 +270,8 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
 /// (the centres travel in the checkpoint).
 #[test]
 fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = prepared_split();
     let d = dir.path();
-    write_labelled(&d.join("raw.csv"));
-    ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
     let fit = |out: &str, iterations: &str, resume: bool| {
         small_fit(d, out, iterations, resume, &["--train-base", "kde", "--kde-centres", "100"])
     };
@@ -325,10 +299,8 @@ fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
 /// `--resume` continues on that base.
 #[test]
 fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = prepared_split();
     let d = dir.path();
-    write_labelled(&d.join("raw.csv"));
-    ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"], d);
     let fit = |iterations: &str, resume: bool| small_fit(d, "m.ffjd", iterations, resume, &[]);
     let (printed, _) = fit("20", false);
     let nll = |label: &str| number_after(&printed, &format!("| {label} | "));
@@ -373,4 +345,15 @@ fn small_fit(d: &Path, out: &str, iterations: &str, resume: bool, extra: &[&str]
     }
     a.extend_from_slice(extra);
     ok(&a, d)
+}
+
+/// A temporary folder with the labelled CSV prepared (split seed 0) in `s/`.
+fn prepared_split() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_labelled(&dir.path().join("raw.csv"));
+    ok(
+        &["prepare", "csv", "--raw", "raw.csv", "--label", "3", "--outlier", "bad", "--out-dir", "s"],
+        dir.path(),
+    );
+    dir
 }
