@@ -809,6 +809,12 @@ pub fn export_run(
 ) -> Result<()> {
     let ExportOptions { threshold_quantile: q, max_error, format, weights, base, score, kde_centres } = *opts;
     let mut cfg = run.config()?;
+    if cfg.train_base == crate::kde::TrainBaseArg::Kde && (base.is_some() || kde_centres.is_some()) {
+        bail!(
+            "{} trained on a kernel base (train_base = \"kde\"): the file keeps that base, so --base and --kde-centres do not apply",
+            run.dir.display()
+        );
+    }
     cfg.weights = weights.unwrap_or(cfg.weights);
     cfg.base = base.unwrap_or(cfg.base);
     cfg.score = score.unwrap_or(cfg.score);

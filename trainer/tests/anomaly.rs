@@ -286,6 +286,11 @@ fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
     assert!(printed.contains("score: neg-log-density"), "{printed}");
     let (inspected, _) = ok(&["inspect", "whole.ffjd"], d);
     assert!(inspected.contains("base: Gaussian KDE on 100 latent points"), "{inspected}");
+    // The base is part of what was trained: export cannot choose another.
+    let refused = trainer(&["export", "--run-dir", "whole.run", "--out", "x.ffjd", "--base", "normal"], d);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("trained on a kernel base"), "{said}");
+    assert!(!d.join("x.ffjd").exists());
     fit("split.ffjd", "20", false);
     let (_, resumed) = fit("split.ffjd", "40", true);
     assert!(!resumed.contains("kernel base:"), "a resumed run keeps its base: {resumed}");
