@@ -159,9 +159,16 @@ pub enum TrainBaseArg {
 /// (leave-one-out), else the flow could learn to pin rows onto their kernels.
 pub struct TrainedKernelBase {
     centres: Tensor,
+    /// `log h` and `logit w`, each divided by [`BASE_PARAMETER_SCALE`].
     log_bandwidth: Tensor,
     normal_logit: Tensor,
 }
+
+/// The base's two parameters are stored divided by this, so that Adam (whose
+/// steps are about the learning rate in the stored units) moves `log h` and
+/// `logit w` this many times faster than a network weight: they are two
+/// numbers that must travel O(1), not one of thousands of weights.
+pub const BASE_PARAMETER_SCALE: f64 = 10.0;
 
 impl TrainedKernelBase {
     /// The base's variables under `p`: `n` centres (not trained) in `d`
@@ -174,7 +181,8 @@ impl TrainedKernelBase {
         }
     }
 
-    /// The trained parameters: the log bandwidth and the normal weight's logit.
+    /// The trained parameters: the log bandwidth and the normal weight's
+    /// logit, each divided by [`BASE_PARAMETER_SCALE`].
     pub fn parameters(&self) -> Vec<Tensor> {
         vec![self.log_bandwidth.shallow_clone(), self.normal_logit.shallow_clone()]
     }
@@ -199,20 +207,21 @@ impl TrainedKernelBase {
         tch::no_grad(|| {
             let mut c = self.centres.shallow_clone();
             c.copy_(&centres.to_kind(c.kind()).to_device(c.device()));
-            let _ = self.log_bandwidth.shallow_clone().fill_(bandwidth.ln());
-            let _ = self.normal_logit.shallow_clone().fill_((normal_weight / (1.0 - normal_weight)).ln());
+            let _ = self.log_bandwidth.shallow_clone().fill_(bandwidth.ln() / BASE_PARAMETER_SCALE);
+            let logit = (normal_weight / (1.0 - normal_weight)).ln();
+            let _ = self.normal_logit.shallow_clone().fill_(logit / BASE_PARAMETER_SCALE);
         });
         Ok(())
     }
 
     /// The bandwidth `h`.
     pub fn bandwidth(&self) -> f64 {
-        self.log_bandwidth.double_value(&[]).exp()
+        (self.log_bandwidth.double_value(&[]) * BASE_PARAMETER_SCALE).exp()
     }
 
     /// The weight `w` of `N(0, I)`.
     pub fn normal_weight(&self) -> f64 {
-        1.0 / (1.0 + (-self.normal_logit.double_value(&[])).exp())
+        1.0 / (1.0 + (-self.normal_logit.double_value(&[]) * BASE_PARAMETER_SCALE).exp())
     }
 
     /// log p(z) per row, differentiable in `z`, `h` and `w`. `centre_of`
@@ -225,7 +234,7 @@ impl TrainedKernelBase {
             + c.square().sum_dim_intlist(1, false, z.kind()).unsqueeze(0)
             - z.matmul(&c.transpose(0, 1)) * 2.0)
             .clamp_min(0.0);
-        let log_h = self.log_bandwidth.to_kind(z.kind());
+        let log_h = self.log_bandwidth.to_kind(z.kind()) * BASE_PARAMETER_SCALE;
         let mut exponents = &d2 * (&log_h * -2.0).exp() * -0.5;
         let mut count = Tensor::full([z.size()[0]], n as f64, (z.kind(), z.device()));
         if let Some(idx) = centre_of {
@@ -236,7 +245,7 @@ impl TrainedKernelBase {
         let log_kde = exponents.logsumexp([1], false)
             - count.log()
             - (&log_h * d as f64 + d as f64 / 2.0 * (2.0 * std::f64::consts::PI).ln());
-        let logit = self.normal_logit.to_kind(z.kind());
+        let logit = self.normal_logit.to_kind(z.kind()) * BASE_PARAMETER_SCALE;
         let log_w = -(-&logit).exp().log1p(); // log sigmoid
         let log_1mw = -logit.exp().log1p(); // log (1 − sigmoid)
         (log_kde + log_1mw).logaddexp(&(crate::model::standard_normal_log_prob(z) + log_w))
@@ -439,7 +448,9 @@ mod tests {
         let (h, w) = (0.5, 0.2);
         let (_vs, base) = trained_base(&centres, h, w);
         base.log_prob(&q, None).sum(Kind::Double).backward();
-        let grads: Vec<f64> = base.parameters().iter().map(|p| p.grad().double_value(&[])).collect();
+        // Per stored parameter: the scale times the derivative in log h / logit w.
+        let grads: Vec<f64> =
+            base.parameters().iter().map(|p| p.grad().double_value(&[]) / BASE_PARAMETER_SCALE).collect();
         // d/d log h and d/d logit w by central differences.
         let e: f64 = 1e-5;
         let d_log_h = (value(h * e.exp(), w) - value(h * (-e).exp(), w)) / (2.0 * e);
