@@ -406,7 +406,7 @@ pub(crate) struct FitArgs {
     /// the file's), kde (a Gaussian KDE on up to --kde-centres training rows,
     /// its bandwidth and N(0, I) weight trained with the flow; the file keeps
     /// it) or auto (with --data: both, the file with the better validation NLL
-    /// kept, twice the training time; toy sets and images: normal) [default: auto].
+    /// kept, twice the training time; toy sets and images: normal).
     #[arg(long, value_enum)]
     pub(crate) train_base: Option<ffjord_trainer::kde::TrainBaseArg>,
     /// The model file's anomaly score (and what its threshold is on): auto

@@ -140,8 +140,8 @@ pub enum TrainBaseArg {
     /// `N(0, I)`, the paper's base; a KDE base may still be fitted after
     /// training (`--base`).
     Normal,
-    /// A Gaussian KDE on training rows, trained with the flow
-    /// ([`TrainedKernelBase`]).
+    /// A Gaussian KDE on training rows, its bandwidth and normal weight
+    /// trained with the flow (see `TrainedKernelBase`).
     Kde,
 }
 
