@@ -22,8 +22,9 @@ pub struct KernelDensity {
     pub normal_weight: f64,
 }
 
-/// Candidate weights of `N(0, I)` in a flow's KDE base.
-const NORMAL_WEIGHTS: [f64; 5] = [0.0, 0.01, 0.03, 0.1, 0.3];
+/// Candidate weights of `N(0, I)` in a flow's KDE base (a trained base
+/// starts from one of those above 0: it learns the weight on a logit scale).
+pub(crate) const NORMAL_WEIGHTS: [f64; 5] = [0.0, 0.01, 0.03, 0.1, 0.3];
 
 /// Candidate bandwidths: 25 log-spaced values in `[0.02, 3]`·(the rows' mean
 /// per-column standard deviation).

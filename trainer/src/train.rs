@@ -128,7 +128,8 @@ fn init_kernel_base(
         Ok(Tensor::from_slice(&chain.log_prob_rows(x, opts, 2000)?.z).view([-1, d]))
     };
     let centres = latent(&train.index_select(0, pick))?;
-    let kde = crate::kde::KernelDensity::fit_mixed(&centres, &latent(valid)?, &[0.01, 0.03, 0.1, 0.3])?;
+    let kde =
+        crate::kde::KernelDensity::fit_mixed(&centres, &latent(valid)?, &crate::kde::NORMAL_WEIGHTS[1..])?;
     base.initialise(&centres, kde.bandwidth, kde.normal_weight)?;
     eprintln!(
         "kernel base: {} centres, starting at bandwidth {:.4} and N(0, I) weight {} (validation likelihood); both trained with the flow",
