@@ -246,9 +246,7 @@ pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64, source: Option
     write_atomic(&out_dir.join("test.csv"), test.as_bytes())?;
     let report = crate::columns::report(&profiles);
     write_atomic(&out_dir.join("columns.md"), report.as_bytes())?;
-    for w in crate::columns::warnings(&profiles) {
-        eprintln!("warning: {w}");
-    }
+    crate::columns::print_warnings(&profiles, "columns.md lists every column");
     println!(
         "{name}: train {} normal rows, validation {}, test {} rows ({} normal, {outliers} outliers); {quantized} of {} columns quantized (dequantized by fit); in {}",
         train_idx.len(),

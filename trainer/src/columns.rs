@@ -146,6 +146,31 @@ pub fn report(profiles: &[ColumnProfile]) -> String {
     s
 }
 
+/// At most this many per-column lines on stderr: a file with hundreds of
+/// columns gets the first ones and a count, not a screenful.
+pub const SHOWN_COLUMN_NOTES: usize = 12;
+
+/// `items` joined by ", ", the first `keep` of them and then how many more.
+pub fn abridged(items: &[String], keep: usize) -> String {
+    let shown = items[..items.len().min(keep)].join(", ");
+    match items.len().saturating_sub(keep) {
+        0 => shown,
+        more => format!("{shown}, … and {more} more"),
+    }
+}
+
+/// Prints [`warnings`] to stderr, at most [`SHOWN_COLUMN_NOTES`] of them and
+/// then a count of the rest (`where_all`: where every column is listed).
+pub fn print_warnings(profiles: &[ColumnProfile], where_all: &str) {
+    let all = warnings(profiles);
+    for w in all.iter().take(SHOWN_COLUMN_NOTES) {
+        eprintln!("warning: {w}");
+    }
+    if all.len() > SHOWN_COLUMN_NOTES {
+        eprintln!("warning: … and {} more columns like these ({where_all})", all.len() - SHOWN_COLUMN_NOTES);
+    }
+}
+
 /// One line per column that needs the user's attention (constant, mostly one value).
 pub fn warnings(profiles: &[ColumnProfile]) -> Vec<String> {
     profiles
@@ -162,6 +187,14 @@ pub fn warnings(profiles: &[ColumnProfile]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_list_is_cut_with_a_count() {
+        let items: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+        assert_eq!(abridged(&items, 5), "c0, c1, c2, c3, c4");
+        assert_eq!(abridged(&items, 2), "c0, c1, … and 3 more");
+        assert_eq!(abridged(&[], 2), "");
+    }
 
     fn table(cols: &[&[f64]]) -> Table {
         let rows = cols[0].len();

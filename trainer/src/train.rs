@@ -232,9 +232,7 @@ fn fit_in_run_dir(
     }
     write_atomic(&run.path("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
 
-    for w in crate::columns::warnings(&splits.profiles) {
-        eprintln!("warning: {w}");
-    }
+    crate::columns::print_warnings(&splits.profiles, "`trainer prepare` writes a table of every column");
     // The grid step per column, and with `spread_spikes` the widest cell a
     // repeated value got (data units).
     let widths = Vec::<f64>::try_from(&(&splits.noise * &splits.std))?;
@@ -268,7 +266,7 @@ fn fit_in_run_dir(
             } else {
                 ""
             },
-            dequantized.join(", ")
+            crate::columns::abridged(&dequantized, crate::columns::SHOWN_COLUMN_NOTES)
         );
     }
     let dim = splits.dim();
