@@ -355,6 +355,28 @@ mod tests {
 
     /// Rows from N(0, I) itself: the true density beats every KDE on
     /// held-out rows, and the cross-validated comparison says so.
+    /// Rows of a small discrete set (3 columns with values 0, 1, 2): the
+    /// validation rows repeat training rows exactly. At the cell centres the
+    /// bandwidth collapses to the smallest of the grid (a point mass wins the
+    /// likelihood); on the rows as training sees them (one draw of the
+    /// dequantization noise) it is of the order of the cells.
+    #[test]
+    fn repeated_rows_pick_a_cell_sized_bandwidth_once_dequantized() {
+        tch::manual_seed(3);
+        let draw = |n: i64| Tensor::randint(3, [n, 3], (Kind::Double, Device::Cpu));
+        let splits = crate::data::Splits::dequantized(draw(300), draw(100), draw(0), &[1.0; 3], false);
+        let smallest = bandwidth_grid(&splits.train)[0];
+        let at_centres = choose(&splits.train, &splits.valid);
+        assert!(at_centres.kde.bandwidth <= smallest * 1.000_001, "{}", at_centres.kde.bandwidth);
+        let noised = choose(&splits.train, &splits.with_fixed_noise(&splits.valid, 0));
+        // One grid step is 1/σ ≈ 1.15 standardized units wide (σ² = 2/3 + 1/12).
+        assert!((0.2..1.0).contains(&noised.kde.bandwidth), "{}", noised.kde.bandwidth);
+        // A point mass is not a density: on the noised rows the kernels gain
+        // nothing like what they seemed to gain at the centres.
+        let gain = |c: &BaseChoice| c.valid_log_p_kde - c.valid_log_p_normal;
+        assert!(gain(&at_centres) > 2.0 && gain(&noised) < 1.0, "{} {}", gain(&at_centres), gain(&noised));
+    }
+
     #[test]
     fn the_normal_base_is_kept_when_it_is_the_truth() {
         tch::manual_seed(3);

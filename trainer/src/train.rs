@@ -114,7 +114,9 @@ fn centre_rows(n_train: i64, centres: i64, seed: i64, device: Device) -> (Tensor
 /// prefer: its centres are the latent points of the `pick`ed training rows
 /// under the chain as initialized, its bandwidth and normal weight those of
 /// the grids with the best validation likelihood (the weight at least 0.01:
-/// it is learned on a logit scale).
+/// it is learned on a logit scale). `valid` should carry one draw of the
+/// dequantization noise ([`Splits::with_fixed_noise`]): at the cell centres,
+/// rows that repeat a training row pick the smallest bandwidth of the grid.
 fn init_kernel_base(
     chain: &Chain,
     train: &Tensor,
@@ -288,7 +290,8 @@ fn fit_in_run_dir(
         Some(base) => {
             let (pick, centre_of) = centre_rows(n_train, base.centre_count(), cfg.seed, device);
             if !resume {
-                init_kernel_base(&chain, &train, &valid, &pick, &eval_opts)?;
+                let valid_noised = splits.with_fixed_noise(&valid, cfg.seed);
+                init_kernel_base(&chain, &train, &valid_noised, &pick, &eval_opts)?;
             }
             Some(centre_of)
         }
@@ -528,9 +531,9 @@ fn fit_in_run_dir(
         "test_nll": test_nll, "test_nll_data_units": test_nll.map(|v| v + log_std), "test_nfe": test_nfe,
         "test_nll_exported": test_nll_exported, "kde_base": chain.base.is_some(),
         "trained_base": chain.trained_base.is_some(),
-        // The file's validation NLL, what `--train-base auto` compares: with
-        // a KDE base fitted after training, cross-validated.
-        "valid_nll_exported": exported.kde_valid_log_p.map_or(state.best_valid, |lp| Some(-lp)),
+        // The file's validation NLL, what `--train-base auto` compares
+        // ([`Exported::valid_log_p`]).
+        "valid_nll_exported": exported.valid_log_p.map_or(state.best_valid, |lp| Some(-lp)),
         "model": out, "bytes": exported.bytes.len(),
     });
     write_atomic(&run.path("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -682,7 +685,12 @@ pub fn export(
     max_error: Option<f64>,
 ) -> Result<Exported> {
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
-    let mut kde_valid_log_p = None;
+    let data_file = cfg.image_shape.is_none() && cfg.toy.is_none();
+    // Likelihoods that decide between bases are taken on the validation rows
+    // as training sees data (one fixed draw of the dequantization noise).
+    let valid_noised = splits.with_fixed_noise(valid, cfg.seed);
+    let noised_note = if splits.dequantizes() { ", one fixed draw of dequantization noise" } else { "" };
+    let mut valid_log_p = None;
     if let Some(trained) = &chain.trained_base {
         let kde = trained.snapshot();
         println!(
@@ -695,11 +703,19 @@ pub fn export(
     } else if cfg.image_shape.is_none() && cfg.base != crate::kde::BaseArg::Normal && chain.base.is_none() {
         let opts = SolveOptions::eval(cfg.eval_method());
         let train = splits.train.to_kind(valid.kind()).to_device(valid.device());
-        let c = crate::kde::choose_base(chain, &train, valid, &opts, cfg.kde_centres, cfg.seed, cfg.base)?;
+        let c = crate::kde::choose_base(
+            chain,
+            &train,
+            &valid_noised,
+            &opts,
+            cfg.kde_centres,
+            cfg.seed,
+            cfg.base,
+        )?;
         println!(
             "base: mean validation log p {:.4} with N(0, I), {:.4} with a Gaussian KDE on {} latent points \
              (two-fold cross-validated; bandwidth {:.4} and N(0, I) weight {} by validation likelihood; \
-             nats, standardized units) → {}",
+             nats, standardized units{noised_note}) → {}",
             c.valid_log_p_normal,
             c.valid_log_p_kde,
             c.kde.centres().size()[0],
@@ -707,12 +723,18 @@ pub fn export(
             c.kde.normal_weight,
             if c.chosen { "KDE base" } else { "N(0, I)" }
         );
+        valid_log_p = Some(if c.chosen { c.valid_log_p_kde } else { c.valid_log_p_normal });
         if c.chosen {
-            kde_valid_log_p = Some(c.valid_log_p_kde);
             chain.base = Some(c.kde);
         }
     }
-    let data_file = cfg.image_shape.is_none() && cfg.toy.is_none();
+    if data_file && valid_log_p.is_none() && valid.size()[0] > 0 {
+        let opts = SolveOptions::eval(cfg.eval_method());
+        let rows = chain.log_prob_rows(&valid_noised, &opts, 2000)?;
+        let lp = rows.log_p.iter().sum::<f64>() / rows.log_p.len().max(1) as f64;
+        println!("the model file's mean validation log p: {lp:.4} (nats, standardized units{noised_note})");
+        valid_log_p = Some(lp);
+    }
     let opts = SolveOptions::eval(cfg.eval_method());
     let score =
         crate::score_kind::choose(chain, &splits.train, valid, &opts, cfg.seed, cfg.score, data_file)?;
@@ -767,16 +789,19 @@ pub fn export(
             write_atomic(out, json.as_bytes())?;
         }
     }
-    Ok(Exported { bytes, kde_valid_log_p })
+    Ok(Exported { bytes, valid_log_p })
 }
 
 /// What [`export`] wrote.
 pub struct Exported {
     /// The model file's bytes.
     pub bytes: Vec<u8>,
-    /// Where a KDE base was fitted after training and chosen: its mean
-    /// validation log p, two-fold cross-validated (nats, standardized units).
-    pub kde_valid_log_p: Option<f64>,
+    /// Tabular data files: the file's mean log p over the validation rows
+    /// with one fixed draw of dequantization noise
+    /// ([`Splits::with_fixed_noise`]; nats, standardized units); with a KDE
+    /// base fitted after training, its two-fold cross-validated value. What
+    /// `--train-base auto` compares.
+    pub valid_log_p: Option<f64>,
 }
 
 /// What `trainer export` may change about a run's export.
