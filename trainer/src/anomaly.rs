@@ -98,6 +98,68 @@ fn read_cardio(raw: &Path) -> Result<Labelled> {
     Ok(Labelled { columns, rows, anomalous })
 }
 
+/// The comma-separated fields of each non-blank line of a headerless file,
+/// with its 1-based line number.
+fn headerless_fields(raw: &Path) -> Result<Vec<(usize, Vec<String>)>> {
+    let text = std::fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l.split(',').map(|f| f.trim().to_string()).collect()))
+        .collect())
+}
+
+fn number(raw: &Path, line: usize, field: &str) -> Result<f64> {
+    field.parse().map_err(|_| parse_error(raw, line, &format!("'{field}' is not a number")))
+}
+
+/// breastw (anomalybench 0.6.2 breast-cancer-wisconsin.data): headerless,
+/// a sample id, 9 features (1 … 10) and the class (2 benign, 4 malignant =
+/// outlier); the 16 rows with a missing value (`?`) are dropped, as ODDS does.
+fn read_breastw(raw: &Path) -> Result<Labelled> {
+    let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
+    for (line, f) in headerless_fields(raw)? {
+        ensure!(
+            f.len() == 11,
+            "{}:{line}: {} fields, expected an id, 9 features and a class",
+            raw.display(),
+            f.len()
+        );
+        if f.iter().any(|x| x == "?") {
+            continue;
+        }
+        rows.push(f[1..10].iter().map(|x| number(raw, line, x)).collect::<Result<_>>()?);
+        anomalous.push(number(raw, line, &f[10])? == 4.0);
+    }
+    let columns =
+        ["clump", "size", "shape", "adhesion", "epithelial", "nuclei", "chromatin", "nucleoli", "mitoses"];
+    Ok(Labelled { columns: columns.iter().map(|c| c.to_string()).collect(), rows, anomalous })
+}
+
+/// arrhythmia (anomalybench 0.6.2 arrhythmia.data): headerless, 279 features
+/// then the class (1 … 16); the features with a missing value (`?`) in any
+/// row are dropped (5, leaving ODDS's 274), and the classes 3, 4, 5, 7, 8, 9,
+/// 14 and 15 are the outliers.
+fn read_arrhythmia(raw: &Path) -> Result<Labelled> {
+    let lines = headerless_fields(raw)?;
+    for (line, f) in &lines {
+        ensure!(
+            f.len() == 280,
+            "{}:{line}: {} fields, expected 279 features and a class",
+            raw.display(),
+            f.len()
+        );
+    }
+    let keep: Vec<usize> = (0..279).filter(|&j| lines.iter().all(|(_, f)| f[j] != "?")).collect();
+    let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
+    for (line, f) in &lines {
+        rows.push(keep.iter().map(|&j| number(raw, *line, &f[j])).collect::<Result<_>>()?);
+        anomalous.push(matches!(number(raw, *line, &f[279])? as i64, 3 | 4 | 5 | 7 | 8 | 9 | 14 | 15));
+    }
+    Ok(Labelled { columns: keep.iter().map(|j| format!("a{}", j + 1)).collect(), rows, anomalous })
+}
+
 /// A labelled CSV of the user's: any header (or none), a label column named
 /// or 0-based, and the label values that mark an outlier (compared as text,
 /// or as numbers when both parse).
@@ -190,7 +252,7 @@ fn read_csv(raw: &Path, src: &CsvSource) -> Result<Labelled> {
 /// grid are dequantized by `fit` with fresh noise in every batch, and scored at
 /// their cell centres. Writes `train.csv`, `valid.csv`, `test.csv` (with an
 /// `anomaly` column, 1 = outlier) and `columns.md` (the column profile) into
-/// `out_dir`. `name` is a preset (shuttle, satellite, cardio: exact counts are
+/// `out_dir`. `name` is a preset (shuttle, satellite, cardio, breastw, arrhythmia: exact counts are
 /// checked) or `csv` with `source` naming the label.
 pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64, source: Option<&CsvSource>) -> Result<()> {
     let (set, expected) = match (name, source) {
@@ -200,8 +262,12 @@ pub fn prepare(name: &str, raw: &Path, out_dir: &Path, seed: i64, source: Option
         ("shuttle", None) => (read_shuttle(raw)?, Some((49_097, 3_511))),
         ("satellite", None) => (read_satellite(raw)?, Some((6_435, 2_036))),
         ("cardio", None) => (read_cardio(raw)?, Some((1_831, 176))),
+        ("breastw", None) => (read_breastw(raw)?, Some((683, 239))),
+        ("arrhythmia", None) => (read_arrhythmia(raw)?, Some((452, 66))),
         (other, None) => {
-            bail!("unknown data set '{other}' for prepare (known: shuttle, satellite, cardio, power, csv)")
+            bail!(
+                "unknown data set '{other}' for prepare (known: shuttle, satellite, cardio, breastw, arrhythmia, power, csv)"
+            )
         }
     };
     let outliers = set.anomalous.iter().filter(|&&a| a).count();

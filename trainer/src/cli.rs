@@ -127,7 +127,7 @@ pub(crate) struct BenchmarkSummaryArgs {
 
 #[derive(clap::Args)]
 pub(crate) struct PrepareArgs {
-    /// Data set: shuttle, satellite, cardio (anomaly presets), csv (your own labelled CSV,
+    /// Data set: shuttle, satellite, cardio, breastw, arrhythmia (anomaly presets), csv (your own labelled CSV,
     /// with --label and --outlier), power (MAF preprocessing; use --seed 42), or the image
     /// sets mnist and fashion-mnist (28×28, 14×14 and 8×8 uint8 splits).
     pub(crate) name: String,
