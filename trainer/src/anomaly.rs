@@ -441,8 +441,12 @@ pub struct BenchmarkRow {
 pub fn quantile(v: &[f64], q: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let rank = (s.len().saturating_sub(1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-    s.get(rank).copied().unwrap_or(f64::NAN)
+    s.get(quantile_rank(s.len(), q)).copied().unwrap_or(f64::NAN)
+}
+
+/// The 0-based index in sorted order of the value [`quantile`] takes from `n` values.
+pub fn quantile_rank(n: usize, q: f64) -> usize {
+    (n.saturating_sub(1) as f64 * q.clamp(0.0, 1.0)).round() as usize
 }
 
 /// FFJORD (the model file) against a Gaussian, a Gaussian mixture and an

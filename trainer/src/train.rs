@@ -877,6 +877,26 @@ fn say(bar: &indicatif::ProgressBar, msg: String) {
 /// 28×28 images takes about an hour on two cores; the estimate's noise widens
 /// the quantile a little, so the threshold is slightly conservative for a
 /// caller that scores with the exact trace).
+/// The share of new normal rows expected above a threshold at the `q`
+/// quantile of `n` validation scores, `(n − rank)/(n + 1)` for the order
+/// statistic the threshold is, where it exceeds `1 − q` by more than half.
+fn coarse_threshold_rate(n: usize, q: f64) -> Option<f64> {
+    let expected = (n - crate::anomaly::quantile_rank(n, q)) as f64 / (n + 1) as f64;
+    (n > 0 && expected > 1.5 * (1.0 - q)).then_some(expected)
+}
+
+/// "largest", "2nd largest", "3rd largest", "4th largest", … (`k` ≥ 1).
+fn kth_largest(k: usize) -> String {
+    let suffix = match (k % 10, k % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    if k <= 1 { "largest".into() } else { format!("{k}{suffix} largest") }
+}
+
 fn calibrate(
     chain: &Chain,
     valid: &Tensor,
@@ -898,9 +918,52 @@ fn calibrate(
         }
     }
     .to_device(Device::Cpu);
-    let score = crate::anomaly::quantile(&Vec::<f64>::try_from(&scores)?, q);
+    let scores = Vec::<f64>::try_from(&scores)?;
+    let score = crate::anomaly::quantile(&scores, q);
     if !score.is_finite() {
         bail!("no finite validation scores to calibrate the threshold on");
     }
+    if let Some(expected) = coarse_threshold_rate(scores.len(), q) {
+        eprintln!(
+            "warning: {} validation rows resolve the {q} quantile only coarsely: the threshold is the {} \
+             validation score, so about {:.1} % of normal rows are expected above it, not {:.1} % \
+             (more validation rows tighten it)",
+            scores.len(),
+            kth_largest(scores.len() - crate::anomaly::quantile_rank(scores.len(), q)),
+            100.0 * expected,
+            100.0 * (1.0 - q)
+        );
+    }
     Ok(ffjord_runtime::Threshold { score: score as f32, quantile: q as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_from_few_validation_rows_is_flagged_with_its_real_rate() {
+        // 22 rows: the 0.99 quantile is the largest score, exceeded by 1/23 of new rows.
+        assert!((coarse_threshold_rate(22, 0.99).unwrap() - 1.0 / 23.0).abs() < 1e-12);
+        // 83 rows (cardio): the 2nd largest, 2/84 ≈ 2.4 %.
+        assert!((coarse_threshold_rate(83, 0.99).unwrap() - 2.0 / 84.0).abs() < 1e-12);
+        // 220 rows (satellite): the 3rd largest, 3/221 ≈ 1.4 %, close enough to 1 %.
+        assert_eq!(coarse_threshold_rate(220, 0.99), None);
+        assert_eq!(coarse_threshold_rate(22, 0.5), None);
+        assert_eq!(
+            [1, 2, 3, 4, 11, 12, 13, 21, 22, 23].map(kth_largest),
+            [
+                "largest",
+                "2nd largest",
+                "3rd largest",
+                "4th largest",
+                "11th largest",
+                "12th largest",
+                "13th largest",
+                "21st largest",
+                "22nd largest",
+                "23rd largest"
+            ]
+        );
+    }
 }
