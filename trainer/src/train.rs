@@ -867,16 +867,6 @@ fn say(bar: &indicatif::ProgressBar, msg: String) {
     if std::io::stderr().is_terminal() { bar.println(msg) } else { eprintln!("{msg}") }
 }
 
-/// Threshold on the anomaly score of `kind` at quantile `q` of validation
-/// rows: −log p in data units, or the latent radius −log N(z) (which does not
-/// depend on the data's units).
-///
-/// The rows are evaluated as validation evaluates them: with the exact trace,
-/// except for images above [`EXACT_TRACE_MAX_DIM`](crate::image_runs::EXACT_TRACE_MAX_DIM)
-/// pixels, which get the seeded Hutchinson estimate (the exact trace of 500
-/// 28×28 images takes about an hour on two cores; the estimate's noise widens
-/// the quantile a little, so the threshold is slightly conservative for a
-/// caller that scores with the exact trace).
 /// The share of new normal rows expected above a threshold at the `q`
 /// quantile of `n` validation scores, `(n − rank)/(n + 1)` for the order
 /// statistic the threshold is, where it exceeds `1 − q` by more than half.
@@ -897,6 +887,16 @@ fn kth_largest(k: usize) -> String {
     if k <= 1 { "largest".into() } else { format!("{k}{suffix} largest") }
 }
 
+/// Threshold on the anomaly score of `kind` at quantile `q` of validation
+/// rows: −log p in data units, or the latent radius −log N(z) (which does not
+/// depend on the data's units).
+///
+/// The rows are evaluated as validation evaluates them: with the exact trace,
+/// except for images above [`EXACT_TRACE_MAX_DIM`](crate::image_runs::EXACT_TRACE_MAX_DIM)
+/// pixels, which get the seeded Hutchinson estimate (the exact trace of 500
+/// 28×28 images takes about an hour on two cores; the estimate's noise widens
+/// the quantile a little, so the threshold is slightly conservative for a
+/// caller that scores with the exact trace).
 fn calibrate(
     chain: &Chain,
     valid: &Tensor,
