@@ -325,6 +325,44 @@ fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
     assert!(!resumed.contains("chosen:"), "a resumed run trains its own base only: {resumed}");
 }
 
+/// More columns than training rows (as on arrhythmia: 274 columns, 174
+/// rows): the full-covariance baselines cannot be fitted, and `benchmark`
+/// compares the flow with the others instead of failing.
+#[test]
+fn a_benchmark_with_more_columns_than_rows_leaves_out_what_cannot_be_fitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut state = 7u64;
+    let mut u = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut raw = String::new();
+    for i in 0..80 {
+        let outlier = i % 5 == 0;
+        let row: Vec<String> =
+            (0..40).map(|_| format!("{:.6}", u() + u() - 1.0 + if outlier { 1.5 } else { 0.0 })).collect();
+        raw += &format!("{},{}\n", row.join(","), u8::from(outlier));
+    }
+    std::fs::write(d.join("raw.csv"), raw).unwrap();
+    let (prepared, _) =
+        ok(&["prepare", "csv", "--raw", "raw.csv", "--label", "40", "--outlier", "1", "--out-dir", "s"], d);
+    assert!(prepared.contains("train 29 normal rows"), "{prepared}");
+    small_fit(d, "m.ffjd", "20", false, &["--train-base", "normal"]);
+    let (table, notes) =
+        ok(&["benchmark", "--run-dir", "m.run", "--model", "m.ffjd", "--test", "s/test.csv"], d);
+    for method in ["FFJORD (this model)", "Isolation forest", "Local outlier factor", "Gaussian KDE"] {
+        assert!(table.contains(method), "{method} missing: {table}");
+    }
+    assert!(!table.contains("Gaussian (full covariance)") && !table.contains("Gaussian mixture"), "{table}");
+    for note in [
+        "Gaussian (full covariance): left out (29 rows are too few for 1 full-covariance components in 40 dimensions)",
+        "Gaussian mixture (K = 8): left out",
+    ] {
+        assert!(notes.contains(note), "{note}: {notes}");
+    }
+}
+
 /// `fit` on the prepared split `s/` in `d`: a 2×16 net, batches of 64,
 /// validation every 10 iterations, `--resume` if asked, then `extra`.
 fn small_fit(d: &Path, out: &str, iterations: &str, resume: bool, extra: &[&str]) -> (String, String) {
