@@ -406,7 +406,10 @@ pub(crate) struct FitArgs {
     /// the file's), kde (a Gaussian KDE on up to --kde-centres training rows,
     /// its bandwidth and N(0, I) weight trained with the flow; the file keeps
     /// it) or auto (with --data: both, the file with the better validation NLL
-    /// kept, twice the training time; toy sets and images: normal).
+    /// kept, twice the training time; toy sets and images: normal). Kernel
+    /// bases are fitted and compared on the validation rows with one fixed draw
+    /// of the dequantization noise, so exact repeats of training rows do not
+    /// pass for density.
     #[arg(long, value_enum)]
     pub(crate) train_base: Option<ffjord_trainer::kde::TrainBaseArg>,
     /// The model file's anomaly score (and what its threshold is on): auto
