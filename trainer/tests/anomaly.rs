@@ -15,14 +15,20 @@ fn ok(args: &[&str], dir: &Path) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
 }
 
+/// Uniform numbers in [0, 1) from a seeded linear congruential generator
+/// (test data without a dependency).
+fn uniform(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// 600 normal rows and 40 outliers, no header: a continuous column, an
 /// integer count, a column constant at 7, then the label ("ok" / "bad").
 fn write_labelled(path: &Path) {
-    let mut state = 99u64;
-    let mut u = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut u = uniform(99);
     let mut s = String::new();
     for i in 0..640 {
         let outlier = i % 16 == 5;
@@ -332,11 +338,7 @@ fn the_default_fit_keeps_the_base_with_the_better_validation_nll() {
 fn a_benchmark_with_more_columns_than_rows_leaves_out_what_cannot_be_fitted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut state = 7u64;
-    let mut u = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut u = uniform(7);
     let mut raw = String::new();
     for i in 0..80 {
         let outlier = i % 5 == 0;
