@@ -93,7 +93,7 @@ typedef struct FfjordScore {
   // `log p(x)` in nats.
   float log_p;
   // The model's anomaly score (`ffjord_model_score_kind`): `−log p(x)`,
-  // or the latent radius `−log N(z)`.
+  // the latent radius `−log N(z)`, or the base density's `−log p_base(z)`.
   float score;
   // Against the model's threshold: an `FfjordVerdict` value.
   int32_t verdict;

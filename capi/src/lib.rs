@@ -193,6 +193,10 @@ pub enum FfjordScoreKind {
     /// `−log N(z; 0, I)` of the latent point: the volume change (and any
     /// kernel density base) left out. Format version 6.
     LatentRadius = 1,
+    /// `−log p_base(z)`: the base density (a kernel density base, or
+    /// `N(0, I)`) at the latent point, the volume change left out. Format
+    /// version 7.
+    LatentBase = 2,
 }
 
 /// One row's result.
@@ -202,7 +206,7 @@ pub struct FfjordScore {
     /// `log p(x)` in nats.
     pub log_p: f32,
     /// The model's anomaly score (`ffjord_model_score_kind`): `−log p(x)`,
-    /// or the latent radius `−log N(z)`.
+    /// the latent radius `−log N(z)`, or the base density's `−log p_base(z)`.
     pub score: f32,
     /// Against the model's threshold: an `FfjordVerdict` value.
     pub verdict: i32,
@@ -334,6 +338,7 @@ pub unsafe extern "C" fn ffjord_model_score_kind(model: *const FfjordModel) -> i
         Ok(l) => match l.model.score_kind() {
             ffjord_runtime::ScoreKind::LatentRadius => FfjordScoreKind::LatentRadius as i32,
             ffjord_runtime::ScoreKind::NegLogDensity => FfjordScoreKind::NegLogDensity as i32,
+            ffjord_runtime::ScoreKind::LatentBase => FfjordScoreKind::LatentBase as i32,
         },
         Err(status) => status as i32,
     }

@@ -201,6 +201,7 @@ fn the_score_kind_is_reported_and_scored() {
     for (kind, code) in [
         (ScoreKind::NegLogDensity, FfjordScoreKind::NegLogDensity),
         (ScoreKind::LatentRadius, FfjordScoreKind::LatentRadius),
+        (ScoreKind::LatentBase, FfjordScoreKind::LatentBase),
     ] {
         let bytes = tiny(kind);
         let mut m = empty();
@@ -214,7 +215,7 @@ fn the_score_kind_is_reported_and_scored() {
             let model = Model::from_bytes(&bytes).unwrap();
             let flow = Flow::new(&model, model.default_solver()).unwrap();
             let ld = flow.log_density(&x, &mut scratch).unwrap();
-            let expected = if kind == ScoreKind::LatentRadius { -ld.log_p_normal } else { -ld.log_p };
+            let expected = ld.score(kind);
             assert_eq!(out.score.to_bits(), expected.to_bits(), "{kind:?}");
             assert_eq!(out.verdict, i32::from(expected > 2.0));
         }

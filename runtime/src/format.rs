@@ -21,12 +21,15 @@ pub const MAGIC: [u8; 4] = *b"FFJD";
 /// stored as f16 or i8 ([`CnfSpec::matrices`]), version 4 the image stages
 /// ([`Stage::Logit`], [`Stage::Squeeze`], [`Stage::ConvCnf`]), version 5
 /// the kernel density base ([`Stage::KdeBase`]), version 6 the anomaly
-/// score's kind ([`Header::score`], a field after the metadata); [`encode`]
+/// score's kind ([`Header::score`], a field after the metadata), version 7
+/// the score kind [`ScoreKind::LatentBase`]; [`encode`]
 /// writes the oldest version that can hold a header ([`Header::version`]),
 /// so files without them keep their old version.
-pub const FORMAT_VERSION: u16 = 6;
+pub const FORMAT_VERSION: u16 = 7;
 /// The first format version whose header ends with [`Header::score`].
 pub const SCORE_KIND_VERSION: u16 = 6;
+/// The first format version that can hold [`ScoreKind::LatentBase`].
+pub const LATENT_BASE_VERSION: u16 = 7;
 /// The oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 /// Most stages (CNF blocks and affine layers) in one chain: room for ten
@@ -429,6 +432,14 @@ pub enum ScoreKind {
     /// radius does; the trainer keeps this kind only where it ranks
     /// synthetic outliers of the validation rows better. Since version 6.
     LatentRadius = 1,
+    /// `−log p_base(z)`: the base density at the latent point `z`, without
+    /// the volume change along the flow. For a kernel density base
+    /// ([`Stage::KdeBase`]) that is the kernel estimate, trained with the
+    /// flow; for an `N(0, I)` base it equals [`ScoreKind::LatentRadius`].
+    /// The trainer keeps it for a trained kernel base where it ranks
+    /// synthetic outliers of the validation rows better than `−log p`.
+    /// Since version 7.
+    LatentBase = 2,
 }
 
 impl ScoreKind {
@@ -437,26 +448,30 @@ impl ScoreKind {
         match self {
             ScoreKind::NegLogDensity => MIN_FORMAT_VERSION,
             ScoreKind::LatentRadius => SCORE_KIND_VERSION,
+            ScoreKind::LatentBase => LATENT_BASE_VERSION,
         }
     }
 
     /// Decodes the kind's postcard bytes (its variant index, one byte) by
     /// hand: serde's generated decoder costs the small WASM build about a
-    /// kilobyte. Returns the kind and the bytes after it.
+    /// kilobyte. Returns the kind and the bytes after it (whether the
+    /// file's version can hold the kind is checked with its stages').
     fn take(bytes: &[u8]) -> Result<(ScoreKind, &[u8]), LoadError> {
         match bytes.split_first() {
             Some((0, rest)) => Ok((ScoreKind::NegLogDensity, rest)),
             Some((1, rest)) => Ok((ScoreKind::LatentRadius, rest)),
+            Some((2, rest)) => Ok((ScoreKind::LatentBase, rest)),
             _ => Err(LoadError::MalformedHeader),
         }
     }
 
-    /// `"neg-log-density"` or `"latent-radius"` (as the trainer's
-    /// outputs write it).
+    /// `"neg-log-density"`, `"latent-radius"` or `"latent-base"` (as the
+    /// trainer's outputs write it).
     pub fn name(self) -> &'static str {
         match self {
             ScoreKind::NegLogDensity => "neg-log-density",
             ScoreKind::LatentRadius => "latent-radius",
+            ScoreKind::LatentBase => "latent-base",
         }
     }
 }

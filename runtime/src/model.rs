@@ -406,6 +406,7 @@ impl<'a> Model<'a> {
         match self.score_kind() {
             crate::ScoreKind::NegLogDensity => -(self.base_log_prob(z) + log_det),
             crate::ScoreKind::LatentRadius => -crate::math::standard_normal_log_prob(z),
+            crate::ScoreKind::LatentBase => -self.base_log_prob(z),
         }
     }
 

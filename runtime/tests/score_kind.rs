@@ -1,13 +1,14 @@
 //! The score kind of format version 6 (`Header::score`): its bytes (after
-//! the metadata, only in version 6 files), the latent-radius score against a
-//! float64 closed form, the same score on every path (one row, batch, packed
+//! the metadata, only in version 6 and later files), the latent-radius score
+//! against a float64 closed form, the latent-base score of version 7 (the
+//! radius on an `N(0, I)` base, the kernel estimate on a kernel base), the same score on every path (one row, batch, packed
 //! blocks, the Dopri5 stream, with and without a kernel density base), and
 //! typed errors for a bad kind byte or a version too old for it.
 
 mod common;
 
 use common::*;
-use ffjord_runtime::format::{SCORE_KIND_VERSION, crc32};
+use ffjord_runtime::format::{LATENT_BASE_VERSION, SCORE_KIND_VERSION, crc32};
 use ffjord_runtime::{
     Activation, Dopri5, Flow, LayerKind, LoadError, Model, ScoreKind, Solver, Stage, Threshold, Verdict,
 };
@@ -72,11 +73,48 @@ fn a_bad_kind_byte_or_an_old_version_is_a_typed_error() {
     assert_eq!(Model::from_bytes(&explicit).unwrap().score_kind(), ScoreKind::NegLogDensity);
     // A version this runtime does not know.
     let mut future = tiny(ScoreKind::LatentRadius);
-    future[4] = 7;
+    future[4] = 8;
     assert!(matches!(
         Model::from_bytes(&with_crc(future)).unwrap_err(),
-        LoadError::UnsupportedVersion { found: 7, .. }
+        LoadError::UnsupportedVersion { found: 8, .. }
     ));
+}
+
+#[test]
+fn the_latent_base_kind_is_variant_2_of_a_version_7_file_and_refused_in_version_6() {
+    let radius = tiny(ScoreKind::LatentRadius);
+    let base = tiny(ScoreKind::LatentBase);
+    assert_eq!(&base[4..6], &LATENT_BASE_VERSION.to_le_bytes());
+    assert_eq!(LATENT_BASE_VERSION, 7);
+    // Only the version and the kind byte differ from the radius file.
+    assert_eq!(base[6..25], radius[6..25]);
+    assert_eq!(&base[25..28], &[0x02, 0, 0]);
+    assert_eq!(base[28..base.len() - 4], radius[28..radius.len() - 4]);
+    let model = Model::from_bytes(&base).unwrap();
+    assert_eq!(model.score_kind(), ScoreKind::LatentBase);
+    assert_eq!(model.header().version(), LATENT_BASE_VERSION);
+    // The same bytes declared version 6: a kind that version cannot hold.
+    let mut old = base;
+    old[4] = 6;
+    assert_eq!(
+        Model::from_bytes(&with_crc(old)).unwrap_err(),
+        LoadError::InvalidField(ffjord_runtime::Field::StageVersion)
+    );
+}
+
+/// On an `N(0, I)` base the latent-base score is the radius, bit for bit.
+#[test]
+fn the_latent_base_score_on_a_normal_base_is_the_radius() {
+    for (kind, expected) in [(ScoreKind::LatentBase, true), (ScoreKind::NegLogDensity, false)] {
+        let bytes = tiny(kind);
+        let model = Model::from_bytes(&bytes).unwrap();
+        let flow = Flow::new(&model, Solver::Rk4 { steps: 64 }).unwrap();
+        let mut scratch = vec![0.0; flow.scratch_len()];
+        for x in [-2.5f32, 0.0, 0.7, 4.0] {
+            let s = flow.score(&[x], &mut scratch).unwrap();
+            assert_eq!(s.score == -s.log_density.log_p_normal, expected, "{kind:?} x = {x}");
+        }
+    }
 }
 
 /// z = e^{1/2} x, so −log N(z) = z²/2 + ½ ln 2π and −log p = that − 1/2
@@ -147,9 +185,10 @@ fn random_model(dim: u16, kind: ScoreKind, kde: bool, solver: Solver, seed: u64)
 }
 
 /// `score`, `score_batch` and `score_packed` give one score per row for
-/// both kinds: the batch bit for bit, the packed kernel to rounding (1e-4
+/// every kind: the batch bit for bit, the packed kernel to rounding (1e-4
 /// relative), with blocks of fixed steps and with the Dopri5 stream, with
-/// and without a kernel density base (which the radius ignores).
+/// and without a kernel density base (which the radius ignores and the
+/// latent-base score is).
 #[test]
 fn every_path_scores_the_files_kind() {
     let dopri =
@@ -162,7 +201,7 @@ fn every_path_scores_the_files_kind() {
             continue;
         }
         for solver in [Solver::Rk4 { steps: 6 }, dopri] {
-            for kind in [ScoreKind::NegLogDensity, ScoreKind::LatentRadius] {
+            for kind in [ScoreKind::NegLogDensity, ScoreKind::LatentRadius, ScoreKind::LatentBase] {
                 let bytes = random_model(d as u16, kind, kde, solver, 11);
                 let model = Model::from_bytes(&bytes).unwrap();
                 let flow = Flow::new(&model, solver).unwrap();
@@ -173,7 +212,11 @@ fn every_path_scores_the_files_kind() {
                     .chunks(d)
                     .map(|x| {
                         let ld = flow.log_density(x, &mut scratch).unwrap();
-                        if kind == ScoreKind::LatentRadius { -ld.log_p_normal } else { -ld.log_p }
+                        match kind {
+                            ScoreKind::NegLogDensity => -ld.log_p,
+                            ScoreKind::LatentRadius => -ld.log_p_normal,
+                            ScoreKind::LatentBase => -ld.log_p_base,
+                        }
                     })
                     .collect();
                 assert_eq!(one, expected);

@@ -64,9 +64,9 @@ for (const g of goldens) {
     }
     const batch = det.log_density_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
     batch.forEach((lp, i) => assert.ok(same(lp, g.rows[i].log_p)));
-    // The file's kind of score (−log p, or the latent radius of format
-    // version 6), one row at a time and as a batch.
-    assert.equal(["neg-log-density", "latent-radius"][det.score_kind()], g.score_kind);
+    // The file's kind of score (−log p, the latent radius of format version
+    // 6, or the base density of version 7), one row at a time and as a batch.
+    assert.equal(["neg-log-density", "latent-radius", "latent-base"][det.score_kind()], g.score_kind);
     for (const row of g.rows) assert.ok(same(det.score(new Float32Array(row.x)), row.score));
     const scores = det.score_batch(new Float32Array(g.rows.flatMap((r) => r.x)));
     scores.forEach((s, i) => assert.ok(same(s, g.rows[i].score)));

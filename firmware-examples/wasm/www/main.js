@@ -7,7 +7,11 @@
 const $ = (id) => document.getElementById(id);
 let model = null; // { bytes, label, dim, name, description, threshold, quantile, scoreKind }
 // How the page names a model's anomaly score (`Detector.score_kind()`).
-const SCORE_NAMES = { "neg-log-density": "−log p", "latent-radius": "the latent radius −log N(z)" };
+const SCORE_NAMES = {
+  "neg-log-density": "−log p",
+  "latent-radius": "the latent radius −log N(z)",
+  "latent-base": "the base density's −log p(z)",
+};
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;

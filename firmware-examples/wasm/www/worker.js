@@ -22,7 +22,7 @@ const PACKED_ROWS = 32;
 const CHUNK = 64;
 // `Detector.score_kind()`: a number (cheaper in the small module than a name).
 const NEG_LOG_DENSITY = 0;
-const SCORE_KINDS = ["neg-log-density", "latent-radius"];
+const SCORE_KINDS = ["neg-log-density", "latent-radius", "latent-base"];
 
 /** log p of row-major `rows`: the packed path where the build has it. */
 function logDensities(rows) {
@@ -32,7 +32,7 @@ function logDensities(rows) {
 /**
  * The model's anomaly scores of `rows` and their log p. A model scored by
  * −log p needs one solve (log p is the negated score, exactly); one scored by
- * the latent radius needs a second for log p.
+ * another kind (the latent radius, the base density) needs a second for log p.
  */
 function scoresAndLogDensities(rows) {
   const scores = detector.score_packed ? detector.score_packed(rows, PACKED_ROWS) : detector.score_batch(rows);

@@ -17,7 +17,8 @@ pub struct LogDensity {
     /// `log p(x)` in the data's own units (standardization included).
     pub log_p: f32,
     /// `log p(z)` of the latent point under the base density (`N(0, I)`, or
-    /// the model's kernel density base).
+    /// the model's kernel density base). Its negation is the latent-base
+    /// score ([`crate::ScoreKind::LatentBase`]).
     pub log_p_base: f32,
     /// `Δ` with `log_p = log_p_base − delta_log_p` (spec §1): the negated sum
     /// of every stage's log|det|.
@@ -81,6 +82,7 @@ impl LogDensity {
         match kind {
             crate::ScoreKind::NegLogDensity => -self.log_p,
             crate::ScoreKind::LatentRadius => -self.log_p_normal,
+            crate::ScoreKind::LatentBase => -self.log_p_base,
         }
     }
 }
