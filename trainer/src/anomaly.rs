@@ -499,17 +499,28 @@ pub fn benchmark(
     let density = (ensemble_scores(&valid_rows), ensemble_scores(&test_rows));
     // The file's own score first ("this model"), then both kinds of the same
     // flow under fixed names (so split seeds whose files chose different
-    // kinds line up in `benchmark-summary`): −log p, and the latent radius
+    // kinds line up in `benchmark-summary`): −log p, the latent radius
     // −log N(z) = ‖z‖²/2 + const, which leaves out the volume term (what the
-    // flow learned about fine detail) and any kernel density base.
+    // flow learned about fine detail) and any kernel density base, and for a
+    // file with a kernel density base that base alone, −log p_base(z).
     if let ([valid], [test], [kind]) = (valid_rows.as_slice(), test_rows.as_slice(), kinds.as_slice()) {
+        use ffjord_runtime::ScoreKind;
         let d = splits.dim();
-        let radius = |r| crate::score_kind::latent_radius(r, d);
-        let radius = (radius(valid)?, radius(test)?);
-        let this = if *kind == ffjord_runtime::ScoreKind::LatentRadius { &radius } else { &density };
-        methods.push(("FFJORD (this model)".into(), this.0.clone(), this.1.clone()));
+        let scores = |kind| -> Result<(Vec<f64>, Vec<f64>)> {
+            Ok((
+                crate::score_kind::row_scores(kind, valid, d)?,
+                crate::score_kind::row_scores(kind, test, d)?,
+            ))
+        };
+        let this = scores(*kind)?;
+        methods.push(("FFJORD (this model)".into(), this.0, this.1));
         methods.push(("FFJORD −log p (same model)".into(), density.0.clone(), density.1.clone()));
+        let radius = scores(ScoreKind::LatentRadius)?;
         methods.push(("FFJORD latent radius −log N(z) (same model)".into(), radius.0, radius.1));
+        if chains[0].1.base.is_some() || chains[0].1.trained_base.is_some() {
+            let base = scores(ScoreKind::LatentBase)?;
+            methods.push(("FFJORD kernel base alone −log p_base(z) (same model)".into(), base.0, base.1));
+        }
     } else {
         ensure!(
             kinds.iter().all(|k| *k == ffjord_runtime::ScoreKind::NegLogDensity),
@@ -616,6 +627,13 @@ pub fn summary_table(runs: &[Vec<BenchmarkRow>]) -> String {
     for m in methods {
         let rows: Vec<&BenchmarkRow> = runs.iter().flatten().filter(|r| r.method == m).collect();
         let col = |f: &dyn Fn(&BenchmarkRow) -> f64| stat(&rows.iter().map(|r| f(r)).collect::<Vec<_>>());
+        // A method some runs lack (a baseline that could not be fitted, a
+        // kernel-base row) says over how many its mean is taken.
+        let m = if rows.len() < runs.len() {
+            format!("{m} ({} of {} runs)", rows.len(), runs.len())
+        } else {
+            m.into()
+        };
         s += &format!(
             "| {m} | {} | {} | {} | {} |\n",
             col(&|r| r.at_99.auroc),

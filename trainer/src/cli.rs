@@ -169,7 +169,8 @@ pub(crate) struct ExportArgs {
     /// The base density: auto, normal or kde (default: the run's `base`).
     #[arg(long, value_enum)]
     pub(crate) base: Option<ffjord_trainer::kde::BaseArg>,
-    /// The anomaly score: auto, density (−log p) or radius (−log N(z)) (default: the run's `score`).
+    /// The anomaly score: auto, density (−log p), radius (−log N(z)) or base
+    /// (−log p_base(z), the kernel base alone) (default: the run's `score`).
     #[arg(long, value_enum)]
     pub(crate) score: Option<ffjord_trainer::score_kind::ScoreArg>,
     /// Most latent points of the KDE base (default: the run's `kde_centres`).
@@ -413,9 +414,10 @@ pub(crate) struct FitArgs {
     #[arg(long, value_enum)]
     pub(crate) train_base: Option<ffjord_trainer::kde::TrainBaseArg>,
     /// The model file's anomaly score (and what its threshold is on): auto
-    /// (the latent radius −log N(z) where it ranks synthetic outliers of the
-    /// validation rows better than −log p; tabular data), density (−log p)
-    /// or radius.
+    /// (on tabular data, where it ranks synthetic outliers of the validation
+    /// rows better than −log p: the latent radius −log N(z), or on a trained
+    /// kernel base that base alone −log p_base(z)), density (−log p), radius
+    /// or base.
     #[arg(long, value_enum)]
     pub(crate) score: Option<ffjord_trainer::score_kind::ScoreArg>,
     /// Most training rows whose latent points the KDE base keeps (n × D floats

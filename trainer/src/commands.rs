@@ -401,6 +401,10 @@ pub(crate) fn inspect(args: &InspectArgs) -> Result<()> {
         ffjord_runtime::ScoreKind::LatentRadius => {
             println!("score       latent-radius (−log N(z) of the latent point; the volume change left out)")
         }
+        ffjord_runtime::ScoreKind::LatentBase => println!(
+            "score       latent-base (−log p_base(z): the base density at the latent point; the volume change \
+             left out)"
+        ),
         kind => println!("score       {} (−log p)", kind.name()),
     }
     println!("FLOPs/eval  {} (exact trace, D+1 lanes)", model.flops_per_evaluation());

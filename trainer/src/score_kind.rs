@@ -1,6 +1,7 @@
-//! Which anomaly score a model file carries (`fit --score`): `−log p`, or the
-//! latent radius `−log N(z)`, chosen without labels by how each ranks
-//! synthetic outliers made from the validation rows.
+//! Which anomaly score a model file carries (`fit --score`): `−log p`, the
+//! latent radius `−log N(z)`, or for a trained kernel base the base density
+//! alone `−log p_base(z)`, chosen without labels by how each ranks synthetic
+//! outliers made from the validation rows.
 //!
 //! Why a choice at all: `−log p = −log N(z) + Δ` adds the log volume change
 //! Δ, which also holds what the flow learned about fine detail (a column's
@@ -20,6 +21,12 @@
 //! including cardio, where its real outliers rank better by the radius
 //! (0.956 against 0.899 on split 0; found with the test labels in view, so
 //! stated here rather than used to tune anything else).
+//!
+//! A flow trained on a kernel base (`--train-base kernel`) has no `N(0, I)`
+//! to compare on: its latent points are meant to follow the kernel
+//! estimate. There the same question is asked of its own base: `−log p`
+//! against `−log p_base(z)`, the kernel density at the latent point without
+//! the volume change (format version 7's latent-base score).
 
 use anyhow::Result;
 use ffjord_runtime::ScoreKind;
@@ -39,6 +46,9 @@ pub enum ScoreArg {
     Density,
     /// Always the latent radius −log N(z).
     Radius,
+    /// Always the base density alone, −log p_base(z) (the kernel estimate
+    /// of a kernel-base file; the radius on an N(0, I) base).
+    Base,
 }
 
 /// Columns replaced in each synthetic outlier (fewer when the data have
@@ -54,10 +64,13 @@ pub const MAX_ROWS: i64 = 1000;
 pub struct ScoreChoice {
     /// The kind the file gets.
     pub kind: ScoreKind,
-    /// AUROC of −log p on the `N(0, I)` base and of the latent radius on the
-    /// synthetic check, when it ran (`auto` on tabular data with at least two
-    /// columns).
+    /// AUROC of −log p and of the score without the volume change (the
+    /// latent radius on the `N(0, I)` base, or −log p_base(z) on a trained
+    /// kernel base) on the synthetic check, when it ran (`auto` on tabular
+    /// data with at least two columns).
     pub auroc: Option<(f64, f64)>,
+    /// The kind the check weighed against −log p.
+    pub candidate: ScoreKind,
     /// Validation rows and synthetic outliers the check scored.
     pub rows: (usize, usize),
     /// Columns replaced in each synthetic outlier.
@@ -68,14 +81,20 @@ impl ScoreChoice {
     /// One line for `fit` and `export` to print.
     pub fn describe(&self) -> String {
         match self.auroc {
-            Some((density, radius)) => format!(
-                "score: AUROC on {} validation rows against {} synthetic outliers (up to {} columns taken \
-                 from other training rows): −log p on N(0, I) {density:.4}, latent radius {radius:.4} → {}",
-                self.rows.0,
-                self.rows.1,
-                self.replaced,
-                self.kind.name()
-            ),
+            Some((density, other)) => {
+                let (density_name, other_name) = match self.candidate {
+                    ScoreKind::LatentBase => ("−log p", "kernel base alone −log p_base(z)"),
+                    _ => ("−log p on N(0, I)", "latent radius"),
+                };
+                format!(
+                    "score: AUROC on {} validation rows against {} synthetic outliers (up to {} columns \
+                     taken from other training rows): {density_name} {density:.4}, {other_name} {other:.4} → {}",
+                    self.rows.0,
+                    self.rows.1,
+                    self.replaced,
+                    self.kind.name()
+                )
+            }
             None => format!("score: {}", self.kind.name()),
         }
     }
@@ -116,6 +135,7 @@ pub fn row_scores(kind: ScoreKind, rows: &RowsLogProb, dim: i64) -> Result<Vec<f
     match kind {
         ScoreKind::NegLogDensity => Ok(rows.log_p.iter().map(|v| -v).collect()),
         ScoreKind::LatentRadius => latent_radius(rows, dim),
+        ScoreKind::LatentBase => Ok(rows.log_p_base.iter().map(|v| -v).collect()),
     }
 }
 
@@ -128,8 +148,9 @@ fn auroc(normal: &[f64], outliers: &[f64]) -> f64 {
 
 /// The score kind `arg` asks for; for `auto` on tabular data files
 /// (`data_file`: not images, not a toy set), the one with the higher AUROC
-/// on the synthetic check (`−log p` on a tie; the module documentation says
-/// why both are taken on the `N(0, I)` base). `train` and `valid` are the
+/// on the synthetic check (`−log p` on a tie): against the latent radius,
+/// both on the `N(0, I)` base (the module documentation says why), or on a
+/// trained kernel base against that base alone. `train` and `valid` are the
 /// chain's input rows (standardized).
 pub fn choose(
     chain: &Chain,
@@ -140,16 +161,17 @@ pub fn choose(
     arg: ScoreArg,
     data_file: bool,
 ) -> Result<ScoreChoice> {
-    let fixed = |kind| Ok(ScoreChoice { kind, auroc: None, rows: (0, 0), replaced: 0 });
+    // On a trained kernel base the latent points are not meant to be
+    // N(0, I): their radius is no score, the kernel density at them is.
+    let trained_base = chain.trained_base.is_some();
+    let candidate = if trained_base { ScoreKind::LatentBase } else { ScoreKind::LatentRadius };
+    let fixed = |kind| Ok(ScoreChoice { kind, auroc: None, candidate, rows: (0, 0), replaced: 0 });
     let replaced = REPLACED_COLUMNS.min((valid.size()[1] as usize).saturating_sub(1));
     match arg {
         ScoreArg::Density => return fixed(ScoreKind::NegLogDensity),
         ScoreArg::Radius => return fixed(ScoreKind::LatentRadius),
-        // On a trained kernel base the latent points are not meant to be
-        // N(0, I): their radius is no score.
-        ScoreArg::Auto
-            if !data_file || replaced == 0 || valid.size()[0] == 0 || chain.trained_base.is_some() =>
-        {
+        ScoreArg::Base => return fixed(ScoreKind::LatentBase),
+        ScoreArg::Auto if !data_file || replaced == 0 || valid.size()[0] == 0 => {
             return fixed(ScoreKind::NegLogDensity);
         }
         ScoreArg::Auto => {}
@@ -157,21 +179,29 @@ pub fn choose(
     let valid = valid.narrow(0, 0, valid.size()[0].min(MAX_ROWS));
     let synthetic =
         synthetic_outliers(&valid, &train.to_kind(valid.kind()).to_device(valid.device()), replaced, seed);
+    // (−log p, the candidate without the volume change Δ) of every row.
     let parts = |x: &Tensor| -> Result<(Vec<f64>, Vec<f64>)> {
         let rows = chain.log_prob_rows(x, opts, 2000)?;
+        if trained_base {
+            return Ok((
+                row_scores(ScoreKind::NegLogDensity, &rows, chain.dim)?,
+                row_scores(candidate, &rows, chain.dim)?,
+            ));
+        }
         let radius = latent_radius(&rows, chain.dim)?;
         // −log p with N(0, I) in place of the chain's base: radius + Δ.
         let density = rows.log_p.iter().zip(&rows.log_p_base).zip(&radius);
         Ok((density.map(|((lp, base), r)| r - (lp - base)).collect(), radius))
     };
-    let (normal_density, normal_radius) = parts(&valid)?;
-    let (outlier_density, outlier_radius) = parts(&synthetic)?;
+    let (normal_density, normal_other) = parts(&valid)?;
+    let (outlier_density, outlier_other) = parts(&synthetic)?;
     let density = auroc(&normal_density, &outlier_density);
-    let radius = auroc(&normal_radius, &outlier_radius);
-    let kind = if radius > density { ScoreKind::LatentRadius } else { ScoreKind::NegLogDensity };
+    let other = auroc(&normal_other, &outlier_other);
+    let kind = if other > density { candidate } else { ScoreKind::NegLogDensity };
     Ok(ScoreChoice {
         kind,
-        auroc: Some((density, radius)),
+        auroc: Some((density, other)),
+        candidate,
         rows: (normal_density.len(), outlier_density.len()),
         replaced,
     })

@@ -914,6 +914,7 @@ fn calibrate(
         ffjord_runtime::ScoreKind::LatentRadius => {
             -crate::model::standard_normal_log_prob(&out.z.to_kind(Kind::Double))
         }
+        ffjord_runtime::ScoreKind::LatentBase => -chain.base_log_prob(&out.z).to_kind(Kind::Double),
     }
     .to_device(Device::Cpu);
     let scores = Vec::<f64>::try_from(&scores)?;

@@ -272,8 +272,10 @@ fn the_score_kind_is_stored_calibrated_and_switchable() {
 
 /// `fit --train-base kde` on a labelled CSV: the flow trains on a kernel
 /// base over training rows (leave-one-out), learns its bandwidth, keeps it
-/// in the file, scores by −log p under `--score auto`, and resumes exactly
-/// (the centres travel in the checkpoint).
+/// in the file, weighs −log p against the kernel base alone under `--score
+/// auto`, and resumes exactly (the centres travel in the checkpoint).
+/// `export --score base` stores the base alone (format version 7), with its
+/// threshold calibrated on it.
 #[test]
 fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
     let dir = prepared_split();
@@ -289,9 +291,30 @@ fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
         start > 0.0 && (trained / start - 1.0).abs() > 1e-3,
         "bandwidth {start} → {trained}: not trained"
     );
-    assert!(printed.contains("score: neg-log-density"), "{printed}");
+    assert!(
+        printed.contains("score: AUROC on 30 validation rows against 120 synthetic outliers")
+            && printed.contains(", kernel base alone −log p_base(z) "),
+        "{printed}"
+    );
+    let chosen = if printed.contains("→ latent-base") { "latent-base" } else { "neg-log-density" };
     let (inspected, _) = ok(&["inspect", "whole.ffjd"], d);
     assert!(inspected.contains("base: Gaussian KDE on 100 latent points"), "{inspected}");
+    assert!(inspected.contains(&format!("score       {chosen}")), "{inspected}");
+    // The base alone: −log p_base(z) per row, the threshold calibrated on it.
+    ok(&["export", "--run-dir", "whole.run", "--out", "base.ffjd", "--score", "base"], d);
+    let (inspected, _) = ok(&["inspect", "base.ffjd"], d);
+    assert!(inspected.contains("format      version 7"), "{inspected}");
+    assert!(inspected.contains("score       latent-base"), "{inspected}");
+    let (out, _) = ok(&["score", "--model", "base.ffjd", "--data", "s/valid.csv"], d);
+    let rows: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 30);
+    for f in &rows {
+        // score = −log_p_base, and log p still has the volume change.
+        assert_eq!(f[2].parse::<f64>().unwrap(), -f[5].parse::<f64>().unwrap(), "{f:?}");
+        assert_ne!(f[1], f[5], "{f:?}");
+    }
+    let flagged = rows.iter().filter(|f| f[3] == "anomaly").count();
+    assert!(flagged <= 1, "{flagged} of 30 validation rows above the threshold");
     // The base is part of what was trained: export cannot choose another.
     let refused = trainer(&["export", "--run-dir", "whole.run", "--out", "x.ffjd", "--base", "normal"], d);
     let said = String::from_utf8_lossy(&refused.stderr);
