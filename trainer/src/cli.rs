@@ -381,7 +381,7 @@ pub(crate) struct FitArgs {
     pub(crate) epochs: Option<u64>,
     #[arg(long)]
     pub(crate) valid_every: Option<u64>,
-    /// Early stopping after this many validations without improvement (0 = off).
+    /// Early stopping after this many validations without improvement (0 = off) [default: 10 for data files, off for --toy and images]
     #[arg(long)]
     pub(crate) patience: Option<u64>,
     /// Images: the logit transform's α (pixels squeezed into [α, 1 − α] before the logit).

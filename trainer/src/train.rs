@@ -429,8 +429,8 @@ fn fit_in_run_dir(
                 ),
             },
         );
-        if cfg.patience > 0 && state.stale_validations >= cfg.patience {
-            say(&bar, format!("early stop: {} validations without improvement", cfg.patience));
+        if cfg.patience() > 0 && state.stale_validations >= cfg.patience() {
+            say(&bar, format!("early stop: {} validations without improvement", cfg.patience()));
             break;
         }
         if let Some(limit) = cfg.time_limit
@@ -685,7 +685,7 @@ pub fn export(
     max_error: Option<f64>,
 ) -> Result<Exported> {
     let log_std: f64 = splits.std.log().sum(Kind::Double).double_value(&[]);
-    let data_file = cfg.image_shape.is_none() && cfg.toy.is_none();
+    let data_file = cfg.tabular_file();
     // Likelihoods that decide between bases are taken on the validation rows
     // as training sees data (one fixed draw of the dequantization noise).
     let valid_noised = splits.with_fixed_noise(valid, cfg.seed);
