@@ -315,6 +315,12 @@ fn a_kernel_base_trained_with_the_flow_is_kept_and_resumes_exactly() {
     }
     let flagged = rows.iter().filter(|f| f[3] == "anomaly").count();
     assert!(flagged <= 1, "{flagged} of 30 validation rows above the threshold");
+    // Its JSON form keeps the kind: imported back, the same scores.
+    ok(&["export", "--run-dir", "whole.run", "--out", "base.json", "--format", "json", "--score", "base"], d);
+    assert!(std::fs::read_to_string(d.join("base.json")).unwrap().contains("\"score\": \"LatentBase\""));
+    ok(&["import", "base.json", "--out", "base-imported.ffjd"], d);
+    let (again, _) = ok(&["score", "--model", "base-imported.ffjd", "--data", "s/valid.csv"], d);
+    assert_eq!(again, out);
     // The base is part of what was trained: export cannot choose another.
     let refused = trainer(&["export", "--run-dir", "whole.run", "--out", "x.ffjd", "--base", "normal"], d);
     let said = String::from_utf8_lossy(&refused.stderr);

@@ -345,16 +345,23 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
         lines.next().unwrap(),
         "row,log_p,score,verdict,nfe,log_p_base,delta_log_p,log_p_normal,label"
     );
-    // The score is the file's kind on every row: −log p or −log N(z).
+    // The score is the file's kind on every row: −log p, −log N(z) or −log p_base(z).
     let inspected = ok(&["inspect", "six.ffjd"], d);
-    let radius = inspected.contains("score       latent-radius");
-    assert!(radius || inspected.contains("score       neg-log-density"), "{inspected}");
+    let kind = ["neg-log-density", "latent-radius", "latent-base"]
+        .into_iter()
+        .find(|k| inspected.contains(&format!("score       {k} ")))
+        .unwrap_or_else(|| panic!("no score kind in {inspected}"));
     for (i, (line, plain)) in lines.zip(scored.lines().skip(1)).enumerate() {
         let f: Vec<&str> = line.split(',').collect();
         assert_eq!(f[..8].join(","), plain, "row {i}: the label column changed the features");
         let v = |k: usize| f[k].parse::<f64>().unwrap();
         assert!((v(1) - (v(5) - v(6))).abs() <= 1e-4 * (1.0 + v(1).abs()), "{line}");
-        assert_eq!(v(2), if radius { -v(7) } else { -v(1) }, "{line}");
+        let expected = match kind {
+            "latent-radius" => -v(7),
+            "latent-base" => -v(5),
+            _ => -v(1),
+        };
+        assert_eq!(v(2), expected, "{line}");
         assert_eq!(f[8], if i + 1 > 150 { "1" } else { "0" });
     }
     assert!(
