@@ -4,8 +4,15 @@
 //! time, and by the packed path (32 rows at a time, what the page uses) — and
 //! seeded samples.
 //! Usage: golden-json MODEL [ROWS.csv]
+//!        golden-json --as-latent-base OUT.ffjd MODEL [ROWS.csv]
+//! The second form first writes `MODEL` (a format version 6 file scored by
+//! the latent radius) to `OUT.ffjd` as a version 7 file scored by the base
+//! density alone, the same bytes otherwise, and gives that file's values, so
+//! the WASM page is checked on that score kind too without a committed model
+//! whose threshold was calibrated on another score.
 
-use ffjord_runtime::{Flow, Model, Verdict};
+use ffjord_runtime::format::{CRC_LEN, LATENT_BASE_VERSION, PREAMBLE_LEN, SCORE_KIND_VERSION, crc32};
+use ffjord_runtime::{Flow, HeaderView, Model, ScoreKind, Verdict};
 use rand_xoshiro::Xoshiro128PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 
@@ -17,14 +24,49 @@ fn list(v: &[f32]) -> String {
 /// Rows per block of the packed path (the page's setting).
 const PACKED_ROWS: usize = 32;
 
+/// `bytes` of a version 6 file re-declared as version 7 with the score kind
+/// `LatentBase`: the kind is the header's last byte, so only that byte, the
+/// version and the CRC change.
+fn as_latent_base(bytes: &[u8]) -> Vec<u8> {
+    let model = Model::from_bytes(bytes).expect("valid model");
+    assert_eq!(model.header().version(), SCORE_KIND_VERSION, "a version 6 file");
+    let payload = &bytes[PREAMBLE_LEN..bytes.len() - CRC_LEN];
+    let (_, _, rest) = HeaderView::decode(payload, SCORE_KIND_VERSION).expect("header");
+    let kind_at = PREAMBLE_LEN + payload.len() - rest.len() - 1;
+    let mut out = bytes.to_vec();
+    assert_eq!(out[kind_at], ScoreKind::LatentRadius as u8, "a file scored by the latent radius");
+    out[4..6].copy_from_slice(&LATENT_BASE_VERSION.to_le_bytes());
+    out[kind_at] = ScoreKind::LatentBase as u8;
+    let n = out.len() - CRC_LEN;
+    let crc = crc32(&out[..n]);
+    out[n..].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(
+        Model::from_bytes(&out).expect("the rewritten file loads").score_kind(),
+        ScoreKind::LatentBase
+    );
+    out
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let model_path = args.get(1).expect("usage: golden-json MODEL [ROWS.csv]");
+    let mut args: Vec<String> = std::env::args().collect();
+    let rewrite = if args.get(1).map(String::as_str) == Some("--as-latent-base") {
+        let out = args.get(2).expect("usage: golden-json --as-latent-base OUT.ffjd MODEL [ROWS.csv]").clone();
+        args.drain(1..3);
+        Some(out)
+    } else {
+        None
+    };
+    let model_path = args.get(1).expect("usage: golden-json MODEL [ROWS.csv]").clone();
+    if let Some(out) = &rewrite {
+        let bytes = std::fs::read(&model_path).expect("model file");
+        std::fs::write(out, as_latent_base(&bytes)).expect("writing the rewritten model");
+    }
+    let model_path = rewrite.unwrap_or(model_path);
     let rows = match args.get(2) {
         Some(p) => ffjord_golden::rows_from_csv(std::path::Path::new(p)),
         None => ffjord_golden::eight_gaussians_rows(),
     };
-    let bytes = std::fs::read(model_path).expect("model file");
+    let bytes = std::fs::read(&model_path).expect("model file");
     let model = Model::from_bytes(&bytes).expect("valid model");
     let flow = Flow::new(&model, model.default_solver()).expect("solver");
     let mut scratch = vec![0.0; flow.scratch_len()];
