@@ -944,9 +944,11 @@ mod tests {
     fn a_threshold_from_few_validation_rows_is_flagged_with_its_real_rate() {
         // 22 rows: the 0.99 quantile is the largest score, exceeded by 1/23 of new rows.
         assert!((coarse_threshold_rate(22, 0.99).unwrap() - 1.0 / 23.0).abs() < 1e-12);
-        // 83 rows (cardio): the 2nd largest, 2/84 ≈ 2.4 %.
-        assert!((coarse_threshold_rate(83, 0.99).unwrap() - 2.0 / 84.0).abs() < 1e-12);
-        // 220 rows (satellite): the 3rd largest, 3/221 ≈ 1.4 %, close enough to 1 %.
+        // 40 rows: the largest, 1/41 ≈ 2.4 %.
+        assert!((coarse_threshold_rate(40, 0.99).unwrap() - 1.0 / 41.0).abs() < 1e-12);
+        // 83 rows (cardio): the largest, 1/84 ≈ 1.2 %, close enough to 1 %.
+        assert_eq!(coarse_threshold_rate(83, 0.99), None);
+        // 220 rows (satellite): the 2nd largest, 2/221 ≈ 0.9 %.
         assert_eq!(coarse_threshold_rate(220, 0.99), None);
         assert_eq!(coarse_threshold_rate(22, 0.5), None);
         assert_eq!(

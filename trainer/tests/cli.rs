@@ -210,7 +210,7 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
     assert!(err(&["convert", "white.ffjd", "--weights", "f8", "--out", "x.ffjd"], d).contains("f8"));
     // `convert --calibrate ROWS`: the stored threshold becomes the same
     // quantile of the converted model's −log p on those rows (runtime scores,
-    // rank round(q·(n−1)) as everywhere in the trainer).
+    // rank ⌈q (n + 1)⌉ as everywhere in the trainer).
     ok(
         &[
             "convert",
@@ -237,7 +237,10 @@ fn trained_models_score_identically_in_runtime_and_trainer() {
         })
         .collect();
     scores.sort_by(f64::total_cmp);
-    let expected = scores[((scores.len() - 1) as f64 * f64::from(t.quantile)).round() as usize];
+    // The ⌈q (n + 1)⌉-th smallest (ffjord_trainer::anomaly::quantile).
+    let n = scores.len();
+    let expected = scores[((0.99 * (n + 1) as f64 - 1e-9).ceil() as usize).min(n) - 1];
+    assert_eq!(f64::from(t.quantile), f64::from(0.99f32));
     assert_eq!(t.score, expected as f32);
     assert!(
         err(&["convert", "white.ffjd", "--weights", "i8", "--calibrate", "toy.csv", "--out", "x.ffjd"], d)
