@@ -345,10 +345,26 @@ pub fn split_labels(table: &Table, column: &str) -> Result<(Table, Vec<bool>)> {
 pub struct Detection {
     pub auroc: f64,
     pub average_precision: f64,
-    /// At the given threshold (score > threshold is flagged).
+    /// At the given threshold (score > threshold is flagged); NaN when no
+    /// row is flagged (JSON: `null`).
+    #[serde(with = "nan_as_null")]
     pub precision: f64,
     pub recall: f64,
     pub false_positive_rate: f64,
+}
+
+/// NaN written as JSON `null` and read back as NaN (serde_json writes a
+/// non-finite float as `null` but refuses to read `null` as one).
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() { s.serialize_none() } else { s.serialize_some(v) }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// AUROC (Mann–Whitney, ties counted half), average precision, and the
@@ -447,6 +463,14 @@ mod tests {
         assert_eq!(one.average_precision, 1.0);
         assert_eq!(one_b.average_precision, 0.5);
         assert!((one_b.auroc - 2.0 / 3.0).abs() < 1e-12);
+        // Nothing flagged: precision is undefined (NaN), and a benchmark
+        // file holding it reads back (`benchmark-summary` failed on it).
+        let none = detection(&[0.1, 0.9, 0.5, 0.2], &[false, true, false, false], 1.0);
+        assert!(none.precision.is_nan() && none.recall == 0.0 && none.false_positive_rate == 0.0);
+        let json = serde_json::to_string(&none).unwrap();
+        assert!(json.contains("\"precision\":null"), "{json}");
+        let back: Detection = serde_json::from_str(&json).unwrap();
+        assert!(back.precision.is_nan() && back.auroc == none.auroc);
     }
 }
 
