@@ -72,7 +72,7 @@ for set in "${sets[@]}"; do
     done
     "$trainer" benchmark --run-dir "$d/model.run" "${models[@]}" --test "$d/data/test.csv" \
       --json "$d/benchmark.json" > "$d/benchmark.md"
-    echo "$set seed $seed: $(grep "FFJORD (this model)" "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt" 2>/dev/null) $(grep -h '^score:' "$d"/fit.log "$d"/export.log 2>/dev/null | tail -1 | sed 's/.*→/score →/')"
+    echo "$set seed $seed: $(grep "FFJORD (this model)" "$d/benchmark.md" | cut -d'|' -f3) AUROC; fit $(cat "$d/fit-time.txt" 2>/dev/null) score: $("$trainer" inspect "$d/model.ffjd" | sed -n 's/^score *\([a-z-]*\).*/\1/p')$(sed -n 's/^chosen: train base \(.*\) (validation.*/; train base \1/p' "$d/fit.log" 2>/dev/null || true)"
   done
   echo "## $set"
   "$trainer" benchmark-summary "$out/$set"/seed*/benchmark.json | tee "$out/$set/summary.md"
