@@ -22,7 +22,7 @@
 //! (0.956 against 0.899 on split 0; found with the test labels in view, so
 //! stated here rather than used to tune anything else).
 //!
-//! A flow trained on a kernel base (`--train-base kernel`) has no `N(0, I)`
+//! A flow trained on a kernel base (`--train-base kde`) has no `N(0, I)`
 //! to compare on: its latent points are meant to follow the kernel
 //! estimate. There the same question is asked of its own base: `−log p`
 //! against `−log p_base(z)`, the kernel density at the latent point without
