@@ -908,16 +908,13 @@ fn calibrate(
     }
     let opts = crate::image_runs::eval_options(cfg, valid.size()[1]);
     tch::manual_seed(cfg.seed.wrapping_add(VALID_SEED));
-    let out = tch::no_grad(|| chain.log_prob(valid, &opts))?;
-    let scores = match kind {
-        ffjord_runtime::ScoreKind::NegLogDensity => -out.log_p.to_kind(Kind::Double) + log_std,
-        ffjord_runtime::ScoreKind::LatentRadius => {
-            -crate::model::standard_normal_log_prob(&out.z.to_kind(Kind::Double))
-        }
-        ffjord_runtime::ScoreKind::LatentBase => -chain.base_log_prob(&out.z).to_kind(Kind::Double),
+    // One chunk: the rows are solved together, as validation solves them.
+    let rows = chain.log_prob_rows(valid, &opts, valid.size()[0].max(1))?;
+    let mut scores = crate::score_kind::row_scores(kind, &rows, chain.dim)?;
+    if kind == ffjord_runtime::ScoreKind::NegLogDensity {
+        // −log p in the data's units, as the runtime scores it.
+        scores.iter_mut().for_each(|s| *s += log_std);
     }
-    .to_device(Device::Cpu);
-    let scores = Vec::<f64>::try_from(&scores)?;
     let score = crate::anomaly::quantile(&scores, q);
     if !score.is_finite() {
         bail!("no finite validation scores to calibrate the threshold on");
