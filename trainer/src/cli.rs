@@ -366,6 +366,11 @@ pub(crate) struct FitArgs {
     /// Validate and export an exponential moving average of the weights with this decay (0 = off, e.g. 0.999).
     #[arg(long)]
     pub(crate) ema: Option<f64>,
+    /// Iterations of conditional flow matching (straight paths from training
+    /// rows to N(0, I); no ODE solve) before maximum likelihood; one CNF block
+    /// on N(0, I) only (0 = off; with --train-base auto, the N(0, I) run).
+    #[arg(long)]
+    pub(crate) flow_matching: Option<u64>,
     /// How the exported model file stores the CNF matrices: f32, f16 (half the
     /// bytes) or i8 (a quarter, one f32 scale per row). Computed in f32 either way.
     #[arg(long, value_parser = ["f32", "f16", "i8"])]

@@ -137,6 +137,9 @@ pub struct TrainConfig {
     /// Decay of an exponential moving average of the weights used for
     /// validation and export (0: off; e.g. 0.999).
     pub ema: f64,
+    /// Iterations of flow-matching pre-training before maximum likelihood
+    /// (0: none; [`crate::flow_matching`]). Configs from before it existed: 0.
+    pub flow_matching: u64,
     /// How the exported file stores the CNF matrices (`f32`, `f16`, `i8`).
     pub weights: ffjord_runtime::MatrixEncoding,
     pub weight_decay: f64,
@@ -231,6 +234,7 @@ impl Default for TrainConfig {
             lr_schedule: crate::optim::LrSchedule::Constant,
             warmup: 0,
             ema: 0.0,
+            flow_matching: 0,
             weights: ffjord_runtime::MatrixEncoding::F32,
             weight_decay: 1e-5,
             batch: 512,
@@ -311,6 +315,15 @@ impl TrainConfig {
         );
         anyhow::ensure!((0.0..1.0).contains(&self.ema), "ema must be in [0, 1) (0: off), got {}", self.ema);
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
+        anyhow::ensure!(
+            self.flow_matching == 0
+                || (self.blocks == 1 && !self.batch_norm && !self.whiten && self.image_shape.is_none()),
+            "flow_matching pre-trains one CNF block on N(0, I): it cannot be combined with blocks > 1, batch_norm, whiten or images"
+        );
+        anyhow::ensure!(
+            self.flow_matching == 0 || self.train_base != crate::kde::TrainBaseArg::Kde,
+            "flow_matching pre-trains a flow on N(0, I), not on a kernel base (train_base kde); use train_base normal or auto"
+        );
         anyhow::ensure!(
             self.iterations >= 1 && self.epochs != Some(0),
             "iterations and epochs must be at least 1"

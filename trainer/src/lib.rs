@@ -8,6 +8,7 @@ pub mod budget;
 pub mod columns;
 pub mod config;
 pub mod data;
+pub mod flow_matching;
 pub mod image_runs;
 pub mod images;
 pub mod json;

@@ -77,7 +77,7 @@ pub fn search(
             };
             candidates.push(Candidate {
                 label,
-                cfg: TrainConfig { hidden: hidden.to_vec(), train_base, ..cfg.clone() },
+                cfg: TrainConfig { hidden: hidden.to_vec(), ..on_base(cfg, train_base) },
             });
         }
     }
@@ -98,12 +98,16 @@ pub fn compare_bases(
 ) -> Result<()> {
     let candidates = bases(cfg)
         .into_iter()
-        .map(|train_base| Candidate {
-            label: base_name(train_base).into(),
-            cfg: TrainConfig { train_base, ..cfg.clone() },
-        })
+        .map(|train_base| Candidate { label: base_name(train_base).into(), cfg: on_base(cfg, train_base) })
         .collect();
     select(candidates, None, out, run, ("bases", "train base"), device, command)
+}
+
+/// `cfg` trained on `train_base`. Flow-matching pre-training draws straight
+/// paths to `N(0, I)`, so only the `N(0, I)` candidate keeps it.
+fn on_base(cfg: &TrainConfig, train_base: TrainBaseArg) -> TrainConfig {
+    let flow_matching = if train_base == TrainBaseArg::Kde { 0 } else { cfg.flow_matching };
+    TrainConfig { train_base, flow_matching, ..cfg.clone() }
 }
 
 /// How the tables name a training base.

@@ -297,6 +297,32 @@ fn fit_in_run_dir(
         }
         None => None,
     };
+    // One training batch as the flow sees it (dequantization and input noise
+    // drawn here) and, on a trained kernel base, the centre each row is.
+    let draw_batch = || -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(name) = &cfg.toy {
+            return Ok((to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std)), None));
+        }
+        let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
+        let batch = train.index_select(0, &idx);
+        let batch_centres = centre_of.as_ref().map(|c| c.index_select(0, &idx));
+        let batch = match (&row_noise, &noise) {
+            (Some(w), _) => &batch + (batch.rand_like() - 0.5) * w.index_select(0, &idx),
+            (None, Some(w)) => &batch + (batch.rand_like() - 0.5) * w,
+            (None, None) => batch,
+        };
+        let batch = if cfg.input_noise > 0.0 { &batch + batch.randn_like() * cfg.input_noise } else { batch };
+        Ok((batch, batch_centres))
+    };
+    if cfg.flow_matching > 0 && !resume {
+        let r = crate::flow_matching::pretrain(&chain, &vs, cfg.flow_matching, cfg.lr, cfg.seed, |_| {
+            Ok(draw_batch()?.0)
+        })?;
+        eprintln!(
+            "flow matching: {} iterations, loss {:.4} → {:.4} (first and last tenth), {:.1} s",
+            r.iterations, r.first_loss, r.last_loss, r.seconds
+        );
+    }
     let mut opt = Adam::new(&vs, cfg.lr, cfg.weight_decay);
     let mut ema = (cfg.ema > 0.0).then(|| Ema::new(&vs, cfg.ema));
     let mut state = RunState::default();
@@ -332,20 +358,7 @@ fn fit_in_run_dir(
         // Each iteration's randomness (batch, Hutchinson noise) comes from its own
         // seed, so a resumed run continues exactly as an uninterrupted one.
         tch::manual_seed(cfg.seed.wrapping_add(1_000_003_i64.wrapping_mul(state.iteration as i64 + 1)));
-        let mut batch_centres = None;
-        let batch = if let Some(name) = &cfg.toy {
-            to_dev(&((data::toy(name, cfg.batch)? - &splits.mean) / &splits.std))
-        } else {
-            let idx = Tensor::randint(n_train, [cfg.batch.min(n_train)], (Kind::Int64, device));
-            let batch = train.index_select(0, &idx);
-            batch_centres = centre_of.as_ref().map(|c| c.index_select(0, &idx));
-            let batch = match (&row_noise, &noise) {
-                (Some(w), _) => &batch + (batch.rand_like() - 0.5) * w.index_select(0, &idx),
-                (None, Some(w)) => &batch + (batch.rand_like() - 0.5) * w,
-                (None, None) => batch,
-            };
-            if cfg.input_noise > 0.0 { &batch + batch.randn_like() * cfg.input_noise } else { batch }
-        };
+        let (batch, batch_centres) = draw_batch()?;
         let t0 = Instant::now();
         opt.zero_grad();
         let (loss_value, stats) =

@@ -672,6 +672,46 @@ fn a_resumed_run_with_a_weight_average_continues_exactly() {
     assert!(err.contains("ema must be in [0, 1)"), "{err}");
 }
 
+/// `--flow-matching N` pre-trains before the likelihood iterations: the run
+/// says so, its model differs from the same run without it, a resumed run
+/// continues exactly (the pre-training is in the checkpoint, not repeated),
+/// and chains it cannot pre-train are refused by name.
+#[test]
+fn flow_matching_pretrains_once_and_a_resumed_run_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common = ["--toy", "rings", "--hidden", "16,16", "--batch", "128", "--valid-every", "5"];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["fit"];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(extra);
+        let out = trainer(&a, d);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "trainer {a:?} failed:\n{stderr}");
+        stderr
+    };
+    let said = run(&["--out", "whole.ffjd", "--iterations", "20", "--flow-matching", "50"]);
+    assert!(said.contains("flow matching: 50 iterations"), "{said}");
+    run(&["--out", "plain.ffjd", "--iterations", "20"]);
+    run(&["--out", "split.ffjd", "--iterations", "10", "--flow-matching", "50"]);
+    let resumed = run(&["--out", "split.ffjd", "--iterations", "20", "--flow-matching", "50", "--resume"]);
+    assert!(!resumed.contains("flow matching:"), "a resume does not pre-train again: {resumed}");
+    ok(&["toy", "rings", "--n", "50", "--out", "pts.csv"], d);
+    let score = |m: &str| ok(&["score", "--model", m, "--data", "pts.csv"], d);
+    assert_eq!(score("whole.ffjd"), score("split.ffjd"), "a resumed pre-trained run continues exactly");
+    assert_ne!(score("whole.ffjd"), score("plain.ffjd"), "the pre-training changed the model");
+    for (flags, says) in [
+        (&["--blocks", "2"][..], "blocks > 1"),
+        (&["--whiten", "true"][..], "whiten"),
+        (&["--train-base", "kde"][..], "train_base kde"),
+    ] {
+        let mut a = vec!["fit", "--toy", "rings", "--out", "x.ffjd", "--flow-matching", "5"];
+        a.extend_from_slice(flags);
+        let e = err(&a, d);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
+}
+
 /// A run stopped at each point of the checkpoint commit (before best.ot, after
 /// it, after last.ot, after state.json — deterministic fault injection, no
 /// timing) resumes to the same model as an uninterrupted run, and its

@@ -62,6 +62,12 @@ impl Cnf {
         self.sqrt_end_time.double_value(&[]).powi(2)
     }
 
+    /// `f(t, z)` with autograd (`t` in the block's own time, `0 ≤ t ≤ T`):
+    /// the velocity flow matching regresses.
+    pub fn velocity(&self, t: f64, z: &Tensor) -> Tensor {
+        self.field.forward(&Tensor::from(t).to_kind(z.kind()).to_device(z.device()), z)
+    }
+
     /// Draws this solve's Hutchinson noise (none for the exact trace).
     fn draw_noise(&self, z: &Tensor, trace: TraceMode) -> Option<Tensor> {
         let noise = match trace {
@@ -388,6 +394,10 @@ pub(super) fn divergence(
 }
 
 impl FlowLayer for Cnf {
+    fn as_cnf(&self) -> Option<&Cnf> {
+        Some(self)
+    }
+
     fn forward(&self, x: &Tensor, opts: &SolveOptions, stats: &mut PassStats) -> Result<(Tensor, Tensor)> {
         let noise = self.draw_noise(x, opts.trace);
         let (z, ell) = self.solve(x, 0.0, 1.0, noise.as_ref(), opts, stats)?;

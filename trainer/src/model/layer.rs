@@ -15,6 +15,12 @@ pub trait FlowLayer {
     /// The runtime stage and its weights.
     fn export(&self) -> Result<(Stage, Vec<f32>)>;
 
+    /// The layer as a CNF block, if it is one (what flow-matching
+    /// pre-training regresses: [`crate::flow_matching`]).
+    fn as_cnf(&self) -> Option<&Cnf> {
+        None
+    }
+
     /// Whether [`FlowLayer::backward`] gives the backprop-through-the-solver
     /// gradient for inputs like `x` with `record_steps` set (layers without a
     /// solver always do).
