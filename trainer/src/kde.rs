@@ -26,6 +26,20 @@ pub struct KernelDensity {
 /// starts from one of those above 0: it learns the weight on a logit scale).
 pub(crate) const NORMAL_WEIGHTS: [f64; 5] = [0.0, 0.01, 0.03, 0.1, 0.3];
 
+/// `log((1 − w)·p_kde + w·N(z; 0, I))` per row from `log p_kde`,
+/// `log N(z; 0, I)` and the logs of `1 − w` and `w` (numbers or trained
+/// tensors): the one place the base's mixture is written, for the grid
+/// search, the exported estimate and the trained base alike. `w = 0`
+/// (`log w = −∞`) gives `log p_kde` exactly.
+fn mixed_with_normal(log_kde: &Tensor, log_normal: &Tensor, log_1mw: &Tensor, log_w: &Tensor) -> Tensor {
+    (log_kde + log_1mw).logaddexp(&(log_normal + log_w))
+}
+
+/// `log(1 − w)` and `log w` as scalar tensors.
+fn weight_logs(w: f64) -> (Tensor, Tensor) {
+    (Tensor::from((1.0 - w).ln()), Tensor::from(w.ln()))
+}
+
 /// Candidate bandwidths: 25 log-spaced values in `[0.02, 3]`·(the rows' mean
 /// per-column standard deviation).
 fn bandwidth_grid(x: &Tensor) -> Vec<f64> {
@@ -59,11 +73,8 @@ fn best_parameters(
     let log_normal = crate::model::standard_normal_log_prob(&q.to_kind(Kind::Double)).unsqueeze(1);
     let mut best = (f64::NEG_INFINITY, grid[0], 0.0);
     for &w in weights {
-        let mixed = if w == 0.0 {
-            log_kde.shallow_clone()
-        } else {
-            (&log_kde + (1.0 - w).ln()).logaddexp(&(&log_normal + w.ln()))
-        };
+        let (log_1mw, log_w) = weight_logs(w);
+        let mixed = mixed_with_normal(&log_kde, &log_normal, &log_1mw, &log_w);
         let mean = Vec::<f64>::try_from(&mixed.mean_dim(0, false, Kind::Double))?;
         for (&score, &h) in mean.iter().zip(grid) {
             if score > best.0 {
@@ -112,13 +123,9 @@ impl KernelDensity {
         let q64 = q.to_kind(Kind::Double).to_device(x.device());
         let lse = by_distance_chunks(&q64, &x, |d2| (d2 / (-2.0 * h * h)).logsumexp([1], false));
         let c = n.ln() + d / 2.0 * (2.0 * std::f64::consts::PI * h * h).ln();
-        let w = self.normal_weight;
-        let log_p = if w == 0.0 {
-            lse - c
-        } else {
-            let normal = crate::model::standard_normal_log_prob(&q64);
-            (lse - c + (1.0 - w).ln()).logaddexp(&(normal + w.ln()))
-        };
+        let (log_1mw, log_w) = weight_logs(self.normal_weight);
+        let normal = crate::model::standard_normal_log_prob(&q64);
+        let log_p = mixed_with_normal(&(lse - c), &normal, &log_1mw, &log_w);
         log_p.to_kind(q.kind()).to_device(q.device())
     }
 
@@ -249,7 +256,7 @@ impl TrainedKernelBase {
         let logit = self.normal_logit.to_kind(z.kind()) * BASE_PARAMETER_SCALE;
         let log_w = -(-&logit).exp().log1p(); // log sigmoid
         let log_1mw = -logit.exp().log1p(); // log (1 − sigmoid)
-        (log_kde + log_1mw).logaddexp(&(crate::model::standard_normal_log_prob(z) + log_w))
+        mixed_with_normal(&log_kde, &crate::model::standard_normal_log_prob(z), &log_1mw, &log_w)
     }
 
     /// The base as it stands, for evaluation and export (the model file's
