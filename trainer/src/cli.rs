@@ -368,7 +368,9 @@ pub(crate) struct FitArgs {
     pub(crate) ema: Option<f64>,
     /// Iterations of conditional flow matching (straight paths from training
     /// rows to N(0, I); no ODE solve) before maximum likelihood; one CNF block
-    /// on N(0, I) only (0 = off; with --train-base auto, the N(0, I) run).
+    /// on N(0, I) only (0 = off; with --train-base auto, the N(0, I) run)
+    /// [default: 1.5 per planned iteration for data files with one block on
+    /// N(0, I), off for --toy, images, --blocks > 1, --batch-norm, --whiten]
     #[arg(long)]
     pub(crate) flow_matching: Option<u64>,
     /// How the exported model file stores the CNF matrices: f32, f16 (half the

@@ -106,7 +106,7 @@ pub fn compare_bases(
 /// `cfg` trained on `train_base`. Flow-matching pre-training draws straight
 /// paths to `N(0, I)`, so only the `N(0, I)` candidate keeps it.
 fn on_base(cfg: &TrainConfig, train_base: TrainBaseArg) -> TrainConfig {
-    let flow_matching = if train_base == TrainBaseArg::Kde { 0 } else { cfg.flow_matching };
+    let flow_matching = if train_base == TrainBaseArg::Kde { Some(0) } else { cfg.flow_matching };
     TrainConfig { train_base, flow_matching, ..cfg.clone() }
 }
 

@@ -314,8 +314,9 @@ fn fit_in_run_dir(
         let batch = if cfg.input_noise > 0.0 { &batch + batch.randn_like() * cfg.input_noise } else { batch };
         Ok((batch, batch_centres))
     };
-    if cfg.flow_matching > 0 && !resume {
-        let r = crate::flow_matching::pretrain(&chain, &vs, cfg.flow_matching, cfg.lr, cfg.seed, |_| {
+    let flow_matching = cfg.flow_matching_iterations(iterations);
+    if flow_matching > 0 && !resume {
+        let r = crate::flow_matching::pretrain(&chain, &vs, flow_matching, cfg.lr, cfg.seed, |_| {
             Ok(draw_batch()?.0)
         })?;
         eprintln!(
