@@ -288,17 +288,31 @@ impl TrainConfig {
         self.patience.unwrap_or(if self.tabular_file() { DATA_FILE_PATIENCE } else { 0 })
     }
 
+    /// What keeps flow-matching pre-training from this run's chain, if
+    /// anything: it pre-trains one CNF block on `N(0, I)`.
+    pub fn flow_matching_obstacle(&self) -> Option<&'static str> {
+        if self.blocks != 1 {
+            Some("blocks > 1")
+        } else if self.batch_norm {
+            Some("batch_norm")
+        } else if self.whiten {
+            Some("whiten")
+        } else if self.image_shape.is_some() {
+            Some("images")
+        } else if self.train_base == crate::kde::TrainBaseArg::Kde {
+            Some("train_base kde (use train_base normal or auto)")
+        } else {
+            None
+        }
+    }
+
     /// Flow-matching iterations before `planned` likelihood iterations: the
     /// number given, else [`FLOW_MATCHING_PER_ITERATION`] × `planned` on
-    /// tabular data files where the chain is one CNF block on `N(0, I)`
-    /// (no whitening, batch norm or kernel base), and none elsewhere (toy
-    /// sets and images keep the reference recipes).
+    /// tabular data files whose chain has no
+    /// [obstacle](TrainConfig::flow_matching_obstacle), and none elsewhere
+    /// (toy sets and images keep the reference recipes).
     pub fn flow_matching_iterations(&self, planned: u64) -> u64 {
-        let pretrainable = self.tabular_file()
-            && self.blocks == 1
-            && !self.batch_norm
-            && !self.whiten
-            && self.train_base != crate::kde::TrainBaseArg::Kde;
+        let pretrainable = self.tabular_file() && self.flow_matching_obstacle().is_none();
         self.flow_matching.unwrap_or(if pretrainable {
             (planned as f64 * FLOW_MATCHING_PER_ITERATION).round() as u64
         } else {
@@ -343,15 +357,13 @@ impl TrainConfig {
         );
         anyhow::ensure!((0.0..1.0).contains(&self.ema), "ema must be in [0, 1) (0: off), got {}", self.ema);
         anyhow::ensure!(self.batch >= 1, "batch must be at least 1");
-        anyhow::ensure!(
-            self.flow_matching.unwrap_or(0) == 0
-                || (self.blocks == 1 && !self.batch_norm && !self.whiten && self.image_shape.is_none()),
-            "flow_matching pre-trains one CNF block on N(0, I): it cannot be combined with blocks > 1, batch_norm, whiten or images"
-        );
-        anyhow::ensure!(
-            self.flow_matching.unwrap_or(0) == 0 || self.train_base != crate::kde::TrainBaseArg::Kde,
-            "flow_matching pre-trains a flow on N(0, I), not on a kernel base (train_base kde); use train_base normal or auto"
-        );
+        if self.flow_matching.unwrap_or(0) > 0
+            && let Some(obstacle) = self.flow_matching_obstacle()
+        {
+            anyhow::bail!(
+                "flow_matching pre-trains one CNF block on N(0, I): it cannot be combined with {obstacle}"
+            );
+        }
         anyhow::ensure!(
             self.iterations >= 1 && self.epochs != Some(0),
             "iterations and epochs must be at least 1"

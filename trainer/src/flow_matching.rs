@@ -69,23 +69,25 @@ pub fn loss(cnf: &Cnf, x: &Tensor, eps: &Tensor, taus: &[f64]) -> Tensor {
 
 /// Stratified times for one batch: one uniform draw in each of `groups`
 /// equal strata of `[0, 1)`.
-pub fn stratified_times(groups: i64) -> Vec<f64> {
-    let u =
-        Vec::<f64>::try_from(Tensor::rand([groups], (Kind::Double, tch::Device::Cpu))).unwrap_or_default();
-    u.iter().enumerate().map(|(g, u)| (g as f64 + u) / groups as f64).collect()
+pub fn stratified_times(groups: i64) -> Result<Vec<f64>> {
+    let u = Vec::<f64>::try_from(Tensor::rand([groups], (Kind::Double, tch::Device::Cpu)))?;
+    Ok(u.iter().enumerate().map(|(g, u)| (g as f64 + u) / groups as f64).collect())
 }
 
 /// What [`pretrain`] did.
 pub struct Report {
+    /// Pre-training iterations run.
     pub iterations: u64,
-    /// Mean loss over the first and the last tenth of the iterations.
+    /// Mean loss over the first tenth of the iterations.
     pub first_loss: f64,
+    /// Mean loss over the last tenth.
     pub last_loss: f64,
+    /// Wall-clock seconds.
     pub seconds: f64,
 }
 
 /// `iterations` of Adam (rate `lr`, no weight decay: its moments are
-/// discarded after) on the flow-matching loss, batches from `batch(i)`.
+/// discarded after) on the flow-matching loss, each batch from `batch()`.
 /// The end time `T` stays where it is (the targets are scaled by it).
 pub fn pretrain(
     chain: &Chain,
@@ -93,7 +95,7 @@ pub fn pretrain(
     iterations: u64,
     lr: f64,
     seed: i64,
-    mut batch: impl FnMut(u64) -> Result<Tensor>,
+    mut batch: impl FnMut() -> Result<Tensor>,
 ) -> Result<Report> {
     let cnf = single_block(chain)?;
     let start = std::time::Instant::now();
@@ -104,9 +106,9 @@ pub fn pretrain(
         // Its own seed stream: the likelihood iterations after it draw the same
         // batches and noise as a run without pre-training.
         tch::manual_seed(seed.wrapping_add(0x0466_6d00).wrapping_add(7_919_i64.wrapping_mul(i as i64 + 1)));
-        let x = batch(i)?;
+        let x = batch()?;
         let eps = x.randn_like();
-        let taus = stratified_times(TIME_GROUPS.min(x.size()[0]));
+        let taus = stratified_times(TIME_GROUPS.min(x.size()[0]))?;
         opt.zero_grad();
         let l = tch::with_grad(|| loss(cnf, &x, &eps, &taus));
         let value = l.double_value(&[]);
@@ -178,7 +180,7 @@ mod tests {
         };
         assert_eq!(opts.trace, TraceMode::Exact);
         let before = nll(&c);
-        let report = pretrain(&c, &vs, 1500, 3e-3, 0, |_| Ok(data(256))).expect("pretrain");
+        let report = pretrain(&c, &vs, 1500, 3e-3, 0, || Ok(data(256))).expect("pretrain");
         let after = nll(&c);
         // Entropy of N(m, diag(sd²)): Σ ½ log(2πe sd²) = 1 + log 2π + log(0.5·2).
         let entropy = 1.0 + (2.0 * std::f64::consts::PI).ln() + (0.5f64 * 2.0).ln();

@@ -316,7 +316,7 @@ fn fit_in_run_dir(
     };
     let flow_matching = cfg.flow_matching_iterations(iterations);
     if flow_matching > 0 && !resume {
-        let r = crate::flow_matching::pretrain(&chain, &vs, flow_matching, cfg.lr, cfg.seed, |_| {
+        let r = crate::flow_matching::pretrain(&chain, &vs, flow_matching, cfg.lr, cfg.seed, || {
             Ok(draw_batch()?.0)
         })?;
         eprintln!(
