@@ -11,16 +11,11 @@
 //! do; maximum likelihood then starts from a flow that already carries the
 //! data near `N(0, I)` (`fit --flow-matching N`).
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use tch::{Kind, Tensor};
 
 use crate::model::{Chain, Cnf};
 use crate::optim::Adam;
-
-/// Rows of a batch share one time (the network takes a scalar `t`); the
-/// batch is cut into this many groups with stratified times, one per
-/// stratum of `[0, 1)`, so every batch covers the whole interval.
-pub const TIME_GROUPS: i64 = 16;
 
 /// The single CNF block flow matching can pre-train: the chain must be one
 /// CNF on the `N(0, I)` base (no whitening, batch norm, further blocks or
@@ -43,35 +38,25 @@ pub fn single_block(chain: &Chain) -> Result<&Cnf> {
 }
 
 /// The flow-matching loss of one batch `x` with base draws `eps` (same
-/// shape): the mean over rows of `‖f(Tτ_g, z_τ) − (ε − x)/T‖²`, the rows cut
-/// into [`TIME_GROUPS`] groups with times `τ_g` (one per group).
-pub fn loss(cnf: &Cnf, x: &Tensor, eps: &Tensor, taus: &[f64]) -> Tensor {
+/// shape) and one time `τ_i` per row (`taus`, `[B, 1]`): the mean over rows
+/// of `‖f(Tτ_i, z_i) − (ε_i − x_i)/T‖²`, `z_i = (1 − τ_i) x_i + τ_i ε_i`.
+pub fn loss(cnf: &Cnf, x: &Tensor, eps: &Tensor, taus: &Tensor) -> Result<Tensor> {
     let end_time = cnf.end_time();
-    let rows = x.size()[0];
-    let groups = taus.len() as i64;
-    let mut total = Tensor::zeros([], (x.kind(), x.device()));
-    let mut start = 0;
-    for (g, &tau) in taus.iter().enumerate() {
-        // Group g gets rows [start, end): sizes differ by at most one.
-        let end = rows * (g as i64 + 1) / groups;
-        if end == start {
-            continue;
-        }
-        let (xg, eg) = (x.narrow(0, start, end - start), eps.narrow(0, start, end - start));
-        let z = &xg * (1.0 - tau) + &eg * tau;
-        let target = (&eg - &xg) / end_time;
-        let residual = cnf.velocity(end_time * tau, &z) - target;
-        total += residual.square().sum(x.kind());
-        start = end;
-    }
-    total / rows as f64
+    let taus = taus.to_kind(x.kind());
+    let z = x * (1.0 - &taus) + eps * &taus;
+    let target = (eps - x) / end_time;
+    let velocity = cnf
+        .velocity_rows(&(&taus * end_time), &z)
+        .context("flow matching needs a network that takes one time per row (the tabular MLP)")?;
+    Ok((velocity - target).square().sum_dim_intlist(1, false, x.kind()).mean(x.kind()))
 }
 
-/// Stratified times for one batch: one uniform draw in each of `groups`
-/// equal strata of `[0, 1)`.
-pub fn stratified_times(groups: i64) -> Result<Vec<f64>> {
-    let u = Vec::<f64>::try_from(Tensor::rand([groups], (Kind::Double, tch::Device::Cpu)))?;
-    Ok(u.iter().enumerate().map(|(g, u)| (g as f64 + u) / groups as f64).collect())
+/// Stratified times for a batch of `rows`: row `i` gets a uniform draw in
+/// `[i/rows, (i+1)/rows)`, so every batch covers `[0, 1)` evenly (the rows
+/// are a random batch, so which row gets which stratum does not matter).
+pub fn stratified_times(rows: i64, device: tch::Device) -> Tensor {
+    let options = (Kind::Float, device);
+    ((Tensor::arange(rows, options) + Tensor::rand([rows], options)) / rows as f64).reshape([rows, 1])
 }
 
 /// What [`pretrain`] did.
@@ -108,9 +93,9 @@ pub fn pretrain(
         tch::manual_seed(seed.wrapping_add(0x0466_6d00).wrapping_add(7_919_i64.wrapping_mul(i as i64 + 1)));
         let x = batch()?;
         let eps = x.randn_like();
-        let taus = stratified_times(TIME_GROUPS.min(x.size()[0]))?;
+        let taus = stratified_times(x.size()[0], x.device());
         opt.zero_grad();
-        let l = tch::with_grad(|| loss(cnf, &x, &eps, &taus));
+        let l = tch::with_grad(|| loss(cnf, &x, &eps, &taus))?;
         let value = l.double_value(&[]);
         ensure!(value.is_finite(), "flow matching: the loss became {value} at iteration {i}");
         tch::with_grad(|| l.f_backward())?;
@@ -136,29 +121,41 @@ mod tests {
         crate::train::build_chain(vs, cfg, dim, None).expect("chain")
     }
 
-    /// The loss is the mean squared residual computed directly (float64).
+    /// The loss with one time per row equals the mean squared residual
+    /// computed row by row with the network's scalar-time forward pass, which
+    /// folds the time terms into the weights (float64), for every layer kind.
     #[test]
     fn the_loss_is_the_mean_squared_velocity_residual() {
+        use crate::config::LayerArg;
+        for layer in [LayerArg::Concatsquash, LayerArg::Concat, LayerArg::Ignore] {
+            loss_matches_row_by_row(layer);
+        }
+    }
+
+    fn loss_matches_row_by_row(layer: crate::config::LayerArg) {
         tch::manual_seed(3);
         let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let cfg = TrainConfig { hidden: vec![8], ..TrainConfig::default() };
-        let c = chain(&cfg, &vs, 2);
+        let cfg = TrainConfig { hidden: vec![8, 8], layer, ..TrainConfig::default() };
+        let c = chain(&cfg, &vs, 3);
         vs.double();
         let cnf = single_block(&c).expect("one block");
-        let x = Tensor::randn([6, 2], (Kind::Double, tch::Device::Cpu));
-        let eps = Tensor::randn([6, 2], (Kind::Double, tch::Device::Cpu));
-        let taus = [0.1, 0.5, 0.9];
-        let got = tch::no_grad(|| loss(cnf, &x, &eps, &taus)).double_value(&[]);
+        let rows = 6;
+        let x = Tensor::randn([rows, 3], (Kind::Double, tch::Device::Cpu));
+        let eps = Tensor::randn([rows, 3], (Kind::Double, tch::Device::Cpu));
+        let taus = stratified_times(rows, tch::Device::Cpu).to_kind(Kind::Double);
+        let got = tch::no_grad(|| loss(cnf, &x, &eps, &taus)).expect("loss").double_value(&[]);
         let t_end = cnf.end_time();
         let mut want = 0.0;
-        for (g, tau) in taus.iter().enumerate() {
-            let (xg, eg) = (x.narrow(0, 2 * g as i64, 2), eps.narrow(0, 2 * g as i64, 2));
-            let z = &xg * (1.0 - tau) + &eg * *tau;
+        for i in 0..rows {
+            let tau = taus.double_value(&[i, 0]);
+            assert!((i as f64 / rows as f64..(i + 1) as f64 / rows as f64).contains(&tau), "row {i}: {tau}");
+            let (xi, ei) = (x.narrow(0, i, 1), eps.narrow(0, i, 1));
+            let z = &xi * (1.0 - tau) + &ei * tau;
             let f = tch::no_grad(|| cnf.velocity(t_end * tau, &z));
-            want += f64::try_from((f - (&eg - &xg) / t_end).square().sum(Kind::Double)).expect("sum");
+            want += f64::try_from((f - (&ei - &xi) / t_end).square().sum(Kind::Double)).expect("sum");
         }
-        want /= 6.0;
-        assert!((got - want).abs() < 1e-12 * want.max(1.0), "{got} vs {want}");
+        want /= rows as f64;
+        assert!((got - want).abs() < 1e-12 * want.max(1.0), "{layer:?}: {got} vs {want}");
     }
 
     /// A flow pre-trained on a shifted, scaled Gaussian carries it to about

@@ -68,6 +68,12 @@ impl Cnf {
         self.field.forward(&Tensor::from(t).to_kind(z.kind()).to_device(z.device()), z)
     }
 
+    /// `f(t_i, z_i)` with autograd and one time per row (`t` `[B, 1]`), if
+    /// the block's network takes per-row times (the tabular MLP does).
+    pub fn velocity_rows(&self, t: &Tensor, z: &Tensor) -> Option<Tensor> {
+        self.field.forward_rows(t, z)
+    }
+
     /// Draws this solve's Hutchinson noise (none for the exact trace).
     fn draw_noise(&self, z: &Tensor, trace: TraceMode) -> Option<Tensor> {
         let noise = match trace {

@@ -28,6 +28,12 @@ pub trait VectorField {
     fn forward_with_trace(&self, _t: &Tensor, _z: &Tensor) -> Option<(Tensor, Tensor)> {
         None
     }
+    /// `f(t_i, z_i)` with one time per row (`t` of shape `[B, 1]`), for
+    /// objectives that are not solves (flow matching draws a time per row),
+    /// if the field can take it. `None`: only one time per call.
+    fn forward_rows(&self, _t: &Tensor, _z: &Tensor) -> Option<Tensor> {
+        None
+    }
     /// Whether [`VectorField::eval_kernel`] and [`VectorField::vjp_kernel`]
     /// answer for tensors like `z` (device and dtype).
     fn has_kernel(&self, _z: &Tensor) -> bool {
@@ -187,6 +193,28 @@ impl DiffeqLayer {
     fn forward(&self, t: &Tensor, x: &Tensor) -> Tensor {
         let (w, b) = self.affine_at(t, x.kind());
         b.addmm(x, &w.tr())
+    }
+
+    /// The layer with one time per row (`t` `[B, 1]`): the same maps as
+    /// [`DiffeqLayer::forward`] without folding the time terms into one
+    /// weight matrix, which needs a single `t`.
+    fn forward_rows(&self, t: &Tensor, x: &Tensor) -> Tensor {
+        let t = t.to_kind(x.kind());
+        match self.kind {
+            LayerKind::Ignore => x.apply(&self.linear),
+            LayerKind::Concat => Tensor::cat(&[&t, x], 1).apply(&self.linear),
+            LayerKind::ConcatSquash => {
+                let h = x.apply(&self.linear);
+                let h = match &self.hyper_gate {
+                    Some(g) => h * t.apply(g).sigmoid(),
+                    None => h,
+                };
+                match &self.hyper_bias {
+                    Some(hb) => h + t.apply(hb),
+                    None => h,
+                }
+            }
+        }
     }
 
     /// Appends the layer's weights in file order (the runtime's [`LayerParts`] lays them out).
@@ -463,6 +491,18 @@ impl VectorField for OdeNet {
             }
         }
         x
+    }
+
+    fn forward_rows(&self, t: &Tensor, z: &Tensor) -> Option<Tensor> {
+        let n = self.layers.len();
+        let mut x = z.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_rows(t, &x);
+            if i + 1 < n {
+                x = activate(self.activation, x);
+            }
+        }
+        Some(x)
     }
 
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)> {
