@@ -59,20 +59,69 @@ pub fn stratified_times(rows: i64, device: tch::Device) -> Tensor {
     ((Tensor::arange(rows, options) + Tensor::rand([rows], options)) / rows as f64).reshape([rows, 1])
 }
 
+/// Pre-training iterations between two evaluations of the validation loss.
+pub const CHECK_EVERY: u64 = 250;
+/// Evaluations without a better validation loss before pre-training stops
+/// (the weights go back to the best evaluation's).
+pub const PATIENCE: u64 = 8;
+/// Most validation rows the loss is evaluated on.
+pub const MAX_VALID_ROWS: i64 = 4096;
+
+/// Validation rows with one fixed draw of base points and times, so that
+/// successive evaluations of the loss differ only by the weights.
+pub struct Validation {
+    x: Tensor,
+    eps: Tensor,
+    taus: Tensor,
+    /// Iterations between evaluations ([`CHECK_EVERY`]).
+    pub every: u64,
+    /// Evaluations without improvement before stopping ([`PATIENCE`]).
+    pub patience: u64,
+}
+
+impl Validation {
+    /// Up to [`MAX_VALID_ROWS`] of `rows` (as the flow sees data: with
+    /// dequantization noise drawn once) and their fixed draws, from `seed`.
+    pub fn new(rows: &Tensor, seed: i64) -> Option<Validation> {
+        let n = rows.size()[0].min(MAX_VALID_ROWS);
+        if n == 0 {
+            return None;
+        }
+        tch::manual_seed(seed.wrapping_add(0x0466_6d76));
+        let x = rows.narrow(0, 0, n).shallow_clone();
+        let eps = x.randn_like();
+        let taus = stratified_times(n, x.device()).to_kind(x.kind());
+        Some(Validation { x, eps, taus, every: CHECK_EVERY, patience: PATIENCE })
+    }
+
+    /// The flow-matching loss of these rows under the current weights.
+    pub fn loss(&self, cnf: &Cnf) -> Result<f64> {
+        Ok(tch::no_grad(|| loss(cnf, &self.x, &self.eps, &self.taus))?.double_value(&[]))
+    }
+}
+
 /// What [`pretrain`] did.
 pub struct Report {
     /// Pre-training iterations run.
     pub iterations: u64,
-    /// Mean loss over the first tenth of the iterations.
+    /// Mean training loss over the first tenth of the iterations.
     pub first_loss: f64,
-    /// Mean loss over the last tenth.
+    /// Mean training loss over the last tenth.
     pub last_loss: f64,
+    /// Validation loss before pre-training, and the best one with its
+    /// iteration (the weights kept), when validation rows were given.
+    pub validation: Option<(f64, f64, u64)>,
+    /// Whether the validation loss stopped improving before `iterations`.
+    pub stopped_early: bool,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
 
-/// `iterations` of Adam (rate `lr`, no weight decay: its moments are
-/// discarded after) on the flow-matching loss, each batch from `batch()`.
+/// At most `iterations` of Adam (rate `lr`, no weight decay: its moments
+/// are discarded after) on the flow-matching loss, each batch from
+/// `batch()`. With `valid`, the validation loss is evaluated every
+/// `valid.every` iterations; pre-training stops after `valid.patience`
+/// evaluations without improvement and keeps the best evaluation's weights.
 /// The end time `T` stays where it is (the targets are scaled by it).
 pub fn pretrain(
     chain: &Chain,
@@ -80,13 +129,20 @@ pub fn pretrain(
     iterations: u64,
     lr: f64,
     seed: i64,
+    valid: Option<&Validation>,
     mut batch: impl FnMut() -> Result<Tensor>,
 ) -> Result<Report> {
     let cnf = single_block(chain)?;
     let start = std::time::Instant::now();
     let mut opt = Adam::new(vs, lr, 0.0);
-    let tenth = (iterations / 10).max(1);
-    let (mut first, mut last) = (0.0, 0.0);
+    let (mut first, mut last) = (Vec::new(), std::collections::VecDeque::new());
+    let tenth = (iterations / 10).max(1) as usize;
+    let mut best = match valid {
+        Some(v) => Some((v.loss(cnf)?, 0, snapshot(vs))),
+        None => None,
+    };
+    let initial = best.as_ref().map(|b| b.0);
+    let (mut stale, mut run, mut stopped_early) = (0, 0, false);
     for i in 0..iterations {
         // Its own seed stream: the likelihood iterations after it draw the same
         // batches and noise as a run without pre-training.
@@ -100,15 +156,64 @@ pub fn pretrain(
         ensure!(value.is_finite(), "flow matching: the loss became {value} at iteration {i}");
         tch::with_grad(|| l.f_backward())?;
         opt.step();
-        if i < tenth {
-            first += value / tenth as f64;
+        run = i + 1;
+        if first.len() < tenth {
+            first.push(value);
         }
-        if i >= iterations - tenth {
-            last += value / tenth as f64;
+        last.push_back(value);
+        if last.len() > tenth {
+            last.pop_front();
+        }
+        if let (Some(v), Some(b)) = (valid, best.as_mut())
+            && run % v.every.max(1) == 0
+        {
+            let loss = v.loss(cnf)?;
+            if loss < b.0 {
+                *b = (loss, run, snapshot(vs));
+                stale = 0;
+            } else {
+                stale += 1;
+                if stale >= v.patience {
+                    stopped_early = true;
+                    break;
+                }
+            }
         }
     }
     opt.zero_grad();
-    Ok(Report { iterations, first_loss: first, last_loss: last, seconds: start.elapsed().as_secs_f64() })
+    let validation = match (initial, best) {
+        (Some(initial), Some((loss, at, weights))) => {
+            restore(vs, &weights);
+            Some((initial, loss, at))
+        }
+        _ => None,
+    };
+    let mean = |v: &mut dyn Iterator<Item = &f64>, n: usize| v.sum::<f64>() / n.max(1) as f64;
+    Ok(Report {
+        iterations: run,
+        first_loss: mean(&mut first.iter(), first.len()),
+        last_loss: mean(&mut last.iter(), last.len()),
+        validation,
+        stopped_early,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Copies of the trainable variables, by name.
+fn snapshot(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let _guard = tch::no_grad_guard();
+    vs.variables().into_iter().map(|(name, t)| (name, t.detach().copy())).collect()
+}
+
+/// Puts back the variables [`snapshot`] copied.
+fn restore(vs: &tch::nn::VarStore, saved: &[(String, Tensor)]) {
+    let _guard = tch::no_grad_guard();
+    let mut vars = vs.variables();
+    for (name, value) in saved {
+        if let Some(t) = vars.get_mut(name) {
+            t.copy_(value);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -177,13 +282,39 @@ mod tests {
         };
         assert_eq!(opts.trace, TraceMode::Exact);
         let before = nll(&c);
-        let report = pretrain(&c, &vs, 1500, 3e-3, 0, || Ok(data(256))).expect("pretrain");
+        let report = pretrain(&c, &vs, 1500, 3e-3, 0, None, || Ok(data(256))).expect("pretrain");
         let after = nll(&c);
         // Entropy of N(m, diag(sd²)): Σ ½ log(2πe sd²) = 1 + log 2π + log(0.5·2).
         let entropy = 1.0 + (2.0 * std::f64::consts::PI).ln() + (0.5f64 * 2.0).ln();
         assert!(report.last_loss < report.first_loss, "loss {} → {}", report.first_loss, report.last_loss);
         assert!(before > entropy + 1.0, "the untrained flow is already good: {before} vs {entropy}");
         assert!(after < entropy + 0.2, "NLL {before} → {after}, entropy {entropy}");
+    }
+
+    /// With validation rows, the weights that come back are the best
+    /// evaluation's, and a loss that never improves (learning rate 0) stops
+    /// pre-training after exactly `patience` evaluations.
+    #[test]
+    fn pretraining_keeps_the_best_validation_weights_and_stops_when_they_stop_improving() {
+        tch::manual_seed(11);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let cfg = TrainConfig { hidden: vec![16], ..TrainConfig::default() };
+        let c = chain(&cfg, &vs, 2);
+        let data = |n: i64| Tensor::randn([n, 2], (Kind::Float, tch::Device::Cpu)) * 0.5 + 2.0;
+        let mut valid = Validation::new(&data(300), 1).expect("rows");
+        valid.every = 20;
+        valid.patience = 3;
+        let report = pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
+        let (before, best, at) = report.validation.expect("validated");
+        assert!(best < before, "validation loss {before} → {best}");
+        assert!(at > 0 && at % 20 == 0 && at <= report.iterations, "best at {at} of {}", report.iterations);
+        let now = valid.loss(single_block(&c).expect("one block")).expect("loss");
+        assert_eq!(now, best, "the kept weights are the best evaluation's");
+
+        let frozen = pretrain(&c, &vs, 400, 0.0, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
+        assert!(frozen.stopped_early);
+        assert_eq!(frozen.iterations, 60, "3 evaluations of 20 iterations without improvement");
+        assert_eq!(frozen.validation.map(|v| v.2), Some(0));
     }
 
     #[test]

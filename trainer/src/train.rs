@@ -316,11 +316,26 @@ fn fit_in_run_dir(
     };
     let flow_matching = cfg.flow_matching_iterations(iterations);
     if flow_matching > 0 && !resume {
-        let r = crate::flow_matching::pretrain(&chain, &vs, flow_matching, cfg.lr, cfg.seed, || {
-            Ok(draw_batch()?.0)
-        })?;
+        let valid_rows =
+            crate::flow_matching::Validation::new(&splits.with_fixed_noise(&valid, cfg.seed), cfg.seed);
+        let r = crate::flow_matching::pretrain(
+            &chain,
+            &vs,
+            flow_matching,
+            cfg.lr,
+            cfg.seed,
+            valid_rows.as_ref(),
+            || Ok(draw_batch()?.0),
+        )?;
+        let checked = match r.validation {
+            Some((before, best, at)) => format!(
+                "; validation loss {before:.4} → {best:.4} at iteration {at}{}",
+                if r.stopped_early { " (stopped: no better one in the last evaluations)" } else { "" }
+            ),
+            None => String::new(),
+        };
         eprintln!(
-            "flow matching: {} iterations, loss {:.4} → {:.4} (first and last tenth), {:.1} s",
+            "flow matching: {} iterations, loss {:.4} → {:.4} (first and last tenth){checked}, {:.1} s",
             r.iterations, r.first_loss, r.last_loss, r.seconds
         );
     }
