@@ -366,11 +366,13 @@ pub(crate) struct FitArgs {
     /// Validate and export an exponential moving average of the weights with this decay (0 = off, e.g. 0.999).
     #[arg(long)]
     pub(crate) ema: Option<f64>,
-    /// Iterations of conditional flow matching (straight paths from training
-    /// rows to N(0, I); no ODE solve) before maximum likelihood; one CNF block
-    /// on N(0, I) only (0 = off; with --train-base auto, the N(0, I) run)
-    /// [default: 1.5 per planned iteration for data files with one block on
-    /// N(0, I), off for --toy, images, --blocks > 1, --batch-norm, --whiten]
+    /// Most iterations of conditional flow matching (straight paths from
+    /// training rows to N(0, I); no ODE solve) before maximum likelihood,
+    /// stopping when its loss on validation rows stops improving (8
+    /// evaluations, one per 250 iterations); one CNF block on N(0, I) only
+    /// (0 = off; with --train-base auto, the N(0, I) run) [default: 10 per
+    /// planned iteration for data files with one block on N(0, I), off for
+    /// --toy, images, --blocks > 1, --batch-norm, --whiten]
     #[arg(long)]
     pub(crate) flow_matching: Option<u64>,
     /// How the exported model file stores the CNF matrices: f32, f16 (half the

@@ -266,14 +266,15 @@ impl Default for TrainConfig {
 /// would have moved two of breastw's.
 pub const DATA_FILE_PATIENCE: u64 = 10;
 
-/// Default flow-matching iterations per planned likelihood iteration on data
-/// files. One flow-matching iteration is a forward and a backward pass of
-/// the network (no solve), so 1.5 of them cost about a tenth of what one
-/// likelihood iteration does on the benchmark sets (3,000 took 19 s of CPU
-/// against 170 s for 2,000 likelihood iterations on satellite), while the
-/// flow then reaches the likelihood of a plain run's last iteration in a
-/// quarter of its function evaluations or fewer (trainer/README.md).
-pub const FLOW_MATCHING_PER_ITERATION: f64 = 1.5;
+/// The most flow-matching iterations per planned likelihood iteration on
+/// data files when none are given; pre-training stops before that when its
+/// validation loss stops improving ([`crate::flow_matching::PATIENCE`]). One
+/// flow-matching iteration is a forward and a backward pass of the network
+/// with a time per row (no solve): about 2 ms for satellite's 3×64 net and
+/// batch 512, against about 90 ms for a likelihood iteration. On split 0 of
+/// the benchmark sets the validation loss was best after 5,250 (shuttle) to
+/// 21,250 (POWER) iterations (trainer/README.md).
+pub const FLOW_MATCHING_PER_ITERATION: f64 = 10.0;
 
 impl TrainConfig {
     /// Whether the rows come from a tabular data file (not a toy set, not images).
@@ -306,8 +307,9 @@ impl TrainConfig {
         }
     }
 
-    /// Flow-matching iterations before `planned` likelihood iterations: the
-    /// number given, else [`FLOW_MATCHING_PER_ITERATION`] × `planned` on
+    /// The most flow-matching iterations before `planned` likelihood
+    /// iterations (pre-training stops earlier when its validation loss stops
+    /// improving): the number given, else [`FLOW_MATCHING_PER_ITERATION`] × `planned` on
     /// tabular data files whose chain has no
     /// [obstacle](TrainConfig::flow_matching_obstacle), and none elsewhere
     /// (toy sets and images keep the reference recipes).
@@ -483,8 +485,8 @@ mod tests {
     #[test]
     fn flow_matching_defaults_by_the_data_and_the_chain() {
         let data = TrainConfig { toy: None, data: Some("rows.csv".into()), ..TrainConfig::default() };
-        assert_eq!(data.flow_matching_iterations(2000), 3000);
-        assert_eq!(data.flow_matching_iterations(20), 30);
+        assert_eq!(data.flow_matching_iterations(2000), 20_000);
+        assert_eq!(data.flow_matching_iterations(20), 200);
         let toy = TrainConfig { toy: Some("moons".into()), data: None, ..TrainConfig::default() };
         assert_eq!(toy.flow_matching_iterations(2000), 0);
         let images = TrainConfig { image_shape: Some(vec![1, 8, 8]), ..data.clone() };
