@@ -504,6 +504,6 @@ mod tests {
         let given = TrainConfig { flow_matching: Some(5), blocks: 2, ..data.clone() };
         assert!(given.validate().unwrap_err().to_string().contains("blocks > 1"));
         let old: TrainConfig = toml::from_str("data = \"rows.csv\"\n").unwrap();
-        assert_eq!(old.flow_matching_iterations(100), 150);
+        assert_eq!(old.flow_matching_iterations(100), 1000);
     }
 }
