@@ -164,8 +164,10 @@ pub fn pretrain(
         if last.len() > tenth {
             last.pop_front();
         }
+        // Evaluated every `v.every` iterations and after the last one, so the
+        // final weights are always a candidate.
         if let (Some(v), Some(b)) = (valid, best.as_mut())
-            && run % v.every.max(1) == 0
+            && (run % v.every.max(1) == 0 || run == iterations)
         {
             let loss = v.loss(cnf)?;
             if loss < b.0 {
@@ -311,6 +313,14 @@ mod tests {
         let now = valid.loss(single_block(&c).expect("one block")).expect("loss");
         assert_eq!(now, best, "the kept weights are the best evaluation's");
 
+        // A run shorter than the evaluation interval is evaluated at its end:
+        // its weights are kept when they are better.
+        valid.every = 1000;
+        let short = pretrain(&c, &vs, 50, 1e-2, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
+        let (_, short_best, short_at) = short.validation.expect("validated");
+        assert!(short_best < best && short_at == 50, "{best} → {short_best} at {short_at}");
+
+        valid.every = 20;
         let frozen = pretrain(&c, &vs, 400, 0.0, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
         assert!(frozen.stopped_early);
         assert_eq!(frozen.iterations, 60, "3 evaluations of 20 iterations without improvement");

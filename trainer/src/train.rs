@@ -315,7 +315,8 @@ fn fit_in_run_dir(
         Ok((batch, batch_centres))
     };
     let flow_matching = cfg.flow_matching_iterations(iterations);
-    if flow_matching > 0 && !resume {
+    let pretrained = flow_matching > 0 && !resume;
+    if pretrained {
         let valid_rows =
             crate::flow_matching::Validation::new(&splits.with_fixed_noise(&valid, cfg.seed), cfg.seed);
         let r = crate::flow_matching::pretrain(
@@ -352,6 +353,16 @@ fn fit_in_run_dir(
         .append(true)
         .open(run.path("metrics.jsonl"))
         .context("opening metrics.jsonl")?;
+    if pretrained && valid.size()[0] > 0 {
+        // The pre-trained flow is a candidate like every validated checkpoint:
+        // where likelihood training only loses, best.ot stays this one.
+        tch::manual_seed(cfg.seed.wrapping_add(VALID_SEED));
+        let (nll, _, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, &eval_opts, 1000))?;
+        writeln!(metrics, "{}", serde_json::json!({"iteration": 0, "valid_nll": nll, "valid_nfe": nfe}))?;
+        state.best_valid = Some(nll);
+        save_checkpoint(&vs, &run.path("best.ot"))?;
+        eprintln!("after flow matching: validation NLL {nll:.4} nats on standardized data");
+    }
     let train_opts = SolveOptions {
         method: cfg.method(),
         trace,

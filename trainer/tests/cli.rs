@@ -673,7 +673,8 @@ fn a_resumed_run_with_a_weight_average_continues_exactly() {
 }
 
 /// `--flow-matching N` pre-trains before the likelihood iterations: the run
-/// says so, its model differs from the same run without it, a resumed run
+/// says so and validates the pre-trained flow (iteration 0 of
+/// metrics.jsonl), its model differs from the same run without it, a resumed run
 /// continues exactly (the pre-training is in the checkpoint, not repeated),
 /// and chains it cannot pre-train are refused by name.
 #[test]
@@ -692,6 +693,13 @@ fn flow_matching_pretrains_once_and_a_resumed_run_continues_exactly() {
     };
     let said = run(&["--out", "whole.ffjd", "--iterations", "20", "--flow-matching", "50"]);
     assert!(said.contains("flow matching: 50 iterations"), "{said}");
+    // The pre-trained flow is validated before the first likelihood step: a
+    // candidate for best.ot like every later validation.
+    assert!(said.contains("after flow matching: validation NLL"), "{said}");
+    let metrics = std::fs::read_to_string(d.join("whole.run/metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["iteration"], 0, "{first}");
+    assert!(first["valid_nll"].as_f64().is_some_and(f64::is_finite), "{first}");
     run(&["--out", "plain.ffjd", "--iterations", "20"]);
     run(&["--out", "split.ffjd", "--iterations", "10", "--flow-matching", "50"]);
     let resumed = run(&["--out", "split.ffjd", "--iterations", "20", "--flow-matching", "50", "--resume"]);
