@@ -277,6 +277,19 @@ pub struct OdeNet {
 }
 
 impl OdeNet {
+    /// The layers in turn with the activation between them, each applied by `layer`.
+    fn through_layers(&self, z: &Tensor, layer: impl Fn(&DiffeqLayer, &Tensor) -> Tensor) -> Tensor {
+        let n = self.layers.len();
+        let mut x = z.shallow_clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            x = layer(l, &x);
+            if i + 1 < n {
+                x = activate(self.activation, x);
+            }
+        }
+        x
+    }
+
     /// Builds `dim → hidden… → dim` with one layer kind throughout.
     pub fn new(p: &nn::Path<'_>, dim: i64, hidden: &[i64], kind: LayerKind, activation: Activation) -> Self {
         let specs: Vec<(LayerKind, i64)> =
@@ -482,27 +495,11 @@ impl OdeNet {
 
 impl VectorField for OdeNet {
     fn forward(&self, t: &Tensor, z: &Tensor) -> Tensor {
-        let n = self.layers.len();
-        let mut x = z.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(t, &x);
-            if i + 1 < n {
-                x = activate(self.activation, x);
-            }
-        }
-        x
+        self.through_layers(z, |l, x| l.forward(t, x))
     }
 
     fn forward_rows(&self, t: &Tensor, z: &Tensor) -> Option<Tensor> {
-        let n = self.layers.len();
-        let mut x = z.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward_rows(t, &x);
-            if i + 1 < n {
-                x = activate(self.activation, x);
-            }
-        }
-        Some(x)
+        Some(self.through_layers(z, |l, x| l.forward_rows(t, x)))
     }
 
     fn export(&self) -> Result<(Vec<LayerSpec>, Activation, Vec<f32>)> {
