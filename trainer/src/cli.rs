@@ -396,7 +396,8 @@ pub(crate) struct FitArgs {
     /// Images: the logit transform's α (pixels squeezed into [α, 1 − α] before the logit).
     #[arg(long)]
     pub(crate) logit_alpha: Option<f64>,
-    /// Stop at the first validation after this many seconds of training (a wall-clock budget).
+    /// Stop at the first validation after this many seconds of training (a wall-clock budget that
+    /// counts flow-matching pre-training, which stops there too).
     #[arg(long)]
     pub(crate) time_limit: Option<f64>,
     #[arg(long)]

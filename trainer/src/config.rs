@@ -157,8 +157,9 @@ pub struct TrainConfig {
     pub eval_tol: f64,
     /// Rows drawn for the toy validation and test sets.
     pub toy_eval_rows: i64,
-    /// Stop training at the first validation after this many seconds
-    /// (`fit --search` gives each candidate its share of the budget).
+    /// Stop training at the first validation after this many seconds,
+    /// counted from the start of flow-matching pre-training, which stops at
+    /// it too (`fit --search` gives each candidate its share of the budget).
     #[serde(default)]
     pub time_limit: Option<f64>,
     /// `[C, H, W]` when the data are 8-bit images (set by `fit` from the

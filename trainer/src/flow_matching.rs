@@ -100,6 +100,15 @@ impl Validation {
     }
 }
 
+/// Why [`pretrain`] ended early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The validation loss stopped improving.
+    Plateau,
+    /// The deadline passed (`fit --time-limit` counts pre-training).
+    TimeLimit,
+}
+
 /// What [`pretrain`] did.
 pub struct Report {
     /// Pre-training iterations run.
@@ -111,8 +120,8 @@ pub struct Report {
     /// Validation loss before pre-training, and the best one with its
     /// iteration (the weights kept), when validation rows were given.
     pub validation: Option<(f64, f64, u64)>,
-    /// Whether the validation loss stopped improving before `iterations`.
-    pub stopped_early: bool,
+    /// Why pre-training ended before `iterations`, if it did.
+    pub stopped: Option<Stop>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -122,7 +131,10 @@ pub struct Report {
 /// `batch()`. With `valid`, the validation loss is evaluated every
 /// `valid.every` iterations; pre-training stops after `valid.patience`
 /// evaluations without improvement and keeps the best evaluation's weights.
-/// The end time `T` stays where it is (the targets are scaled by it).
+/// Past `deadline` it stops after the iteration at hand (evaluated, when
+/// validating, like a last iteration). The end time `T` stays where it is
+/// (the targets are scaled by it).
+#[allow(clippy::too_many_arguments)]
 pub fn pretrain(
     chain: &Chain,
     vs: &tch::nn::VarStore,
@@ -130,6 +142,7 @@ pub fn pretrain(
     lr: f64,
     seed: i64,
     valid: Option<&Validation>,
+    deadline: Option<std::time::Instant>,
     mut batch: impl FnMut() -> Result<Tensor>,
 ) -> Result<Report> {
     let cnf = single_block(chain)?;
@@ -142,7 +155,7 @@ pub fn pretrain(
         None => None,
     };
     let initial = best.as_ref().map(|b| b.0);
-    let (mut stale, mut run, mut stopped_early) = (0, 0, false);
+    let (mut stale, mut run, mut stopped) = (0, 0, None);
     for i in 0..iterations {
         // Its own seed stream: the likelihood iterations after it draw the same
         // batches and noise as a run without pre-training.
@@ -164,10 +177,11 @@ pub fn pretrain(
         if last.len() > tenth {
             last.pop_front();
         }
+        let out_of_time = deadline.is_some_and(|d| std::time::Instant::now() >= d);
         // Evaluated every `v.every` iterations and after the last one, so the
         // final weights are always a candidate.
         if let (Some(v), Some(b)) = (valid, best.as_mut())
-            && (run % v.every.max(1) == 0 || run == iterations)
+            && (run % v.every.max(1) == 0 || run == iterations || out_of_time)
         {
             let loss = v.loss(cnf)?;
             if loss < b.0 {
@@ -176,10 +190,14 @@ pub fn pretrain(
             } else {
                 stale += 1;
                 if stale >= v.patience {
-                    stopped_early = true;
+                    stopped = Some(Stop::Plateau);
                     break;
                 }
             }
+        }
+        if out_of_time && run < iterations {
+            stopped = Some(Stop::TimeLimit);
+            break;
         }
     }
     opt.zero_grad();
@@ -196,7 +214,7 @@ pub fn pretrain(
         first_loss: mean(&mut first.iter(), first.len()),
         last_loss: mean(&mut last.iter(), last.len()),
         validation,
-        stopped_early,
+        stopped,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -284,7 +302,7 @@ mod tests {
         };
         assert_eq!(opts.trace, TraceMode::Exact);
         let before = nll(&c);
-        let report = pretrain(&c, &vs, 1500, 3e-3, 0, None, || Ok(data(256))).expect("pretrain");
+        let report = pretrain(&c, &vs, 1500, 3e-3, 0, None, None, || Ok(data(256))).expect("pretrain");
         let after = nll(&c);
         // Entropy of N(m, diag(sd²)): Σ ½ log(2πe sd²) = 1 + log 2π + log(0.5·2).
         let entropy = 1.0 + (2.0 * std::f64::consts::PI).ln() + (0.5f64 * 2.0).ln();
@@ -306,7 +324,7 @@ mod tests {
         let mut valid = Validation::new(&data(300), 1).expect("rows");
         valid.every = 20;
         valid.patience = 3;
-        let report = pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
+        let report = pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
         let (before, best, at) = report.validation.expect("validated");
         assert!(best < before, "validation loss {before} → {best}");
         assert!(at > 0 && at % 20 == 0 && at <= report.iterations, "best at {at} of {}", report.iterations);
@@ -316,15 +334,22 @@ mod tests {
         // A run shorter than the evaluation interval is evaluated at its end:
         // its weights are kept when they are better.
         valid.every = 1000;
-        let short = pretrain(&c, &vs, 50, 1e-2, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
+        let short = pretrain(&c, &vs, 50, 1e-2, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
         let (_, short_best, short_at) = short.validation.expect("validated");
         assert!(short_best < best && short_at == 50, "{best} → {short_best} at {short_at}");
 
         valid.every = 20;
-        let frozen = pretrain(&c, &vs, 400, 0.0, 0, Some(&valid), || Ok(data(128))).expect("pretrain");
-        assert!(frozen.stopped_early);
+        let frozen = pretrain(&c, &vs, 400, 0.0, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
+        assert_eq!(frozen.stopped, Some(Stop::Plateau));
         assert_eq!(frozen.iterations, 60, "3 evaluations of 20 iterations without improvement");
         assert_eq!(frozen.validation.map(|v| v.2), Some(0));
+
+        // A deadline already past stops it after one iteration, evaluated.
+        let now = std::time::Instant::now();
+        let late =
+            pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), Some(now), || Ok(data(128))).expect("pretrain");
+        assert_eq!((late.iterations, late.stopped), (1, Some(Stop::TimeLimit)));
+        assert_eq!(late.validation.map(|v| v.2 <= 1), Some(true));
     }
 
     #[test]

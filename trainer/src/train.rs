@@ -316,6 +316,11 @@ fn fit_in_run_dir(
     };
     let flow_matching = cfg.flow_matching_iterations(iterations);
     let pretrained = flow_matching > 0 && !resume;
+    // `--time-limit` counts pre-training too (a `--search` share is a budget
+    // for the whole candidate).
+    let limit_start = Instant::now();
+    let deadline =
+        cfg.time_limit.map(|limit| limit_start + std::time::Duration::from_secs_f64(limit.max(0.0)));
     if pretrained {
         let valid_rows =
             crate::flow_matching::Validation::new(&splits.with_fixed_noise(&valid, cfg.seed), cfg.seed);
@@ -326,12 +331,18 @@ fn fit_in_run_dir(
             cfg.lr,
             cfg.seed,
             valid_rows.as_ref(),
+            deadline,
             || Ok(draw_batch()?.0),
         )?;
         let checked = match r.validation {
             Some((before, best, at)) => format!(
                 "; validation loss {before:.4} → {best:.4} at iteration {at}{}",
-                if r.stopped_early { " (stopped: no better one in the last evaluations)" } else { "" }
+                match r.stopped {
+                    Some(crate::flow_matching::Stop::Plateau) =>
+                        " (stopped: no better one in the last evaluations)",
+                    Some(crate::flow_matching::Stop::TimeLimit) => " (stopped at the time limit)",
+                    None => "",
+                }
             ),
             None => String::new(),
         };
@@ -474,7 +485,7 @@ fn fit_in_run_dir(
             break;
         }
         if let Some(limit) = cfg.time_limit
-            && t_start.elapsed().as_secs_f64() >= limit
+            && limit_start.elapsed().as_secs_f64() >= limit
         {
             say(&bar, format!("time limit: stopping at iteration {} after {limit:.0} s", state.iteration));
             break;
