@@ -127,22 +127,18 @@ pub struct Report {
 }
 
 /// At most `iterations` of Adam (rate `lr`, no weight decay: its moments
-/// are discarded after) on the flow-matching loss, each batch from
+/// are discarded after; batches and noise from `seed`) on the flow-matching loss, each batch from
 /// `batch()`. With `valid`, the validation loss is evaluated every
 /// `valid.every` iterations; pre-training stops after `valid.patience`
 /// evaluations without improvement and keeps the best evaluation's weights.
 /// Past `deadline` it stops after the iteration at hand (evaluated, when
 /// validating, like a last iteration). The end time `T` stays where it is
 /// (the targets are scaled by it).
-#[allow(clippy::too_many_arguments)]
 pub fn pretrain(
     chain: &Chain,
     vs: &tch::nn::VarStore,
-    iterations: u64,
-    lr: f64,
-    seed: i64,
-    valid: Option<&Validation>,
-    deadline: Option<std::time::Instant>,
+    (iterations, lr, seed): (u64, f64, i64),
+    (valid, deadline): (Option<&Validation>, Option<std::time::Instant>),
     mut batch: impl FnMut() -> Result<Tensor>,
 ) -> Result<Report> {
     let cnf = single_block(chain)?;
@@ -302,7 +298,7 @@ mod tests {
         };
         assert_eq!(opts.trace, TraceMode::Exact);
         let before = nll(&c);
-        let report = pretrain(&c, &vs, 1500, 3e-3, 0, None, None, || Ok(data(256))).expect("pretrain");
+        let report = pretrain(&c, &vs, (1500, 3e-3, 0), (None, None), || Ok(data(256))).expect("pretrain");
         let after = nll(&c);
         // Entropy of N(m, diag(sd²)): Σ ½ log(2πe sd²) = 1 + log 2π + log(0.5·2).
         let entropy = 1.0 + (2.0 * std::f64::consts::PI).ln() + (0.5f64 * 2.0).ln();
@@ -324,7 +320,8 @@ mod tests {
         let mut valid = Validation::new(&data(300), 1).expect("rows");
         valid.every = 20;
         valid.patience = 3;
-        let report = pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
+        let report =
+            pretrain(&c, &vs, (400, 1e-2, 0), (Some(&valid), None), || Ok(data(128))).expect("pretrain");
         let (before, best, at) = report.validation.expect("validated");
         assert!(best < before, "validation loss {before} → {best}");
         assert!(at > 0 && at % 20 == 0 && at <= report.iterations, "best at {at} of {}", report.iterations);
@@ -334,12 +331,14 @@ mod tests {
         // A run shorter than the evaluation interval is evaluated at its end:
         // its weights are kept when they are better.
         valid.every = 1000;
-        let short = pretrain(&c, &vs, 50, 1e-2, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
+        let short =
+            pretrain(&c, &vs, (50, 1e-2, 0), (Some(&valid), None), || Ok(data(128))).expect("pretrain");
         let (_, short_best, short_at) = short.validation.expect("validated");
         assert!(short_best < best && short_at == 50, "{best} → {short_best} at {short_at}");
 
         valid.every = 20;
-        let frozen = pretrain(&c, &vs, 400, 0.0, 0, Some(&valid), None, || Ok(data(128))).expect("pretrain");
+        let frozen =
+            pretrain(&c, &vs, (400, 0.0, 0), (Some(&valid), None), || Ok(data(128))).expect("pretrain");
         assert_eq!(frozen.stopped, Some(Stop::Plateau));
         assert_eq!(frozen.iterations, 60, "3 evaluations of 20 iterations without improvement");
         assert_eq!(frozen.validation.map(|v| v.2), Some(0));
@@ -347,7 +346,7 @@ mod tests {
         // A deadline already past stops it after one iteration, evaluated.
         let now = std::time::Instant::now();
         let late =
-            pretrain(&c, &vs, 400, 1e-2, 0, Some(&valid), Some(now), || Ok(data(128))).expect("pretrain");
+            pretrain(&c, &vs, (400, 1e-2, 0), (Some(&valid), Some(now)), || Ok(data(128))).expect("pretrain");
         assert_eq!((late.iterations, late.stopped), (1, Some(Stop::TimeLimit)));
         assert_eq!(late.validation.map(|v| v.2 <= 1), Some(true));
     }

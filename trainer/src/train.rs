@@ -327,11 +327,8 @@ fn fit_in_run_dir(
         let r = crate::flow_matching::pretrain(
             &chain,
             &vs,
-            flow_matching,
-            cfg.lr,
-            cfg.seed,
-            valid_rows.as_ref(),
-            deadline,
+            (flow_matching, cfg.lr, cfg.seed),
+            (valid_rows.as_ref(), deadline),
             || Ok(draw_batch()?.0),
         )?;
         let checked = match r.validation {
