@@ -204,11 +204,10 @@ pub fn pretrain(
         }
         _ => None,
     };
-    let mean = |v: &mut dyn Iterator<Item = &f64>, n: usize| v.sum::<f64>() / n.max(1) as f64;
     Ok(Report {
         iterations: run,
-        first_loss: mean(&mut first.iter(), first.len()),
-        last_loss: mean(&mut last.iter(), last.len()),
+        first_loss: first.iter().sum::<f64>() / first.len().max(1) as f64,
+        last_loss: last.iter().sum::<f64>() / last.len().max(1) as f64,
         validation,
         stopped,
         seconds: start.elapsed().as_secs_f64(),

@@ -364,8 +364,7 @@ fn fit_in_run_dir(
     if pretrained && valid.size()[0] > 0 {
         // The pre-trained flow is a candidate like every validated checkpoint:
         // where likelihood training only loses, best.ot stays this one.
-        tch::manual_seed(cfg.seed.wrapping_add(VALID_SEED));
-        let (nll, _, nfe) = tch::no_grad(|| mean_nll(&chain, &valid, &eval_opts, 1000))?;
+        let (nll, nfe) = validation_nll(&chain, &valid, &eval_opts, ema.as_ref(), cfg.seed)?;
         writeln!(metrics, "{}", serde_json::json!({"iteration": 0, "valid_nll": nll, "valid_nfe": nfe}))?;
         state.best_valid = Some(nll);
         save_checkpoint(&vs, &run.path("best.ot"))?;
@@ -428,11 +427,7 @@ fn fit_in_run_dir(
             "seconds": dt,
         });
         let validation = if state.iteration % cfg.valid_every == 0 || state.iteration == iterations {
-            // The same probes at every validation (when the trace is estimated).
-            tch::manual_seed(cfg.seed.wrapping_add(VALID_SEED));
-            let (nll, _, nfe) = with_eval_weights(ema.as_ref(), || {
-                tch::no_grad(|| mean_nll(&chain, &valid, &eval_opts, 1000))
-            })?;
+            let (nll, nfe) = validation_nll(&chain, &valid, &eval_opts, ema.as_ref(), cfg.seed)?;
             record["valid_nll"] = nll.into();
             record["valid_nfe"] = nfe.into();
             Some(nll)
@@ -908,6 +903,21 @@ pub fn export_run(
 }
 
 /// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
+/// Validation NLL and its function evaluations, with the weights
+/// validation uses (the average, with `--ema`) and the same probes at every
+/// validation (when the trace is estimated).
+fn validation_nll(
+    chain: &Chain,
+    valid: &Tensor,
+    opts: &SolveOptions,
+    ema: Option<&Ema>,
+    seed: i64,
+) -> Result<(f64, u32)> {
+    tch::manual_seed(seed.wrapping_add(VALID_SEED));
+    let (nll, _, nfe) = with_eval_weights(ema, || tch::no_grad(|| mean_nll(chain, valid, opts, 1000)))?;
+    Ok((nll, nfe))
+}
+
 fn say(bar: &indicatif::ProgressBar, msg: String) {
     use std::io::IsTerminal;
     if std::io::stderr().is_terminal() { bar.println(msg) } else { eprintln!("{msg}") }
